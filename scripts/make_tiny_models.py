@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Fabricate tiny llama-architecture GGUF models with random weights for tests.
+
+Nothing is downloaded: the weights come from a seeded NumPy generator and the
+tokenizer is a byte-level BPE ("gpt2" model, "gpt-2" pre-tokenizer) trained here on a
+small built-in English text, so any UTF-8 text can be tokenized.
+
+Vocabulary layout (identical for every seed of a given ``vocab``):
+
+* ids 0..255: the 256 byte tokens, in GPT-2 ``bytes_to_unicode`` order;
+* then the merged tokens (multi-character pieces such as ``" the"``,
+  ``" Hello"``), and for vocab ``"a"`` also ``"é"`` and ``"€"`` as whole tokens
+  (plus the partial-UTF-8 intermediate of ``"€"``);
+* last three ids: ``<|endoftext|>`` (BOS and EOS), ``<|im_start|>`` and
+  ``<|im_end|>`` (EOT), all CONTROL tokens; llama.cpp treats ``<|endoftext|>``
+  and ``<|im_end|>`` as end-of-generation. ``add_bos_token`` is false (as in
+  Qwen-style ChatML models), so tokenizing never prepends BOS by itself.
+
+The output rows of the special tokens are zero, so their logits are 0 while the
+ordinary tokens' logits spread over several units: greedy decoding runs on
+instead of stopping at once (use a logit bias to force an end of generation).
+
+CLI: ``python scripts/make_tiny_models.py OUTDIR [--seeds 1 2 3] [--vocab a]``
+writes ``OUTDIR/tiny-{vocab}-{seed}.gguf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML Jinja chat template stored as ``tokenizer.chat_template``."""
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+N_EMBD, N_LAYER, N_HEAD, N_HEAD_KV, N_FF = 64, 2, 4, 2, 128
+OUTPUT_STD = 0.3  # logits std ~ OUTPUT_STD * sqrt(N_EMBD) ~ 2.4: peaked, not one-hot
+
+# Merges to learn per vocabulary flavour (at most: the built-in text runs out
+# after 263, giving 527 tokens for "a" and 359 for "b"), and whether "é"/"€"
+# are whole tokens.
+_VOCABS: dict[str, tuple[int, bool]] = {
+    "a": (300, True),
+    "b": (100, False),
+}
+
+_CORPUS = """\
+Hello world! Hello there, hello again. The quick brown fox jumps over the lazy
+dog. This is a small test of the tokenizer, and it is working. We are testing
+the thing that the other thing is doing, and then we are going to be reading,
+writing, running and talking in the morning and in the evening. What is your
+name? My name is the model. How are you doing today? I am fine, thank you.
+The weather is nice and the world is big. Say hello to the world: Hello world.
+There were three little things in the house, and they were all looking at the
+window. She said that he would be coming to the station with his brother.
+Numbers like 1, 2, 3, 10, 42 and 2024 appear in text. Don't, can't, won't, it's
+and we'll are contractions. The answer to the question is in the book, which is
+on the table next to the computer. Everything is going to be fine.
+"""
+_CORPUS_WEIGHTS = {" the": 20, " Hello": 10, " world": 10, "ing": 10, " and": 5}
+_PRETOKENIZE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character mapping."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTE_ENC = bytes_to_unicode()
+
+
+def _encode(text: str) -> str:
+    """Byte-encode ``text`` the way GPT-2 token texts are stored."""
+    return "".join(_BYTE_ENC[b] for b in text.encode("utf-8"))
+
+
+def _train_merges(n_merges: int) -> list[tuple[str, str]]:
+    """Learn ``n_merges`` BPE merges (deterministically) from the built-in text."""
+    words: Counter[tuple[str, ...]] = Counter()
+    for piece in _PRETOKENIZE.findall(_CORPUS):
+        words[tuple(_encode(piece))] += 1
+    for piece, weight in _CORPUS_WEIGHTS.items():
+        words[tuple(_encode(piece))] += weight
+    merges: list[tuple[str, str]] = []
+    for _ in range(n_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, count in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+def build_vocab(vocab: str = "a") -> tuple[list[str], list[int], list[str]]:
+    """Return ``(tokens, token_types, merges)`` for vocabulary flavour ``vocab``."""
+    if vocab not in _VOCABS:
+        raise ValueError(f"unknown vocab {vocab!r}; expected one of {sorted(_VOCABS)}")
+    n_merges, multibyte = _VOCABS[vocab]
+    pairs = _train_merges(n_merges)
+    if multibyte:  # "é" = C3 A9, "€" = E2 82 AC (intermediate "âĤ" is partial UTF-8)
+        for char in ("é", "€"):
+            enc = _encode(char)
+            pairs += [(enc[:i], enc[i]) for i in range(1, len(enc))]
+    tokens = list(_BYTE_ENC.values())
+    for left, right in pairs:
+        if left + right not in tokens:
+            tokens.append(left + right)
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    tokens += SPECIAL_TOKENS
+    types += [int(gguf.TokenType.CONTROL)] * len(SPECIAL_TOKENS)
+    return tokens, types, [f"{left} {right}" for left, right in pairs]
+
+
+def _weights(seed: int, n_vocab: int, n_special: int) -> dict[str, np.ndarray]:
+    """Random llama weights; numpy shapes are (out_features, in_features)."""
+    rng = np.random.default_rng(seed)
+    head_dim = N_EMBD // N_HEAD
+
+    def mat(rows: int, cols: int, std: float) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float32)
+
+    output = mat(n_vocab, N_EMBD, OUTPUT_STD)
+    output[n_vocab - n_special :] = 0.0  # special tokens: logit exactly 0
+    tensors = {"token_embd.weight": mat(n_vocab, N_EMBD, 1.0)}
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        tensors |= {
+            p + "attn_norm.weight": ones(N_EMBD),
+            p + "attn_q.weight": mat(N_EMBD, N_EMBD, N_EMBD**-0.5),
+            p + "attn_k.weight": mat(N_HEAD_KV * head_dim, N_EMBD, N_EMBD**-0.5),
+            p + "attn_v.weight": mat(N_HEAD_KV * head_dim, N_EMBD, N_EMBD**-0.5),
+            p + "attn_output.weight": mat(N_EMBD, N_EMBD, N_EMBD**-0.5),
+            p + "ffn_norm.weight": ones(N_EMBD),
+            p + "ffn_gate.weight": mat(N_FF, N_EMBD, N_EMBD**-0.5),
+            p + "ffn_up.weight": mat(N_FF, N_EMBD, N_EMBD**-0.5),
+            p + "ffn_down.weight": mat(N_EMBD, N_FF, N_FF**-0.5),
+        }
+    return tensors | {"output_norm.weight": ones(N_EMBD), "output.weight": output}
+
+
+def build_tiny_model(
+    path: str | os.PathLike[str],
+    seed: int,
+    *,
+    vocab: str = "a",
+    n_ctx_train: int = 2048,
+    chat_template: str | None = CHATML,
+) -> Path:
+    """Write a tiny random-weight llama GGUF model to ``path`` and return it.
+
+    ``seed`` only affects the weights; the tokenizer metadata depends on
+    ``vocab`` alone. ``chat_template=None`` omits ``tokenizer.chat_template``.
+    The file is written under a temporary name and renamed into place.
+    """
+    path = Path(path)
+    tokens, types, merges = build_vocab(vocab)
+    bos = eos = tokens.index("<|endoftext|>")
+    eot = tokens.index("<|im_end|>")
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(f"tiny-{vocab}-{seed}")
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD_KV)
+    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp rejects "gpt2" here
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.add_eot_token_id(eot)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+    for name, tensor in _weights(seed, len(tokens), len(SPECIAL_TOKENS)).items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def build_default_set(outdir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Build the test-suite's standard models into ``outdir``.
+
+    Keys and files:
+
+    * ``"a1"``, ``"a2"``, ``"a3"``: ``tiny-a-{1,2,3}.gguf``, vocab ``a``, seeds
+      1-3, ChatML template (same tokenizer, different weights);
+    * ``"b1"``: ``tiny-b-1.gguf``, vocab ``b`` (different vocabulary), seed 1;
+    * ``"a4_nochat"``: ``tiny-a-4-nochat.gguf``, vocab ``a``, seed 4, no
+      ``tokenizer.chat_template`` key.
+    """
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = {f"a{s}": build_tiny_model(out / f"tiny-a-{s}.gguf", s) for s in (1, 2, 3)}
+    models["b1"] = build_tiny_model(out / "tiny-b-1.gguf", 1, vocab="b")
+    models["a4_nochat"] = build_tiny_model(out / "tiny-a-4-nochat.gguf", 4, chat_template=None)
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--vocab", choices=sorted(_VOCABS), default="a")
+    parser.add_argument("--n-ctx-train", type=int, default=2048)
+    parser.add_argument("--no-chat-template", action="store_true")
+    args = parser.parse_args(argv)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        path = build_tiny_model(
+            args.outdir / f"tiny-{args.vocab}-{seed}.gguf",
+            seed,
+            vocab=args.vocab,
+            n_ctx_train=args.n_ctx_train,
+            chat_template=None if args.no_chat_template else CHATML,
+        )
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

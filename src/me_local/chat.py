@@ -1,0 +1,267 @@
+"""`me-local chat`: an interactive chat that streams each answer.
+
+The session speaks to a backend that yields the core's events: in-process
+(an Engine) or a running daemon (``--url``). Ctrl+C stops the current answer
+(the partial answer stays in the conversation); /bye or Ctrl+D exits.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import MODES, parse_weights
+from .core import DoneEvent, Event, TokenEvent
+from .errors import MeLocalError, RequestError
+from .report import format_stats
+
+HELP = """Commands:
+  /set temperature|top_p|top_k|min_p|max_tokens|seed|mode|weights|member VALUE
+                     change a setting for the next answers (seed none: random again)
+  /stats             figures of the last answer and each member's share
+  /clear             forget the conversation
+  /help              this text
+  /bye               exit (Ctrl+D too)
+Multi-line input: a line with \"\"\" starts it, another ends it.
+Ctrl+C stops the current answer."""
+
+
+class InProcess:
+    """Chat on an Engine in this process; generation runs on a worker thread."""
+
+    def __init__(self, engine: Any, ensemble: str) -> None:
+        self.engine = engine
+        self.ensemble = ensemble
+
+    def describe(self) -> str:
+        cfg = self.engine.config.get(self.ensemble)
+        parts = ", ".join(f"{m.name} {w:.2f}" for m, w in zip(cfg.members, cfg.normalized_weights()))
+        return f"ensemble {cfg.name} (mode {cfg.mode}: {parts})"
+
+    def member_names(self) -> list[str]:
+        return self.engine.config.get(self.ensemble).member_names
+
+    def load(self) -> None:
+        self.engine.ensemble(self.ensemble)
+
+    def stream(self, messages: list[dict[str, str]], settings: dict[str, Any], stop: Any) -> Iterator[Event]:
+        from .engine import Request, sampling_params
+
+        cfg = self.engine.config.get(self.ensemble)
+        sampling = {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "seed")}
+        request = Request(
+            ensemble=cfg.name,
+            messages=messages,
+            params=sampling_params(cfg.sampling, **sampling),
+            mode=settings.get("mode"),
+            weights=settings.get("weights"),
+            member=settings.get("member"),
+        )
+        q: queue.Queue[Any] = queue.Queue()
+        run = self.engine.start(request, q.put)
+        stop.append(run.cancel)
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, DoneEvent):
+                return
+
+
+def _history_file() -> Path:
+    base = os.environ.get("ME_LOCAL_HOME")
+    root = Path(base) if base else Path(os.environ.get("XDG_STATE_HOME", "~/.local/state")).expanduser() / "me-local"
+    return root / "chat_history"
+
+
+class ChatSession:
+    def __init__(self, backend: Any, settings: dict[str, Any], *, out: Any = None) -> None:
+        self.backend = backend
+        self.settings = {k: v for k, v in settings.items() if v is not None}
+        self.messages: list[dict[str, str]] = []
+        self.last: DoneEvent | None = None
+        self.interactive = sys.stdin.isatty()
+
+    # -- input -----------------------------------------------------------------
+    def _setup_history(self) -> None:
+        if not self.interactive:
+            return
+        try:
+            import readline
+        except ImportError:  # Windows without pyreadline
+            return
+        path = _history_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                readline.read_history_file(str(path))
+        except OSError:
+            return
+        import atexit
+
+        readline.set_history_length(1000)
+        atexit.register(lambda: _save_history(readline, path))
+
+    def _read(self) -> str | None:
+        """One user input (None at end of input); multi-line between \"\"\" lines."""
+        line = input(">>> ")
+        if line.strip().startswith('"""'):
+            first = line.strip()[3:]
+            lines = [first] if first else []
+            while True:
+                more = input("... ")
+                if more.rstrip().endswith('"""'):
+                    tail = more.rstrip()[:-3]
+                    if tail:
+                        lines.append(tail)
+                    break
+                lines.append(more)
+            return "\n".join(lines)
+        return line
+
+    # -- the loop --------------------------------------------------------------
+    def run(self) -> None:
+        self._setup_history()
+        click.echo(f"me-local chat on {self.backend.describe()}. /help for commands, /bye to exit.")
+        self.backend.load()
+        while True:
+            try:
+                text = self._read()
+            except EOFError:
+                click.echo()
+                return
+            except KeyboardInterrupt:
+                click.echo("^C (/bye to exit)")
+                continue
+            if text is None:
+                return
+            stripped = text.strip()
+            if not stripped:
+                continue
+            if stripped.startswith("/"):
+                if not self.command(stripped):
+                    return
+                continue
+            self.answer(text)
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means exit."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/bye", "/exit", "/quit"):
+            return False
+        if name == "/clear":
+            self.messages.clear()
+            click.echo("Conversation cleared.")
+        elif name == "/help" or name == "/?":
+            click.echo(HELP)
+        elif name == "/stats":
+            if self.last is None:
+                click.echo("No answer yet.")
+            else:
+                click.echo(format_stats(self.last.stats, self.last.finish_reason))
+        elif name == "/set":
+            key, _, value = arg.partition(" ")
+            try:
+                self.set(key, value.strip())
+            except MeLocalError as exc:
+                click.echo(f"error: {exc}")
+        else:
+            click.echo(f"Unknown command {name}; /help lists them.")
+        return True
+
+    def set(self, key: str, value: str) -> None:
+        def number(lo: float, hi: float | None, cast: Any = float) -> Any:
+            try:
+                v = cast(value)
+            except ValueError:
+                raise RequestError(f"{key} needs a number, got {value!r}") from None
+            if v < lo or (hi is not None and v > hi):
+                raise RequestError(f"{key} must be between {lo} and {hi if hi is not None else 'any'}, got {v}")
+            return v
+
+        if not value:
+            raise RequestError(f"usage: /set {key or 'NAME'} VALUE")
+        if key == "temperature":
+            self.settings[key] = number(0, 100)
+        elif key in ("top_p", "min_p"):
+            self.settings[key] = number(0, 1)
+        elif key == "top_k":
+            self.settings[key] = number(0, None, int)
+        elif key == "max_tokens":
+            self.settings[key] = number(1, None, int)
+        elif key == "seed":
+            if value.lower() in ("none", "random", "off"):
+                self.settings.pop("seed", None)
+            else:
+                self.settings[key] = number(0, None, int)
+        elif key == "mode":
+            if value not in MODES:
+                raise RequestError(f"mode must be one of {', '.join(MODES)}, got {value!r}")
+            self.settings["mode"] = value
+        elif key == "weights":
+            weights = parse_weights(value)
+            names = self.backend.member_names()
+            for n in weights:
+                if n not in names:
+                    raise RequestError(f"no member {n!r}; members are: {', '.join(names)}")
+            if sum(weights.get(n, 0) for n in weights) <= 0 and all(n in weights for n in names):
+                raise RequestError("all weights are zero; give at least one member a positive weight")
+            self.settings["weights"] = weights
+        elif key == "member":
+            if value not in self.backend.member_names():
+                raise RequestError(f"no member {value!r}; members are: {', '.join(self.backend.member_names())}")
+            self.settings["member"] = value
+        else:
+            raise RequestError(
+                f"cannot set {key!r}; settable: temperature, top_p, top_k, min_p, max_tokens, seed, mode, "
+                "weights, member"
+            )
+        click.echo(f"Set {key} to {value}.")
+
+    def answer(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        parts: list[str] = []
+        cancel: list[Any] = []
+        events = self.backend.stream(self.messages, self.settings, cancel)
+        done: DoneEvent | None = None
+        try:
+            try:
+                for ev in events:
+                    if isinstance(ev, TokenEvent):
+                        parts.append(ev.text)
+                        click.echo(ev.text, nl=False)
+                        sys.stdout.flush()
+                    else:
+                        parts.append(ev.text)
+                        click.echo(ev.text, nl=False)
+                        done = ev
+            except KeyboardInterrupt:
+                for c in cancel:
+                    c()
+                for ev in events:  # drain until the worker confirms it stopped
+                    if isinstance(ev, DoneEvent):
+                        done = ev
+                click.echo(" [stopped]", nl=False)
+        except MeLocalError as exc:
+            self.messages.pop()
+            click.echo(f"error: {exc}")
+            return
+        click.echo()
+        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        if done is not None:
+            self.last = done
+
+
+def _save_history(readline: Any, path: Path) -> None:
+    try:
+        readline.write_history_file(str(path))
+    except OSError:
+        pass

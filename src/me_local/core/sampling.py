@@ -1,0 +1,128 @@
+"""Sampling transforms in numpy: the reference semantics of temperature,
+top-k, top-p and min-p, the mixture used by ``ce`` mode, and log-probabilities.
+
+``me`` and ``single`` mode normally sample through the backend's native
+sampler chain (no vocabulary-sized Python work per token); these functions
+define what that chain must match and serve ``ce`` mode and fake members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .types import SamplingParams
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    m = z.max()
+    return z - (m + np.log(np.exp(z - m).sum()))
+
+
+def truncate(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Apply top-k, then top-p, then min-p to a probability vector; renormalised.
+
+    Always keeps at least the most probable token.
+    """
+    p = np.array(probs, dtype=np.float64, copy=True)
+    n = p.shape[0]
+    if 0 < top_k < n:
+        keep = np.argpartition(-p, top_k - 1)[:top_k]
+        mask = np.zeros(n, dtype=bool)
+        mask[keep] = True
+        p[~mask] = 0.0
+        p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        # smallest prefix whose mass reaches top_p (the crossing token included)
+        cut = int(np.searchsorted(cum, top_p, side="left")) + 1
+        p[order[cut:]] = 0.0
+        p /= p.sum()
+    if min_p > 0.0:
+        p[p < min_p * p.max()] = 0.0
+        p /= p.sum()
+    return p
+
+
+def transform(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """softmax(l / T) then truncation: one member's sampling distribution."""
+    if params.greedy:
+        out = np.zeros(np.asarray(logits).shape[0], dtype=np.float64)
+        out[int(np.argmax(logits))] = 1.0
+        return out
+    return truncate(softmax(logits, params.temperature), params.top_k, params.top_p, params.min_p)
+
+
+def mixture(prob_rows: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Σ λ_i p_i with λ normalised."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    out = np.zeros_like(np.asarray(prob_rows[0], dtype=np.float64))
+    for wi, row in zip(w, prob_rows):
+        if wi > 0:
+            out += wi * row
+    return out
+
+
+def ce_distribution(logit_rows: Sequence[np.ndarray], weights: Sequence[float], params: SamplingParams):
+    """``ce`` mode: trunc(Σ λ_i softmax(l_i / T)), and the T=1 mixture for logprobs.
+
+    Returns (sampling distribution, untransformed mixture Σ λ_i softmax(l_i)).
+    """
+    raw = mixture([softmax(row) for row in logit_rows], weights)
+    if params.greedy:
+        out = np.zeros_like(raw)
+        out[int(np.argmax(raw))] = 1.0
+        return out, raw
+    if params.temperature == 1.0:
+        tempered = raw
+    else:
+        tempered = mixture([softmax(row, params.temperature) for row in logit_rows], weights)
+    return truncate(tempered, params.top_k, params.top_p, params.min_p), raw
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse-CDF draw from a probability vector."""
+    cum = np.cumsum(probs)
+    u = rng.random() * cum[-1]
+    idx = int(np.searchsorted(cum, u, side="right"))
+    idx = min(idx, probs.shape[0] - 1)
+    while probs[idx] <= 0.0 and idx > 0:  # float edge: never return a zero-probability token
+        idx -= 1
+    return idx
+
+
+def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The n most probable tokens as (id, logprob), best first."""
+    if n <= 0:
+        return []
+    n = min(n, logprobs.shape[0])
+    idx = np.argpartition(-logprobs, n - 1)[:n]
+    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+    return [(int(i), float(logprobs[i])) for i in idx]
+
+
+class NumpySampler:
+    """A TokenSampler over a logits callable, with the reference semantics.
+    Used by fake members in tests and by backends without a native chain."""
+
+    def __init__(self, get_logits, params: SamplingParams, seed: int) -> None:
+        self._get_logits = get_logits
+        self._params = params
+        self._rng = np.random.default_rng(seed)
+
+    def sample(self) -> int:
+        logits = self._get_logits()
+        if self._params.greedy:
+            return int(np.argmax(logits))
+        return draw(transform(logits, self._params), self._rng)

@@ -1,0 +1,150 @@
+"""Plain data the ensemble core speaks: requests' sampling parameters, the
+events a generation yields, its statistics, and the Member protocol a backend
+implements. No llama_cpp, aiohttp or click here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+MODES = ("me", "ce", "single")
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+class Cancelled(Exception):
+    """Raised by a Member's evaluate() when the cancel callback fired between chunks."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. Truncation applies per member in ``me`` mode and to the
+    mixture in ``ce`` mode; the order is temperature, top-k, top-p, min-p."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    max_tokens: int = 512
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@runtime_checkable
+class TokenSampler(Protocol):
+    def sample(self) -> int:
+        """Draw a token from the owning member's current (last-position) logits."""
+        ...
+
+
+@runtime_checkable
+class Member(Protocol):
+    """One ensemble member as the core sees it: a model plus its own KV cache."""
+
+    name: str
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    @property
+    def cached(self) -> Sequence[int]:
+        """The tokens whose keys/values are in this member's cache, in order."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Forget every cached token from position n on."""
+        ...
+
+    def evaluate(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None) -> None:
+        """Append tokens to the cache in as few batches as possible; afterwards
+        logits() holds the last token's next-token logits. May raise Cancelled
+        between chunks, leaving ``cached`` true to what was evaluated."""
+        ...
+
+    def logits(self) -> np.ndarray:
+        """Raw next-token logits after the last evaluated token (valid until the next evaluate)."""
+        ...
+
+    def make_sampler(self, params: SamplingParams, seed: int) -> TokenSampler: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+
+@dataclass
+class TokenEvent:
+    """One generated token. ``text`` is the text this token released to the
+    output (possibly empty while a UTF-8 character or a possible stop string is
+    held back); the concatenation of every event's text is the output."""
+
+    index: int
+    id: int
+    text: str
+    member: str | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    piece: bytes = b""
+    """The token's own bytes (may be part of a UTF-8 character)."""
+
+
+@dataclass
+class MemberStats:
+    name: str
+    selected: int = 0
+    catchup_tokens: int = 0
+    """Generated tokens this member evaluated after missing them (batched catch-up)."""
+    prompt_tokens: int = 0
+    """Prompt tokens this member evaluated (cached prefix excluded)."""
+    cached_prompt_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    seed: int
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    prompt_eval_s: float = 0.0
+    members: list[MemberStats] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generation speed after the first token: (n - 1) / (end - first token)."""
+        if self.ttft_s is None or self.generated_tokens < 2:
+            return 0.0
+        span = self.total_s - self.ttft_s
+        return (self.generated_tokens - 1) / span if span > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tokens_per_s"] = round(self.tokens_per_s, 3)
+        d["members"] = [m.to_dict() for m in self.members]
+        return d
+
+
+@dataclass
+class DoneEvent:
+    """The end of a generation. ``text`` is held-back output flushed at the end
+    (for example a partial stop string when the token limit was hit)."""
+
+    finish_reason: str
+    stats: GenerationStats
+    text: str = ""

@@ -1,0 +1,369 @@
+"""The engine: the one object both ``me-local chat`` (in-process) and
+``me-local serve`` drive.
+
+It loads ensembles (sharing weights through the backend's ModelStore),
+checks that members share a vocabulary, keeps ``parallel`` slots per ensemble
+(each with its own context per member, created on first use), gives a request
+the free slot with the longest cached prefix, and runs the pure core's
+generation loop. Work runs on the caller's thread (``generate``) or on a worker
+thread (``start``), with a cancel flag checked between decode calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .config import Config, EnsembleConfig
+from .core import DoneEvent, Event, SamplingParams, common_prefix, generate
+from .errors import ConfigError, MeLocalError, RequestError, VocabMismatchError
+
+log = logging.getLogger("me_local.engine")
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclass
+class Request:
+    """One generation. Exactly one of ``messages`` (chat) and ``prompt`` (raw text) is set."""
+
+    ensemble: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    mode: str | None = None
+    weights: Mapping[str, float] | None = None
+    member: str | None = None
+
+
+def normalize_messages(messages: Any) -> list[dict[str, str]]:
+    """Validate chat messages; content may be a string or OpenAI-style text parts."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("`messages` must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}] must be an object with `role` and `content`", param="messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RequestError(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", param="messages"
+            )
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                else:
+                    raise RequestError(
+                        f"messages[{i}].content: only text parts are supported", param="messages"
+                    )
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string", param="messages")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+class Slot:
+    """One lane of an ensemble: a context per member, sharing the weights."""
+
+    def __init__(self, index: int, members: list[Any]) -> None:
+        self.index = index
+        self.members = members
+        self.busy = False
+
+    def cached_prefix(self, prompts: Sequence[Sequence[int]]) -> int:
+        return max((common_prefix(m.cached, p) for m, p in zip(self.members, prompts) if p), default=0)
+
+    def close(self) -> None:
+        for m in self.members:
+            m.close()
+
+
+class LoadedEnsemble:
+    def __init__(self, config: EnsembleConfig, factory: MemberFactory) -> None:
+        self.config = config
+        self._factory = factory
+        self._slots: list[Slot] = []
+        self._cond = threading.Condition()
+        self.waiting = 0
+        # the first slot is built now: it loads the models and checks the vocabulary
+        self._slots.append(self._new_slot(0))
+        check_vocabularies(config, self._slots[0].members)
+
+    def _new_slot(self, index: int) -> Slot:
+        members = []
+        try:
+            for mc in self.config.members:
+                members.append(self._factory(mc, self.config))
+        except BaseException:
+            for m in members:
+                m.close()
+            raise
+        return Slot(index, members)
+
+    @property
+    def members(self) -> list[Any]:
+        """Slot 0's members (for tokenizing and model facts)."""
+        return self._slots[0].members
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s.busy for s in self._slots)
+
+    def acquire(self, prompts: Sequence[Sequence[int]], timeout: float | None = None,
+                max_queue: int | None = None) -> Slot:
+        """The free slot sharing the longest prefix with the prompts (creating
+        slots up to ``parallel``); waits while all are busy."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            queued = False
+            try:
+                while True:
+                    free = [s for s in self._slots if not s.busy]
+                    if free:
+                        best = max(free, key=lambda s: s.cached_prefix(prompts))
+                        # with no shared prefix, a new empty slot is as good and keeps warm caches for others
+                        if best.cached_prefix(prompts) > 0 or len(self._slots) >= self.config.parallel:
+                            best.busy = True
+                            return best
+                    if len(self._slots) < self.config.parallel:
+                        slot = self._new_slot(len(self._slots))
+                        self._slots.append(slot)
+                        slot.busy = True
+                        return slot
+                    if not queued:
+                        limit = self.config.max_queue if max_queue is None else max_queue
+                        if self.waiting >= limit:
+                            raise QueueFullError(
+                                f"ensemble {self.config.name!r} is busy ({self.config.parallel} slots, "
+                                f"{self.waiting} waiting); retry shortly"
+                            )
+                        self.waiting += 1
+                        queued = True
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise QueueFullError(f"ensemble {self.config.name!r} stayed busy; retry shortly")
+                    self._cond.wait(remaining)
+            finally:
+                if queued:
+                    self.waiting -= 1
+
+    def release(self, slot: Slot) -> None:
+        with self._cond:
+            slot.busy = False
+            self._cond.notify()
+
+    def close(self) -> None:
+        for s in self._slots:
+            s.close()
+        self._slots.clear()
+
+
+class QueueFullError(RequestError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="queue_full")
+
+
+MemberFactory = Callable[[Any, EnsembleConfig], Any]
+
+
+def check_vocabularies(config: EnsembleConfig, members: Sequence[Any]) -> None:
+    first = members[0]
+    for other in members[1:]:
+        if other.model.fingerprint == first.model.fingerprint:
+            continue
+        a, b = first.model, other.model
+        if a.n_vocab != b.n_vocab:
+            detail = f"{a.n_vocab} vs {b.n_vocab} tokens"
+        else:
+            diff = next(i for i in range(a.n_vocab) if a.token_texts[i] != b.token_texts[i])
+            detail = f"token {diff} is {a.token_texts[diff]!r} vs {b.token_texts[diff]!r}"
+        raise VocabMismatchError(
+            f"members {first.name!r} ({a.path.name}) and {other.name!r} ({b.path.name}) do not share a "
+            f"vocabulary ({detail}); ensemble only models with the same tokenizer",
+            file=config.file,
+            key=f"ensembles.{config.name}.members",
+        )
+
+
+def llama_member_factory(store: Any = None) -> MemberFactory:
+    """Members backed by llama.cpp, sharing loaded weights through one ModelStore."""
+    from .backends.llama import ContextSettings, LlamaMember, ModelStore
+
+    store = store or ModelStore()
+
+    def make(mc: Any, ens: EnsembleConfig) -> Any:
+        model = store.acquire(mc.resolve_path(), mc.n_gpu_layers)
+        try:
+            settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads)
+            member = LlamaMember(mc.name, model, settings, system=mc.system)
+        except BaseException:
+            store.release(model)
+            raise
+        close = member.close
+
+        def close_and_release() -> None:
+            close()
+            store.release(model)
+
+        member.close = close_and_release  # type: ignore[method-assign]
+        return member
+
+    make.store = store  # type: ignore[attr-defined]
+    return make
+
+
+class Engine:
+    def __init__(self, config: Config, factory: MemberFactory | None = None) -> None:
+        self.config = config
+        self._factory = factory or llama_member_factory()
+        self._loaded: dict[str, LoadedEnsemble] = {}
+        self._lock = threading.Lock()
+
+    # -- loading -----------------------------------------------------------------
+    def ensemble(self, name: str | None = None) -> LoadedEnsemble:
+        cfg = self.config.get(name)
+        with self._lock:
+            loaded = self._loaded.get(cfg.name)
+            if loaded is None:
+                loaded = self._loaded[cfg.name] = LoadedEnsemble(cfg, self._factory)
+            return loaded
+
+    def load_all(self) -> None:
+        for name in self.config.ensembles:
+            self.ensemble(name)
+
+    @property
+    def loaded(self) -> dict[str, LoadedEnsemble]:
+        return dict(self._loaded)
+
+    def close(self) -> None:
+        with self._lock:
+            for e in self._loaded.values():
+                e.close()
+            self._loaded.clear()
+
+    # -- requests ----------------------------------------------------------------
+    def plan(self, request: Request) -> tuple[LoadedEnsemble, str, int, list[float], list[list[int]]]:
+        """Resolve a request: ensemble, mode, single-member index, weights, per-member prompts."""
+        loaded = self.ensemble(request.ensemble)
+        cfg = loaded.config
+        if request.weights:
+            try:
+                cfg = cfg.with_weights(request.weights)
+            except ConfigError as exc:
+                raise RequestError(str(exc), param="weights") from None
+        mode = request.mode or cfg.mode
+        if mode not in ("me", "ce", "single"):
+            raise RequestError(f"unknown mode {mode!r}; choose one of me, ce, single", param="mode")
+        single = 0
+        if request.member is not None or mode == "single":
+            name = request.member or cfg.member or cfg.members[0].name
+            single = cfg.member_names.index(cfg.get_member(name).name)
+            if request.member is not None and request.mode is None:
+                mode = "single"
+        weights = [m.weight for m in cfg.members]
+        active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
+        if (request.messages is None) == (request.prompt is None):
+            raise RequestError("give either chat messages or a raw prompt", param="messages")
+        members = loaded.members
+        prompts: list[list[int]] = [[] for _ in members]
+        cache: dict[tuple[int, str | None], list[int]] = {}
+        for i in active:
+            m = members[i]
+            key = (id(m.model), m.system)
+            if key not in cache:
+                if request.messages is not None:
+                    cache[key] = m.chat_prompt(normalize_messages(request.messages))
+                else:
+                    cache[key] = m.raw_prompt(request.prompt or "")
+            prompts[i] = cache[key]
+        return loaded, mode, single, weights, prompts
+
+    def generate(
+        self,
+        request: Request,
+        cancel: Callable[[], bool] | None = None,
+        *,
+        queue_timeout: float | None = None,
+    ) -> Iterator[Event]:
+        """Run one request on the calling thread, yielding core events."""
+        loaded, mode, single, weights, prompts = self.plan(request)
+        from .core.ensemble import check_fits
+
+        active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
+        check_fits([prompts[i] for i in active], [loaded.members[i] for i in active])
+        slot = loaded.acquire(prompts, timeout=queue_timeout)
+        try:
+            yield from generate(
+                slot.members,
+                weights,
+                prompts,
+                request.params,
+                mode=mode,
+                single=single,
+                cancel=cancel or (lambda: False),
+            )
+        finally:
+            loaded.release(slot)
+
+    def start(self, request: Request, on_event: Callable[[Event | BaseException], None]) -> Run:
+        """Run a request on a worker thread; events (or the error) go to on_event."""
+        run = Run()
+
+        def work() -> None:
+            try:
+                for ev in self.generate(request, cancel=run.cancelled.is_set):
+                    on_event(ev)
+            except BaseException as exc:  # delivered to the caller, never lost
+                if not isinstance(exc, MeLocalError):
+                    log.exception("generation failed")
+                on_event(exc)
+            finally:
+                run.finished.set()
+
+        run.thread = threading.Thread(target=work, name="me-local-generate", daemon=True)
+        run.thread.start()
+        return run
+
+
+class Run:
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def collect(events: Iterator[Event]) -> tuple[str, DoneEvent]:
+    """Run a generation to its end: (text, done event)."""
+    parts = []
+    for ev in events:
+        if isinstance(ev, DoneEvent):
+            parts.append(ev.text)
+            return "".join(parts), ev
+        parts.append(ev.text)
+    raise RuntimeError("generation ended without a done event")
+
+
+def sampling_params(defaults: Any, **overrides: Any) -> SamplingParams:
+    """SamplingParams from an ensemble's defaults and the non-None overrides."""
+    base = SamplingParams(
+        temperature=defaults.temperature,
+        top_k=defaults.top_k,
+        top_p=defaults.top_p,
+        min_p=defaults.min_p,
+        max_tokens=defaults.max_tokens,
+    )
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})

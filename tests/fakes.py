@@ -1,0 +1,88 @@
+"""Fake members for the pure core's unit tests: deterministic logits that
+depend on the member's seed and the last token in its cache, a record of every
+evaluate() call, and a scripted mode that emits fixed byte pieces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from me_local.core import Cancelled, SamplingParams
+from me_local.core.sampling import NumpySampler
+
+
+class FakeMember:
+    def __init__(
+        self,
+        name: str,
+        seed: int,
+        n_vocab: int = 12,
+        n_ctx: int = 64,
+        pieces: Sequence[bytes] | None = None,
+        eog: int | None = None,
+        scale: float = 2.0,
+        script: Sequence[int] | None = None,
+    ) -> None:
+        self.name = name
+        self._n_vocab = n_vocab
+        self._n_ctx = n_ctx
+        self._table = np.random.default_rng(seed).normal(0.0, scale, size=(n_vocab + 1, n_vocab))
+        self._cached: list[int] = []
+        self.calls: list[list[int]] = []
+        self.pieces = list(pieces) if pieces is not None else [f"<{i}>".encode() for i in range(n_vocab)]
+        self.eog = eog
+        self.script = list(script) if script is not None else None
+        self.cancel_after_chunks: int | None = None
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def cached(self) -> Sequence[int]:
+        return self._cached
+
+    def truncate(self, n: int) -> None:
+        del self._cached[n:]
+
+    def evaluate(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None) -> None:
+        tokens = list(tokens)
+        assert tokens, "evaluate() called with nothing to do"
+        assert len(self._cached) + len(tokens) <= self._n_ctx, "context overflow"
+        self.calls.append(tokens)
+        for chunk_start in range(0, len(tokens), 4):  # chunks of 4, cancellable between them
+            if cancel is not None and cancel():
+                raise Cancelled
+            self._cached.extend(tokens[chunk_start : chunk_start + 4])
+
+    def logits(self) -> np.ndarray:
+        if self.script is not None:
+            # scripted: the next token is script[number of generated-looking tokens]
+            out = np.full(self._n_vocab, -50.0)
+            step = len(self._cached) - self.script_offset
+            out[self.script[min(step, len(self.script) - 1)]] = 50.0
+            return out
+        last = self._cached[-1] if self._cached else self._n_vocab
+        return self._table[last]
+
+    script_offset = 0
+
+    def make_sampler(self, params: SamplingParams, seed: int) -> NumpySampler:
+        return NumpySampler(self.logits, params, seed)
+
+    def is_eog(self, token: int) -> bool:
+        return token == self.eog
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.pieces[token]
+
+
+def scripted(name: str, pieces: Sequence[bytes], script: Sequence[int], prompt_len: int, **kw) -> FakeMember:
+    m = FakeMember(name, 0, n_vocab=len(pieces), pieces=pieces, script=script, **kw)
+    m.script_offset = prompt_len
+    return m
