@@ -22,7 +22,34 @@ from .report import format_stats
 MEMBER_COLOURS = ["cyan", "magenta", "yellow", "green", "blue", "red", "bright_cyan", "bright_magenta"]
 
 
+#: Commands that live in their own modules, imported only when used (keeps `generate` fast to start).
+LAZY_COMMANDS = {
+    "serve": "me_local.server.command:serve",
+    "service": "me_local.service:service",
+    "bench": "me_local.bench:bench",
+}
+
+
 class Cli(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx))
+        names.update(n for n in LAZY_COMMANDS if self.get_command(ctx, n) is not None)
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            import importlib
+
+            module, _, attr = LAZY_COMMANDS[name].partition(":")
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name and module.startswith(exc.name):
+                    return None  # that part of me-local is not built yet
+                raise
+            return getattr(mod, attr)  # type: ignore[no-any-return]
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
