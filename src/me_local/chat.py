@@ -66,13 +66,32 @@ class InProcess:
         q: queue.Queue[Any] = queue.Queue()
         run = self.engine.start(request, q.put)
         stop.append(run.cancel)
-        while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, DoneEvent):
-                return
+        return EventQueue(q)
+
+
+class EventQueue:
+    """Iterates events a worker thread puts on a queue, until the DoneEvent.
+
+    Unlike a generator, it survives a KeyboardInterrupt raised while waiting,
+    so the caller can cancel the run and keep reading to its DoneEvent."""
+
+    def __init__(self, q: queue.Queue[Any]) -> None:
+        self._q = q
+        self._done = False
+
+    def __iter__(self) -> EventQueue:
+        return self
+
+    def __next__(self) -> Event:
+        if self._done:
+            raise StopIteration
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if isinstance(item, DoneEvent):
+            self._done = True
+        return item  # type: ignore[no-any-return]
 
 
 def _history_file() -> Path:

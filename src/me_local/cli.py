@@ -71,7 +71,7 @@ def cli(log_level: str) -> None:
 def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The flags generate and chat share."""
     options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+        click.option("--config", "config_path", type=click.Path(),
                      help="models.yaml to use (default: $ME_LOCAL_CONFIG, ./models.yaml, "
                           "~/.config/me-local/models.yaml, then the packaged one)."),
         click.option("--ensemble", "-e", default=None, help="Ensemble name (default: `default`)."),
@@ -185,7 +185,7 @@ def chat(config_path: str | None, ensemble: str | None, mode: str | None, member
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="models.yaml to use.")
+@click.option("--config", "config_path", type=click.Path(), help="models.yaml to use.")
 def models(config_path: str | None) -> None:
     """List each ensemble with its members, files, sizes and vocabularies, and any problem."""
     from .inspect import describe

@@ -199,7 +199,7 @@ def llama_member_factory(store: Any = None) -> MemberFactory:
     """Members backed by llama.cpp, sharing loaded weights through one ModelStore."""
     from .backends.llama import ContextSettings, LlamaMember, ModelStore
 
-    store = store or ModelStore()
+    store = ModelStore() if store is None else store
 
     def make(mc: Any, ens: EnsembleConfig) -> Any:
         model = store.acquire(mc.resolve_path(), mc.n_gpu_layers)

@@ -263,7 +263,8 @@ class LlamaMember:
             )
         self._ctx = ctx
         self._mem = L.llama_get_memory(ctx)
-        self._n_ctx = int(L.llama_n_ctx(ctx))
+        # llama.cpp may pad the context (to 256 cells); the configured n_ctx is the limit users asked for
+        self._n_ctx = min(settings.n_ctx, int(L.llama_n_ctx(ctx)))
         self._n_batch = max(1, min(settings.n_batch, int(L.llama_n_batch(ctx))))
         self._batch = L.llama_batch_init(self._n_batch, 0, 1)
         self._cached: list[int] = []

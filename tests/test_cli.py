@@ -1,0 +1,229 @@
+"""The command line on real tiny models: generate (text, --json, --show-members,
+--stats), models, and chat driven through its prompt."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from me_local.backends.llama import ContextSettings, LlamaMember, LoadedModel
+from me_local.cli import cli
+from me_local.core.sampling import log_softmax, mixture, softmax
+
+T1 = ["--temperature", "1", "--top-k", "0", "--top-p", "1", "--min-p", "0"]
+
+
+def invoke(args, **kw):
+    return CliRunner().invoke(cli, args, catch_exceptions=False, **kw)
+
+
+def test_generate_streams_text_reproducibly(tiny_config):
+    args = ["generate", "--config", str(tiny_config), "-e", "tiny", "--raw", "-n", "20", "--seed", "4", *T1, "Hello"]
+    a, b = invoke(args), invoke(args)
+    assert a.exit_code == 0 and a.stdout == b.stdout
+    assert len(a.stdout.strip()) > 0
+    c = invoke([*args[:-4], "--seed", "5", *T1, "Hello"])
+    assert c.stdout != a.stdout
+
+
+def test_generate_json_lines_carry_ids_members_and_true_logprobs(tiny_config, tiny_models):
+    result = invoke(["generate", "--config", str(tiny_config), "-e", "pair", "--raw", "--json", "-n", "6",
+                     "--seed", "9", *T1, "Hello world"])
+    assert result.exit_code == 0
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    *tokens, final = lines
+    assert final["done"] is True and final["finish_reason"] == "length"
+    assert final["stats"]["generated_tokens"] == 6
+    assert {m["name"] for m in final["stats"]["members"]} == {"one", "two"}
+    assert len(tokens) == 6
+    assert all(set(t) == {"id", "text", "member", "logprob"} for t in tokens)
+    # the logprob is the named member's log-softmax at that position, recomputed from scratch
+    models = {"one": LoadedModel(tiny_models["a1"]), "two": LoadedModel(tiny_models["a2"])}
+    prompt = models["one"].tokenize("Hello world", add_special=True)
+    for i, t in enumerate(tokens):
+        m = LlamaMember("check", models[t["member"]], ContextSettings(n_ctx=64))
+        m.evaluate(prompt + [x["id"] for x in tokens[:i]])
+        assert t["logprob"] == pytest.approx(float(log_softmax(m.logits())[t["id"]]), abs=1e-3)
+        m.close()
+    # ce: the log of the mixture probability
+    result = invoke(["generate", "--config", str(tiny_config), "-e", "pair", "--raw", "--json", "-n", "1",
+                     "--mode", "ce", "--seed", "1", *T1, "Hello world"])
+    first = json.loads(result.stdout.splitlines()[0])
+    assert first["member"] is None
+    rows = []
+    for model in models.values():
+        m = LlamaMember("check", model, ContextSettings(n_ctx=64))
+        m.evaluate(prompt)
+        rows.append(softmax(m.logits()))
+        m.close()
+    assert first["logprob"] == pytest.approx(float(np.log(mixture(rows, [0.5, 0.5])[first["id"]])), abs=1e-4)
+
+
+def test_show_members_colours_tokens_and_prints_a_legend(tiny_config):
+    result = invoke(["generate", "--config", str(tiny_config), "-e", "pair", "--raw", "-n", "12", "--seed", "3",
+                     "--show-members", "Hello"], color=True)
+    assert "\x1b[36m" in result.stdout or "\x1b[35m" in result.stdout  # cyan = one, magenta = two
+    assert "■ one" in result.stderr and "■ two" in result.stderr
+    plain = invoke(["generate", "--config", str(tiny_config), "-e", "pair", "--raw", "-n", "12", "--seed", "3",
+                    "Hello"])
+    assert "\x1b[" not in plain.stdout
+
+
+def test_stats_report_members_and_speed(tiny_config):
+    result = invoke(["generate", "--config", str(tiny_config), "-e", "tiny", "--raw", "-n", "10", "--seed", "1",
+                     "--stats", "Hello"])
+    err = result.stderr
+    assert "mode me  seed 1  finish length" in err
+    assert "generated 10 tokens" in err and "time to first token" in err and "tokens/s" in err
+    for name in ("one", "two", "three"):
+        assert name in err and "catch-up" in err
+
+
+def test_models_lists_members_sharing_and_problems(tiny_config, write_config, tiny_models):
+    result = invoke(["models", "--config", str(tiny_config)])
+    assert result.exit_code == 0
+    assert "tiny  (mode me, n_ctx 256, parallel 1)" in result.stdout
+    assert "vocab 527" in result.stdout and "tiny-a-2.gguf" in result.stdout
+    twins = write_config(f"""
+        ensembles:
+          twins:
+            members:
+              - {{name: x, path: {tiny_models['a1']}}}
+              - {{name: y, path: {tiny_models['a1']}}}
+          broken:
+            members:
+              - {{name: p, path: {tiny_models['a1']}}}
+              - {{name: q, path: {tiny_models['b1']}}}
+              - {{name: r, path: missing.gguf}}
+        """, name="twins.yaml")
+    result = invoke(["models", "--config", str(twins)])
+    assert result.exit_code == 2
+    assert "shares weights with x" in result.stdout
+    assert "members 'p' and 'q' do not share a vocabulary" in result.stdout
+    assert "missing.gguf" in result.stdout and "does not exist" in result.stdout
+
+
+def test_chat_through_its_prompt(tiny_config):
+    session = "\n".join([
+        "/set seed 3",
+        "/set temperature 0",
+        "Hello world",
+        "/stats",
+        '"""',
+        "line one",
+        "line two",
+        '"""',
+        "/set mode ce",
+        "/set weights one=1,zz=1",
+        "/set top_p 7",
+        "/clear",
+        "/bogus",
+        "/bye",
+        "never read",
+    ]) + "\n"
+    result = invoke(["chat", "--config", str(tiny_config), "-e", "pair", "-n", "8"], input=session)
+    out = result.stdout
+    assert result.exit_code == 0
+    assert "me-local chat on ensemble pair (mode me: one 0.50, two 0.50)" in out
+    assert "Set seed to 3." in out and "Set temperature to 0." in out
+    assert "generated 8 tokens" in out and "selected" in out
+    assert "Set mode to ce." in out
+    assert "error: no member 'zz'" in out
+    assert "error: top_p must be between 0 and 1" in out
+    assert "Conversation cleared." in out
+    assert "Unknown command /bogus" in out
+    assert "never read" not in out
+
+
+def test_chat_greedy_answers_match_generate(tiny_config):
+    """The chat streams what generate produces for the same conversation and settings."""
+    gen = invoke(["generate", "--config", str(tiny_config), "-e", "pair", "-n", "8", "--temperature", "0",
+                  "--seed", "1", "Hello world"])
+    chat = invoke(["chat", "--config", str(tiny_config), "-e", "pair", "-n", "8", "--temperature", "0",
+                   "--seed", "1"], input="Hello world\n/bye\n")
+    assert gen.stdout.strip() and gen.stdout.strip() in chat.stdout
+
+
+def _read_until(fd, needle: bytes, timeout: float = 60.0) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"did not see {needle!r}; got {buf[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+@pytest.mark.smollm
+def test_chat_on_a_terminal_ctrl_c_stops_the_answer_and_keeps_the_session(smollm_path, write_config, tmp_path):
+    cfg = write_config(f"""
+        ensembles:
+          default:
+            n_ctx: 4096
+            members:
+              - {{name: a, path: {smollm_path}, weight: 1}}
+              - {{name: b, path: {smollm_path}, weight: 1}}
+        """)
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the real console script on a real terminal
+        os.environ["ME_LOCAL_HOME"] = str(tmp_path)
+        os.execv(sys.executable, [sys.executable, "-m", "me_local.cli", "chat", "--config", str(cfg),
+                                  "-n", "100000", "--temperature", "1.5", "--top-k", "0", "--top-p", "1",
+                                  "--min-p", "0", "--seed", "1"])
+    try:
+        _read_until(fd, b">>> ")
+        os.write(fd, b"Tell me a very long story\r")
+        _read_until(fd, b"story")
+        time.sleep(2.0)  # it is streaming now (4096 tokens take tens of seconds)
+        os.write(fd, b"\x03")
+        out = _read_until(fd, b">>> ")
+        assert b"[stopped]" in out
+        os.write(fd, b"/stats\r")
+        out = _read_until(fd, b">>> ")
+        assert b"finish cancelled" in out
+        os.write(fd, b"/bye\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert (tmp_path / "chat_history").read_text().strip().endswith("/bye")
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.smollm
+def test_default_ensemble_end_to_end(tmp_path, monkeypatch):
+    """The shipped models.yaml and the embedded SmolLM2 model, from any directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ME_LOCAL_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    exe = os.path.join(os.path.dirname(sys.executable), "me-local")
+    proc = subprocess.run([exe, "generate", "--temperature", "0", "--mode", "single", "-n", "24",
+                           "What is the capital of France?"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    proc = subprocess.run([exe, "generate", "--json", "--seed", "1", "-n", "16", "Write a haiku about the sea."],
+                          capture_output=True, text=True, timeout=300)
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert lines[-1]["done"] is True
+    assert {t["member"] for t in lines[:-1] if t["id"] is not None} <= {"concise", "playful"}
+    assert lines[-1]["stats"]["members"][0]["name"] == "concise"
