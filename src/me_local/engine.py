@@ -205,7 +205,7 @@ def llama_member_factory(store: Any = None) -> MemberFactory:
         model = store.acquire(mc.resolve_path(), mc.n_gpu_layers)
         try:
             settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads)
-            member = LlamaMember(mc.name, model, settings, system=mc.system)
+            member = LlamaMember(mc.name, model, settings, system=mc.system, gate=store.gate)
         except BaseException:
             store.release(model)
             raise

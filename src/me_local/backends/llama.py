@@ -65,12 +65,15 @@ def supports_gpu_offload() -> bool:
     return bool(L.llama_supports_gpu_offload())
 
 
-def default_threads() -> int:
+def available_cpus() -> int:
     try:
-        n = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    return max(1, min(available_cpus(), 8))
 
 
 def _meta_str(model: Any, key: str) -> str | None:
@@ -112,8 +115,11 @@ class LoadedModel:
         self._eog = np.array([bool(L.llama_vocab_is_eog(self.vocab, t)) for t in range(self.n_vocab)])
         self.pieces = [self._piece(t, special=False) for t in range(self.n_vocab)]
         texts = [L.llama_vocab_get_text(self.vocab, t) or b"" for t in range(self.n_vocab)]
+        # what llama.cpp's speculative decoding checks between draft and target: vocabulary
+        # type, size, BOS/EOS and every token's text
         h = hashlib.sha256()
         h.update(f"{L.llama_vocab_type(self.vocab)}:{self.n_vocab}:".encode())
+        h.update(f"{L.llama_vocab_bos(self.vocab)}:{L.llama_vocab_eos(self.vocab)}:".encode())
         for t in texts:
             h.update(t + b"\x00")
         self.token_texts = texts
@@ -174,11 +180,21 @@ def inspect_model(path: Path) -> LoadedModel:
 
 
 class ModelStore:
-    """Loads each (file, n_gpu_layers) once and shares it between members and slots."""
+    """Loads each (file, n_gpu_layers) once and shares it between members and slots.
 
-    def __init__(self) -> None:
+    It also holds the decode gate: a semaphore bounding how many llama_decode
+    calls run at once, so that concurrent slots never put more spinning
+    llama.cpp threads on the CPU than it has (see docs/architecture.md). The
+    gate is taken per decode call, not per request, so requests on different
+    slots still interleave token by token.
+    """
+
+    def __init__(self, max_concurrent_decodes: int | None = None) -> None:
         self._models: dict[tuple[str, int], LoadedModel] = {}
         self._lock = threading.Lock()
+        if max_concurrent_decodes is None:
+            max_concurrent_decodes = max(1, available_cpus() // default_threads())
+        self.gate = threading.BoundedSemaphore(max_concurrent_decodes)
 
     def acquire(self, path: Path, n_gpu_layers: int = 0) -> LoadedModel:
         key = (str(path.resolve()), n_gpu_layers)
@@ -243,8 +259,16 @@ class ContextSettings:
 class LlamaMember:
     """One member in one slot: a llama context over a shared model."""
 
-    def __init__(self, name: str, model: LoadedModel, settings: ContextSettings, system: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        model: LoadedModel,
+        settings: ContextSettings,
+        system: str | None = None,
+        gate: threading.BoundedSemaphore | None = None,
+    ):
         self.name = name
+        self._gate = gate
         self.model = model
         self.system = system
         n_threads = settings.n_threads or default_threads()
@@ -313,7 +337,11 @@ class LlamaMember:
             if last_chunk:
                 batch.logits[len(chunk) - 1] = 1
             batch.n_tokens = len(chunk)
-            rc = L.llama_decode(self._ctx, batch)
+            if self._gate is not None:
+                with self._gate:
+                    rc = L.llama_decode(self._ctx, batch)
+            else:
+                rc = L.llama_decode(self._ctx, batch)
             if rc != 0:
                 self._resync()
                 raise BackendError(f"llama.cpp failed to evaluate {len(chunk)} tokens for {self.name!r} (code {rc})")
