@@ -91,7 +91,7 @@ class EventQueue:
             raise item
         if isinstance(item, DoneEvent):
             self._done = True
-        return item  # type: ignore[no-any-return]
+        return item
 
 
 def _history_file() -> Path:
@@ -284,3 +284,274 @@ def _save_history(readline: Any, path: Path) -> None:
         readline.write_history_file(str(path))
     except OSError:
         pass
+
+
+class Remote:
+    """Chat through a running ``me-local serve`` (``chat --url``), over its OpenAI API.
+
+    Streams with ``logprobs`` on, so every token arrives with its id and member
+    and the events match what :class:`InProcess` yields; the final figures come
+    from ``usage.me_local``. Uses only the standard library.
+    """
+
+    def __init__(self, url: str, ensemble: str | None = None, api_key: str | None = None,
+                 timeout: float = 10.0) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RequestError(f"--url {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:11435")
+        self.url = f"{parts.scheme}://{parts.netloc}"
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self._prefix = parts.path.rstrip("/")
+        self.ensemble = ensemble
+        self.api_key = api_key
+        self.timeout = timeout
+        self._info: dict[str, Any] | None = None
+
+    # -- HTTP ----------------------------------------------------------------------
+    def _connect(self) -> Any:
+        import http.client
+
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self.timeout)
+
+    def _send(self, method: str, path: str, body: Any = None, conn: Any = None) -> tuple[Any, Any]:
+        import json
+
+        conn = conn or self._connect()
+        headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, self._prefix + path, body=data, headers=headers)
+            resp = conn.getresponse()
+        except OSError as exc:
+            conn.close()
+            reason = exc.strerror or exc.__class__.__name__
+            raise MeLocalError(
+                f"cannot reach me-local at {self.url} ({reason}); start it with `me-local serve`"
+            ) from None
+        return conn, resp
+
+    def _fail(self, resp: Any) -> MeLocalError:
+        import json
+
+        raw = resp.read()
+        try:
+            err = json.loads(raw)["error"]
+            message = err["message"] if isinstance(err, dict) else str(err)
+        except (ValueError, KeyError, TypeError):
+            message = raw.decode("utf-8", "replace").strip() or resp.reason
+        if resp.status == 401:
+            return MeLocalError(f"me-local at {self.url} needs an API key: pass --api-key or set ME_LOCAL_API_KEY")
+        if 400 <= resp.status < 500:
+            return RequestError(message)
+        return MeLocalError(f"me-local at {self.url} answered {resp.status}: {message}")
+
+    def _get_json(self, path: str) -> Any:
+        import json
+
+        conn, resp = self._send("GET", path)
+        try:
+            if resp.status != 200:
+                raise self._fail(resp)
+            return json.loads(resp.read())
+        finally:
+            conn.close()
+
+    # -- the backend interface -------------------------------------------------------
+    def _model(self) -> dict[str, Any]:
+        if self._info is None:
+            models = [m for m in self._get_json("/v1/models").get("data", [])
+                      if m.get("me_local", {}).get("kind") == "ensemble"]
+            if self.ensemble is None:
+                chosen = next((m for m in models if m["me_local"].get("default")), models[0] if models else None)
+            else:
+                chosen = next((m for m in models if m["id"] == self.ensemble), None)
+            if chosen is None:
+                names = ", ".join(m["id"] for m in models)
+                raise RequestError(f"me-local at {self.url} has no ensemble {self.ensemble!r}; it serves: {names}")
+            self._info = chosen
+            self.ensemble = chosen["id"]
+        return self._info
+
+    def describe(self) -> str:
+        info = self._model()["me_local"]
+        parts = ", ".join(f"{m['name']} {m['weight']:.2f}" for m in info.get("members", []))
+        return f"ensemble {self.ensemble} (mode {info.get('mode')}: {parts}) at {self.url}"
+
+    def member_names(self) -> list[str]:
+        return [m["name"] for m in self._model()["me_local"].get("members", [])]
+
+    def load(self) -> None:
+        """Wait while the daemon is still loading its models."""
+        import json
+        import time
+
+        deadline = time.monotonic() + 600
+        while True:
+            conn, resp = self._send("GET", "/health")
+            try:
+                body = resp.read()
+            finally:
+                conn.close()
+            if resp.status == 200:
+                self._model()
+                return
+            try:
+                status = json.loads(body).get("status")
+            except (ValueError, AttributeError):
+                status = None
+            if status != "loading" or time.monotonic() > deadline:
+                raise MeLocalError(f"me-local at {self.url} is not ready (status {status or resp.status})")
+            time.sleep(0.5)
+
+    def stream(self, messages: list[dict[str, str]], settings: dict[str, Any], stop: Any) -> Iterator[Event]:
+        self._model()
+        body: dict[str, Any] = {
+            "model": self.ensemble,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "logprobs": True,
+        }
+        for key in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "seed"):
+            if settings.get(key) is not None:
+                body[key] = settings[key]
+        ext = {k: settings[k] for k in ("mode", "weights", "member") if settings.get(k) is not None}
+        if ext:
+            body["ensemble"] = ext
+        events = RemoteEvents(self, body)
+        stop.append(events.cancel)
+        return events
+
+
+class RemoteEvents:
+    """The core's events from a daemon's SSE stream; survives a KeyboardInterrupt like EventQueue.
+
+    The request goes out on the first ``next()`` (the daemon answers once the first token
+    exists), so Ctrl+C while the prompt is processed lands where the chat handles it."""
+
+    def __init__(self, remote: Remote, body: dict[str, Any]) -> None:
+        self._remote = remote
+        self._body = body
+        self._conn = remote._connect()
+        self._resp: Any = None
+        self._index = 0
+        self._flush: list[str] = []
+        self._finish = "stop"
+        self._stats: dict[str, Any] | None = None
+        self._pending: list[Event] = []
+        self._done = False
+        self._cancelled = False
+
+    def __iter__(self) -> RemoteEvents:
+        return self
+
+    def cancel(self) -> None:
+        """Stop the answer: closing the connection makes the daemon cancel the generation."""
+        import socket
+
+        self._cancelled = True
+        try:
+            if self._conn.sock is not None:
+                self._conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._conn.close()
+
+    def _open(self) -> None:
+        try:
+            _, resp = self._remote._send("POST", "/v1/chat/completions", self._body, conn=self._conn)
+        except MeLocalError:
+            self._done = True
+            raise
+        if resp.status != 200:
+            self._done = True
+            try:
+                raise self._remote._fail(resp)
+            finally:
+                self._conn.close()
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(None)  # tokens may be slow to come; Ctrl+C cancels
+        self._resp = resp
+
+    def _end(self, finish: str) -> DoneEvent:
+        self._done = True
+        self._conn.close()
+        return DoneEvent(finish, _stats_from(self._stats), "".join(self._flush))
+
+    def __next__(self) -> Event:
+        import json
+
+        while True:
+            if self._pending:
+                return self._pending.pop(0)
+            if self._done:
+                raise StopIteration
+            if self._cancelled:
+                return self._end("cancelled")
+            if self._resp is None:
+                self._open()
+                continue
+            try:
+                line = self._resp.readline()
+            except (OSError, ValueError, AttributeError):  # closed under us (cancel) or connection lost
+                if self._cancelled:
+                    continue
+                self._done = True
+                raise MeLocalError("the connection to me-local was lost during the answer") from None
+            if not line:
+                if self._cancelled:
+                    continue
+                self._done = True
+                raise MeLocalError("me-local ended the answer without finishing it")
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return self._end(self._finish)
+            chunk = json.loads(data)
+            if "error" in chunk:
+                self._done = True
+                self._conn.close()
+                raise MeLocalError(f"me-local: {chunk['error'].get('message', chunk['error'])}")
+            if chunk.get("usage"):
+                self._stats = chunk["usage"].get("me_local")
+                if self._stats and self._stats.get("finish_reason"):
+                    self._finish = self._stats["finish_reason"]
+            for choice in chunk.get("choices", []):
+                self._choice(choice)
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        if choice.get("finish_reason"):
+            self._finish = choice["finish_reason"]
+        text = (choice.get("delta") or {}).get("content") or ""
+        entries = ((choice.get("logprobs") or {}).get("content")) or []
+        if not entries:
+            if text:
+                self._flush.append(text)  # text held back by the engine and flushed at the end
+            return
+        for i, e in enumerate(entries):
+            self._pending.append(TokenEvent(self._index, e.get("id", -1), text if i == 0 else "", e.get("member"),
+                                            e.get("logprob"), None, bytes(e.get("bytes") or b"")))
+            self._index += 1
+
+
+def _stats_from(d: dict[str, Any] | None) -> Any:
+    from .core import GenerationStats, MemberStats
+
+    if not d:
+        return GenerationStats(mode="?", seed=0)
+    members = [MemberStats(**{k: m.get(k, 0) for k in ("name", "selected", "catchup_tokens", "prompt_tokens",
+                                                        "cached_prompt_tokens")}) for m in d.get("members", [])]
+    return GenerationStats(mode=d.get("mode", "?"), seed=d.get("seed", 0), prompt_tokens=d.get("prompt_tokens", 0),
+                           cached_prompt_tokens=d.get("cached_prompt_tokens", 0),
+                           generated_tokens=d.get("generated_tokens", 0), ttft_s=d.get("ttft_s"),
+                           total_s=d.get("total_s", 0.0), prompt_eval_s=d.get("prompt_eval_s", 0.0), members=members)

@@ -47,7 +47,7 @@ class Cli(click.Group):
                 if exc.name and module.startswith(exc.name):
                     return None  # that part of me-local is not built yet
                 raise
-            return getattr(mod, attr)  # type: ignore[no-any-return]
+            return getattr(mod, attr)
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:

@@ -1,0 +1,59 @@
+"""``me-local serve``: the click command (registered lazily by :mod:`me_local.cli`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ..config import load_config
+from .runner import DEFAULT_PORT, Server, ServerSettings, config_loader
+
+log = logging.getLogger("me_local.server")
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="models.yaml to serve (default: $ME_LOCAL_CONFIG, ./models.yaml, "
+                   "~/.config/me-local/models.yaml, then the packaged one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback needs --api-key (or --insecure).")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              help="Port to listen on (0: any free port, printed at start-up).")
+@click.option("--api-key", envvar="ME_LOCAL_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: ME_LOCAL_API_KEY].")
+@click.option("--allow-origin", multiple=True,
+              help="Browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; * for any).")
+@click.option("--allow-host", multiple=True,
+              help="Extra Host name accepted besides loopback ones, e.g. mybox.lan (repeatable; * for any).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.option("--max-body-size", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
+              help="Largest request body in bytes.")
+@click.option("--log-prompts", is_flag=True, help="Put each request's prompt in its access-log line (off: never).")
+def serve(config_path: str | None, host: str, port: int, api_key: str | None, allow_origin: tuple[str, ...],
+          allow_host: tuple[str, ...], insecure: bool, max_body_size: int, log_prompts: bool) -> None:
+    """Serve the ensembles over HTTP: OpenAI- and Ollama-compatible APIs on one port.
+
+    Stop it with Ctrl+C or SIGTERM (streams in flight end with a final chunk);
+    SIGHUP re-reads models.yaml (a broken file is logged and the old models keep serving).
+    """
+    from ..logs import setup_logging
+    from ..sdnotify import SystemdHooks
+
+    setup_logging(secrets=[api_key] if api_key else ())  # one line per event; the key never appears
+    settings = ServerSettings(host=host, port=port, api_key=api_key, allow_origins=allow_origin,
+                              allow_hosts=allow_host, insecure=insecure, max_body_bytes=max_body_size,
+                              log_prompts=log_prompts)
+    settings.check()
+    load_config(config_path)  # a broken models.yaml fails here, before binding
+    server = Server(settings, config_loader(config_path))
+    server.on_ready.append(_announce)
+    hooks = SystemdHooks.attach(server)  # READY=1 / STOPPING=1 / watchdog; no-ops without NOTIFY_SOCKET
+    server.reloader = hooks.reload
+    server.run()
+
+
+def _announce(server: Server) -> None:
+    click.echo(f"me-local: {server.describe()}", err=True)
+    sys.stderr.flush()

@@ -1,0 +1,279 @@
+"""The Ollama-compatible routes, so editor plugins that speak Ollama work unchanged:
+``GET /``, ``GET /api/version``, ``GET /api/tags``, ``POST /api/show``,
+``GET /api/ps``, ``POST /api/chat``, ``POST /api/generate``.
+
+Answers stream as NDJSON by default (``"stream": false`` gives one object).
+``options`` maps temperature, top_p, top_k, min_p, seed, num_predict and stop;
+other options (num_ctx, repeat_penalty...) are accepted and ignored. Model names
+may carry Ollama's ``:latest`` tag. The ``ensemble`` extension works here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..config import EnsembleConfig
+from ..core import DoneEvent, TokenEvent
+from ..engine import Engine, Request, normalize_messages, sampling_params
+from . import wire
+from .app import NOTE, STATE
+from .errors import ApiError, bad_request
+from .params import (
+    MAX_SEED,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    ModelRef,
+    ensemble_extension,
+    opt_bool,
+    opt_number,
+    opt_object,
+    opt_str,
+    read_json,
+    resolve_model,
+    stop_strings,
+)
+from .respond import collect, joined_text, stream_response
+
+OLLAMA_API_VERSION = "0.9.0"
+"""The Ollama API version reported by /api/version (clients gate features on it)."""
+
+
+def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, Any]:
+    opts = opt_object(body, "options")
+    seed = opt_number(opts, "seed", -MAX_SEED, MAX_SEED, integer=True, param="options.seed")
+    n = opt_number(opts, "num_predict", -2, integer=True, param="options.num_predict")
+    if n == 0:
+        raise bad_request("`options.num_predict` must be positive (or -1 for no limit)", "options.num_predict")
+    return {
+        "temperature": opt_number(opts, "temperature", 0, 100, param="options.temperature"),
+        "top_p": opt_number(opts, "top_p", 0, 1, param="options.top_p"),
+        "top_k": opt_number(opts, "top_k", 0, MAX_TOP_K, integer=True, param="options.top_k"),
+        "min_p": opt_number(opts, "min_p", 0, 1, param="options.min_p"),
+        "seed": None if seed is None or seed < 0 else seed,
+        "max_tokens": ens.n_ctx if n is not None and n < 0 else n,  # -1/-2: until the context is full
+        "stop": stop_strings(opts.get("stop"), "options.stop"),
+    }
+
+
+def _logprob_options(body: dict[str, Any]) -> tuple[bool, int]:
+    logprobs = opt_bool(body, "logprobs")
+    top = opt_number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
+    return logprobs, top
+
+
+def _request(ref: ModelRef, body: dict[str, Any], **kw: Any) -> Request:
+    choice = ensemble_extension(body, ref)
+    logprobs, top = _logprob_options(body)
+    overrides = dict(options_overrides(body, ref.ensemble), logprobs=logprobs or None,
+                     top_logprobs=top if logprobs else None)
+    return Request(ensemble=ref.ensemble.name, params=sampling_params(ref.ensemble.sampling, **overrides),
+                   mode=choice.mode, weights=choice.weights, member=choice.member, **kw)
+
+
+def _reject_images(obj: dict[str, Any], where: str) -> None:
+    if obj.get("images"):
+        raise bad_request(f"{where}: images are not supported by me-local's text models", "images")
+
+
+def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
+    ref = resolve_model(engine.config, body.get("model"), ollama=True)
+    raw = body.get("messages")
+    if raw is None or raw == []:
+        ensemble_extension(body, ref)
+        options_overrides(body, ref.ensemble)
+        return ref, None  # "load the model"
+    if isinstance(raw, list):
+        for i, m in enumerate(raw):
+            if isinstance(m, dict):
+                _reject_images(m, f"messages[{i}]")
+    messages = normalize_messages(raw)
+    return ref, _request(ref, body, messages=messages)
+
+
+def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
+    ref = resolve_model(engine.config, body.get("model"), ollama=True)
+    prompt = opt_str(body, "prompt")
+    system = opt_str(body, "system")
+    raw = opt_bool(body, "raw")
+    _reject_images(body, "generate")
+    if body.get("suffix"):
+        raise bad_request("`suffix` (fill-in-the-middle) is not supported", "suffix")
+    if not prompt:
+        ensemble_extension(body, ref)
+        options_overrides(body, ref.ensemble)
+        return ref, None
+    if raw:
+        return ref, _request(ref, body, prompt=prompt)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return ref, _request(ref, body, messages=messages)
+
+
+def _error_frame(err: ApiError) -> bytes:
+    return wire.ndjson(wire.ollama_error(err.message))
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json(request)
+    ref, req = parse_chat(body, state.require_engine())
+    return await _answer(request, "chat", ref, req, body)
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json(request)
+    ref, req = parse_generate(body, state.require_engine())
+    return await _answer(request, "generate", ref, req, body)
+
+
+async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request | None,
+                  body: dict[str, Any]) -> web.StreamResponse:
+    state = request.app[STATE]
+    stream_wanted = opt_bool(body, "stream", default=True)
+    created_at = wire.now_rfc3339()
+    if req is None:
+        reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
+        return web.json_response(wire.ollama_load_reply(kind, ref.name, created_at, reason), dumps=wire.dumps)
+    note = request[NOTE]
+    note.model = ref.name
+    stream = state.open_stream(req, ref.ensemble.name, note)
+    try:
+        first = await state.first_event(stream)
+        logprobs = req.params.logprobs
+        tb = stream.engine.ensemble(ref.ensemble.name).members[0].token_bytes if logprobs else None
+
+        def lp(tokens: Iterable[TokenEvent]) -> list[dict[str, Any]] | None:
+            return [wire.ollama_logprob(t, tb) for t in tokens] if tb is not None else None
+
+        if not stream_wanted:
+            tokens, done = await collect(stream, first)
+            final = wire.ollama_final(kind, ref.name, created_at, done, joined_text(tokens, done), lp(tokens))
+            return web.json_response(final, dumps=wire.dumps)
+
+        def on_token(ev: TokenEvent) -> Iterable[bytes]:
+            if ev.text or tb is not None:
+                yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), ev.text, lp([ev])))
+
+        def on_done(done: DoneEvent) -> Iterable[bytes]:
+            if done.text:
+                yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), done.text))
+            yield wire.ndjson(wire.ollama_final(kind, ref.name, wire.now_rfc3339(), done))
+
+        return await stream_response(request, stream, first, content_type=wire.NDJSON_CONTENT_TYPE, head=(),
+                                     on_token=on_token, on_done=on_done, on_error=_error_frame)
+    finally:
+        stream.cancel("client_disconnect")
+
+
+# --------------------------------------------------------------------------- model information
+
+
+def _size(ens: EnsembleConfig, member: str | None) -> int:
+    members = [m for m in ens.members if member is None or m.name == member]
+    seen: dict[str, int] = {}
+    for m in members:
+        try:
+            p = m.resolve_path()
+            seen[str(p)] = p.stat().st_size
+        except Exception:
+            continue
+    return sum(seen.values())
+
+
+def _digest(ens: EnsembleConfig, member: str | None) -> str:
+    desc = repr([(m.name, m.path, m.weight) for m in ens.members if member is None or m.name == member])
+    return hashlib.sha256(f"{ens.name}:{ens.mode}:{desc}".encode()).hexdigest()
+
+
+def _details(ens: EnsembleConfig, member: str | None) -> dict[str, Any]:
+    return {"parent_model": "", "format": "gguf", "family": "me-local", "families": ["me-local"],
+            "parameter_size": "", "quantization_level": ""}
+
+
+def _modified_at(engine: Engine) -> str:
+    try:
+        ts = engine.config.path.stat().st_mtime
+    except OSError:
+        ts = 0.0
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _entries(engine: Engine) -> Iterable[tuple[str, EnsembleConfig, str | None]]:
+    for ens in engine.config.ensembles.values():
+        yield ens.name, ens, None
+        for m in ens.member_names:
+            yield f"{ens.name}/{m}", ens, m
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="me-local is running")
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": OLLAMA_API_VERSION, "me_local": __version__})
+
+
+async def tags(request: web.Request) -> web.Response:
+    engine = request.app[STATE].require_engine()
+    modified = _modified_at(engine)
+    models = [
+        {"name": name, "model": name, "modified_at": modified, "size": _size(ens, member),
+         "digest": _digest(ens, member), "details": _details(ens, member)}
+        for name, ens, member in _entries(engine)
+    ]
+    return web.json_response({"models": models})
+
+
+async def ps(request: web.Request) -> web.Response:
+    engine = request.app[STATE].require_engine()
+    loaded = engine.loaded
+    expires = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat().replace("+00:00", "Z")
+    models = [
+        {"name": name, "model": name, "size": _size(ens, member), "digest": _digest(ens, member),
+         "details": _details(ens, member), "expires_at": expires, "size_vram": 0, "context_length": ens.n_ctx}
+        for name, ens, member in _entries(engine) if ens.name in loaded
+    ]
+    return web.json_response({"models": models})
+
+
+async def show(request: web.Request) -> web.Response:
+    engine = request.app[STATE].require_engine()
+    body = await read_json(request)
+    name = body.get("model", body.get("name"))
+    if name is None:
+        raise bad_request("`model` is required", "model")
+    ref = resolve_model(engine.config, name, ollama=True)
+    ens, s = ref.ensemble, ref.ensemble.sampling
+    members = [m for m in ens.members if ref.member is None or m.name == ref.member]
+    parameters = "\n".join([f"temperature {s.temperature}", f"top_k {s.top_k}", f"top_p {s.top_p}",
+                            f"min_p {s.min_p}", f"num_predict {s.max_tokens}", f"num_ctx {ens.n_ctx}"])
+    modelfile = "\n".join([f"# me-local {'member' if ref.member else 'ensemble'} {ref.name} "
+                           f"(mode {'single' if ref.member else ens.mode})"]
+                          + [f"# member {m.name} weight {m.weight} path {m.path}" for m in members])
+    return web.json_response({
+        "modelfile": modelfile,
+        "parameters": parameters,
+        "template": "",
+        "details": _details(ens, ref.member),
+        "model_info": {"general.architecture": "me-local", "me-local.context_length": ens.n_ctx,
+                       "me-local.mode": "single" if ref.member else ens.mode,
+                       "me-local.members": [m.name for m in members]},
+        "capabilities": ["completion"],
+        "modified_at": _modified_at(engine),
+    })
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", root)
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/show", show)
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", generate)

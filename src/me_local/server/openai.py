@@ -1,0 +1,273 @@
+"""The OpenAI-compatible routes: ``GET /v1/models``, ``POST /v1/chat/completions``,
+``POST /v1/completions``.
+
+Extensions: ``"ensemble": {"mode", "weights", "member"}`` in a request; ``id``
+and ``member`` in chat logprobs, ``token_ids`` and ``members`` in completions
+logprobs; the engine's figures in ``usage.me_local``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..core import DoneEvent, TokenEvent
+from ..engine import Engine, Request, normalize_messages, sampling_params
+from . import wire
+from .app import NOTE, STATE, ServerState
+from .errors import ApiError, bad_request
+from .params import (
+    MAX_SEED,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    ModelRef,
+    ensemble_extension,
+    opt_bool,
+    opt_number,
+    opt_object,
+    read_json,
+    resolve_model,
+    stop_strings,
+)
+from .respond import collect, joined_text, stream_response
+
+
+@dataclass
+class Call:
+    """One parsed request: what to run and how to answer."""
+
+    ref: ModelRef
+    request: Request
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+
+    @property
+    def model(self) -> str:
+        return self.ref.name
+
+
+def sampling_overrides(body: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI sampling fields, type- and range-checked."""
+    max_tokens = opt_number(body, "max_completion_tokens", 1, integer=True)
+    if max_tokens is None:
+        max_tokens = opt_number(body, "max_tokens", 1, integer=True)
+    return {
+        "temperature": opt_number(body, "temperature", 0, 100),
+        "top_p": opt_number(body, "top_p", 0, 1),
+        "top_k": opt_number(body, "top_k", 0, MAX_TOP_K, integer=True),
+        "min_p": opt_number(body, "min_p", 0, 1),
+        "seed": opt_number(body, "seed", 0, MAX_SEED, integer=True),
+        "max_tokens": max_tokens,
+        "stop": stop_strings(body.get("stop")),
+    }
+
+
+def _common(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, dict[str, Any], bool, bool]:
+    ref = resolve_model(engine.config, body.get("model"))
+    n = opt_number(body, "n", 1, 1, integer=True)
+    if n is not None and n != 1:
+        raise bad_request("only n=1 is supported", "n")
+    overrides = sampling_overrides(body)
+    stream = opt_bool(body, "stream")
+    options = opt_object(body, "stream_options")
+    include_usage = stream and opt_bool(options, "include_usage", param="stream_options.include_usage")
+    return ref, overrides, stream, include_usage
+
+
+def _request(ref: ModelRef, body: dict[str, Any], overrides: dict[str, Any], **kw: Any) -> Request:
+    choice = ensemble_extension(body, ref)
+    return Request(
+        ensemble=ref.ensemble.name,
+        params=sampling_params(ref.ensemble.sampling, **overrides),
+        mode=choice.mode,
+        weights=choice.weights,
+        member=choice.member,
+        **kw,
+    )
+
+
+def parse_chat(body: dict[str, Any], engine: Engine) -> Call:
+    ref, overrides, stream, include_usage = _common(body, engine)
+    messages = normalize_messages(body.get("messages"))
+    logprobs = opt_bool(body, "logprobs")
+    top = opt_number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
+    if top and not logprobs:
+        raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
+    request = _request(ref, body, dict(overrides, logprobs=logprobs, top_logprobs=top), messages=messages)
+    return Call(ref, request, stream, include_usage, logprobs, top)
+
+
+def parse_completion(body: dict[str, Any], engine: Engine) -> Call:
+    ref, overrides, stream, include_usage = _common(body, engine)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("`prompt` must be a string (one prompt per request)", "prompt")
+    if opt_bool(body, "echo"):
+        raise bad_request("`echo` is not supported", "echo")
+    if body.get("suffix"):
+        raise bad_request("`suffix` (fill-in-the-middle) is not supported", "suffix")
+    best_of = opt_number(body, "best_of", 1, integer=True)
+    if best_of not in (None, 1):
+        raise bad_request("only best_of=1 is supported", "best_of")
+    logprobs = opt_number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    want = logprobs is not None
+    request = _request(ref, body, dict(overrides, logprobs=want, top_logprobs=logprobs or 0), prompt=prompt)
+    return Call(ref, request, stream, include_usage, want, logprobs or 0)
+
+
+def _token_bytes(engine: Engine, ensemble: str) -> wire.TokenBytes:
+    member = engine.ensemble(ensemble).members[0]
+    return member.token_bytes
+
+
+def _error_frame(err: ApiError) -> bytes:
+    return wire.sse(wire.openai_error(err.message, err.type, err.code, err.param))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json(request)
+    call = parse_chat(body, state.require_engine())
+    return await _run(request, state, call, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await read_json(request)
+    call = parse_completion(body, state.require_engine())
+    return await _run(request, state, call, chat=False)
+
+
+async def _run(request: web.Request, state: ServerState, call: Call, *, chat: bool) -> web.StreamResponse:
+    note = request[NOTE]
+    note.model = call.model
+    stream = state.open_stream(call.request, call.ref.ensemble.name, note)
+    try:
+        first = await state.first_event(stream)
+        tb = _token_bytes(stream.engine, call.ref.ensemble.name) if call.logprobs else _no_bytes
+        cid, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now_unix()
+        if not call.stream:
+            tokens, done = await collect(stream, first)
+            text = joined_text(tokens, done)
+            if chat:
+                lps = [wire.chat_logprob(t, tb) for t in tokens] if call.logprobs else None
+                return web.json_response(wire.chat_completion(cid, created, call.model, text, done, lps),
+                                         dumps=wire.dumps)
+            clp = wire.completion_logprobs(tokens, tb, 0, call.top_logprobs > 0) if call.logprobs else None
+            return web.json_response(wire.text_completion(cid, created, call.model, text, done, clp),
+                                     dumps=wire.dumps)
+        frames = ChatFrames(call, cid, created, tb) if chat else CompletionFrames(call, cid, created, tb)
+        return await stream_response(
+            request, stream, first, content_type=wire.SSE_CONTENT_TYPE, head=frames.head(),
+            on_token=frames.token, on_done=frames.done, on_error=_error_frame, tail=(wire.SSE_DONE,),
+        )
+    finally:
+        stream.cancel("client_disconnect")  # a no-op once the generation has ended
+
+
+def _no_bytes(token: int) -> bytes:
+    return b""
+
+
+class ChatFrames:
+    def __init__(self, call: Call, cid: str, created: int, tb: wire.TokenBytes) -> None:
+        self.call, self.cid, self.created, self.tb = call, cid, created, tb
+
+    def _chunk(self, delta: dict[str, Any], **kw: Any) -> bytes:
+        return wire.sse(wire.chat_chunk(self.cid, self.created, self.call.model, delta,
+                                        include_usage=self.call.include_usage, **kw))
+
+    def head(self) -> Iterable[bytes]:
+        yield self._chunk({"role": "assistant", "content": ""})
+
+    def token(self, ev: TokenEvent) -> Iterable[bytes]:
+        if self.call.logprobs:
+            yield self._chunk({"content": ev.text}, logprobs=[wire.chat_logprob(ev, self.tb)])
+        elif ev.text:
+            yield self._chunk({"content": ev.text})
+
+    def done(self, done: DoneEvent) -> Iterable[bytes]:
+        if done.text:
+            yield self._chunk({"content": done.text})
+        yield self._chunk({}, finish_reason=wire.openai_finish_reason(done.finish_reason))
+        if self.call.include_usage:
+            usage = wire.openai_usage(done.stats, done.finish_reason)
+            yield wire.sse(wire.usage_chunk(self.cid, self.created, self.call.model, "chat.completion.chunk", usage))
+
+
+class CompletionFrames:
+    def __init__(self, call: Call, cid: str, created: int, tb: wire.TokenBytes) -> None:
+        self.call, self.cid, self.created, self.tb = call, cid, created, tb
+        self.offset = 0
+
+    def _chunk(self, text: str, **kw: Any) -> bytes:
+        return wire.sse(wire.completion_chunk(self.cid, self.created, self.call.model, text,
+                                              include_usage=self.call.include_usage, **kw))
+
+    def head(self) -> Iterable[bytes]:
+        return ()
+
+    def token(self, ev: TokenEvent) -> Iterable[bytes]:
+        if self.call.logprobs:
+            lp = wire.completion_logprobs([ev], self.tb, self.offset, self.call.top_logprobs > 0)
+            yield self._chunk(ev.text, logprobs=lp)
+        elif ev.text:
+            yield self._chunk(ev.text)
+        self.offset += len(ev.text)
+
+    def done(self, done: DoneEvent) -> Iterable[bytes]:
+        if done.text:
+            yield self._chunk(done.text)
+        yield self._chunk("", finish_reason=wire.openai_finish_reason(done.finish_reason))
+        if self.call.include_usage:
+            usage = wire.openai_usage(done.stats, done.finish_reason)
+            yield wire.sse(wire.usage_chunk(self.cid, self.created, self.call.model, "text_completion", usage))
+
+
+def model_extension(engine: Engine, name: str, member: str | None) -> dict[str, Any]:
+    cfg = engine.config.ensembles[name]
+    default = engine.config.get(None).name == name and member is None
+    if member is not None:
+        return {"kind": "member", "ensemble": name, "member": member, "n_ctx": cfg.n_ctx, "default": False}
+    return {
+        "kind": "ensemble",
+        "mode": cfg.mode,
+        "members": [{"name": m.name, "weight": w} for m, w in zip(cfg.members, cfg.normalized_weights())],
+        "n_ctx": cfg.n_ctx,
+        "parallel": cfg.parallel,
+        "default": default,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    engine = state.require_engine()
+    created = int(state.started)
+    data = []
+    for ens in engine.config.ensembles.values():
+        data.append(wire.openai_model(ens.name, created, model_extension(engine, ens.name, None)))
+        for m in ens.member_names:
+            data.append(wire.openai_model(f"{ens.name}/{m}", created, model_extension(engine, ens.name, m)))
+    return web.json_response({"object": "list", "data": data}, dumps=wire.dumps)
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    engine = state.require_engine()
+    ref = resolve_model(engine.config, request.match_info["name"])
+    ext = model_extension(engine, ref.ensemble.name, ref.member)
+    return web.json_response(wire.openai_model(ref.name, int(state.started), ext), dumps=wire.dumps)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{name:.+}", get_model)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)

@@ -1,0 +1,206 @@
+"""Reading request bodies: JSON parsing, typed and bounded fields, model names.
+
+Every function raises :class:`ApiError` (400 or 404) naming the field and the
+fix; nothing a client sends gets past here as a surprise for the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..config import MODES, Config, EnsembleConfig
+from .errors import ApiError, bad_request
+
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 2**31 - 1
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object (413 past the size limit, 400 when it is not JSON)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ApiError(413, f"the request body is too large ({exc.text})", code="request_too_large") from None
+    if not raw.strip():
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    return "object"
+
+
+def opt_number(body: dict[str, Any], key: str, lo: float, hi: float | None = None, *,
+               integer: bool = False, param: str | None = None) -> Any:
+    """body[key] if present and not null, checked to be a number (an integer) in [lo, hi]."""
+    v = body.get(key)
+    param = param or key
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise bad_request(f"`{param}` must be {kind}, got {_type_name(v)}", param)
+    if integer and not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+            v = int(v)
+        else:
+            raise bad_request(f"`{param}` must be an integer, got {v!r}", param)
+    if not isinstance(v, int) and not math.isfinite(v):
+        raise bad_request(f"`{param}` must be a finite number", param)
+    if v < lo or (hi is not None and v > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise bad_request(f"`{param}` must be {bounds}, got {v}", param)
+    return v
+
+
+def opt_bool(body: dict[str, Any], key: str, default: bool = False, *, param: str | None = None) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad_request(f"`{param or key}` must be true or false, got {_type_name(v)}", param or key)
+    return v
+
+
+def opt_str(body: dict[str, Any], key: str, *, param: str | None = None) -> str | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise bad_request(f"`{param or key}` must be a string, got {_type_name(v)}", param or key)
+    return v
+
+
+def opt_object(body: dict[str, Any], key: str, *, param: str | None = None) -> dict[str, Any]:
+    v = body.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad_request(f"`{param or key}` must be an object, got {_type_name(v)}", param or key)
+    return v
+
+
+def stop_strings(value: Any, param: str = "stop") -> tuple[str, ...] | None:
+    """A string or a list of strings (at most 16)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOP:
+            raise bad_request(f"`{param}` has {len(value)} strings; at most {MAX_STOP} are allowed", param)
+        return tuple(s for s in value if s)
+    raise bad_request(f"`{param}` must be a string or a list of strings", param)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model name points at: an ensemble, or one member of it (``ENSEMBLE/MEMBER``)."""
+
+    name: str
+    ensemble: EnsembleConfig
+    member: str | None = None
+
+
+def model_names(config: Config) -> list[str]:
+    names = []
+    for ens in config.ensembles.values():
+        names.append(ens.name)
+        names += [f"{ens.name}/{m}" for m in ens.member_names]
+    return names
+
+
+def resolve_model(config: Config, name: Any, *, ollama: bool = False) -> ModelRef:
+    """An ensemble name or ``ENSEMBLE/MEMBER``; missing means the default ensemble.
+    Ollama clients may add the ``:latest`` tag."""
+    if name is None or name == "":
+        ens = config.get(None)
+        return ModelRef(ens.name, ens)
+    if not isinstance(name, str):
+        raise bad_request(f"`model` must be a string, got {_type_name(name)}", "model")
+    key = name[: -len(":latest")] if ollama and name.endswith(":latest") else name
+    if key in config.ensembles:
+        return ModelRef(name, config.ensembles[key])
+    ens_name, sep, member = key.partition("/")
+    if sep and ens_name in config.ensembles and member in config.ensembles[ens_name].member_names:
+        return ModelRef(name, config.ensembles[ens_name], member)
+    shown = ", ".join(model_names(config))
+    raise ApiError(404, f"model {name!r} not found; available models: {shown}", code="model_not_found",
+                   param="model")
+
+
+@dataclass(frozen=True)
+class EnsembleChoice:
+    mode: str | None = None
+    weights: dict[str, float] | None = None
+    member: str | None = None
+
+
+def ensemble_extension(body: dict[str, Any], ref: ModelRef) -> EnsembleChoice:
+    """The ``"ensemble": {"mode", "weights", "member"}`` request extension, checked
+    against the ensemble; a member model (``ENSEMBLE/MEMBER``) fixes single mode."""
+    ext = opt_object(body, "ensemble")
+    unknown = sorted(set(ext) - {"mode", "weights", "member"})
+    if unknown:
+        raise bad_request(f"`ensemble.{unknown[0]}` is not a setting; use mode, weights or member", "ensemble")
+    names = ref.ensemble.member_names
+    mode = opt_str(ext, "mode", param="ensemble.mode")
+    if mode is not None and mode not in MODES:
+        raise bad_request(f"`ensemble.mode` must be one of {', '.join(MODES)}, got {mode!r}", "ensemble.mode")
+    member = opt_str(ext, "member", param="ensemble.member")
+    if member is not None and member not in names:
+        raise bad_request(f"ensemble {ref.ensemble.name!r} has no member {member!r}; members: {', '.join(names)}",
+                          "ensemble.member", code="member_not_found")
+    weights = None
+    raw_w = ext.get("weights")
+    if raw_w is not None:
+        if not isinstance(raw_w, dict) or not raw_w:
+            raise bad_request("`ensemble.weights` must be an object of member names to weights", "ensemble.weights")
+        weights = {}
+        for k in raw_w:
+            if k not in names:
+                raise bad_request(f"ensemble {ref.ensemble.name!r} has no member {k!r}; members: {', '.join(names)}",
+                                  "ensemble.weights", code="member_not_found")
+            w = opt_number(raw_w, k, 0, 1e6, param=f"ensemble.weights.{k}")
+            if w is None:
+                raise bad_request(f"`ensemble.weights.{k}` must be a number, got null", f"ensemble.weights.{k}")
+            weights[k] = float(w)
+        final = [weights.get(m.name, m.weight) for m in ref.ensemble.members]
+        if sum(final) <= 0:
+            raise bad_request("all weights are zero; give at least one member a positive weight", "ensemble.weights")
+    if ref.member is not None:
+        if mode not in (None, "single") or member not in (None, ref.member):
+            raise bad_request(f"model {ref.name!r} is the single member {ref.member!r}; drop `ensemble.mode` and "
+                              "`ensemble.member` or use the ensemble's own name", "ensemble")
+        return EnsembleChoice(mode="single", weights=weights, member=ref.member)
+    return EnsembleChoice(mode=mode, weights=weights, member=member)
