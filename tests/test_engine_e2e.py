@@ -248,3 +248,34 @@ def test_default_model_catch_up_matches_from_scratch_within_batching_noise(smoll
         wrong = log_softmax(fresh_logits(smollm_path, seq + [generated[-1]], n_ctx=512))
         assert np.median(np.abs(caught_up[top] - wrong[top])) > np.median(np.abs(caught_up[top] - scratch[top]))
     eng.close()
+
+
+def test_a_request_cancelled_while_queued_leaves_the_queue(engine):
+    import threading
+
+    busy = engine.generate(Request(ensemble="short", prompt="Hello", params=SamplingParams(seed=1, max_tokens=5)))
+    next(busy)  # holds the only slot
+    ens = engine.ensemble("short")
+    flag = threading.Event()
+    result = {}
+
+    def queued():
+        events = list(engine.generate(Request(ensemble="short", prompt="Hi", params=SamplingParams(max_tokens=5)),
+                                      cancel=flag.is_set))
+        result["events"] = events
+
+    t = threading.Thread(target=queued)
+    t.start()
+    for _ in range(200):
+        if ens.waiting == 1:
+            break
+        threading.Event().wait(0.01)
+    assert ens.waiting == 1
+    flag.set()
+    t.join(timeout=5)
+    assert not t.is_alive()
+    assert [type(e).__name__ for e in result["events"]] == ["DoneEvent"]
+    assert result["events"][0].finish_reason == "cancelled"
+    assert ens.waiting == 0
+    busy.close()  # frees the slot
+    assert ens.busy_slots == 0

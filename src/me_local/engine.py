@@ -19,12 +19,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import Config, EnsembleConfig
-from .core import DoneEvent, Event, SamplingParams, common_prefix, generate
+from .core import DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, common_prefix, generate
 from .errors import ConfigError, MeLocalError, RequestError, VocabMismatchError
 
 log = logging.getLogger("me_local.engine")
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+CANCEL_POLL_S = 0.05
+"""How often a request waiting for a slot checks whether it was cancelled."""
 
 
 @dataclass
@@ -120,9 +122,10 @@ class LoadedEnsemble:
         return sum(s.busy for s in self._slots)
 
     def acquire(self, prompts: Sequence[Sequence[int]], timeout: float | None = None,
-                max_queue: int | None = None) -> Slot:
+                max_queue: int | None = None, cancel: Callable[[], bool] | None = None) -> Slot | None:
         """The free slot sharing the longest prefix with the prompts (creating
-        slots up to ``parallel``); waits while all are busy."""
+        slots up to ``parallel``); waits while all are busy. Returns None when
+        ``cancel`` fires while waiting (the client left the queue)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             queued = False
@@ -149,10 +152,16 @@ class LoadedEnsemble:
                             )
                         self.waiting += 1
                         queued = True
+                    if cancel is not None and cancel():
+                        return None
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise QueueFullError(f"ensemble {self.config.name!r} stayed busy; retry shortly")
-                    self._cond.wait(remaining)
+                    # wait in short slices so a cancelled waiter leaves the queue promptly
+                    slice_s = CANCEL_POLL_S if cancel is not None else None
+                    if remaining is not None:
+                        slice_s = remaining if slice_s is None else min(slice_s, remaining)
+                    self._cond.wait(slice_s)
             finally:
                 if queued:
                     self.waiting -= 1
@@ -302,7 +311,12 @@ class Engine:
 
         active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
         check_fits([prompts[i] for i in active], [loaded.members[i] for i in active])
-        slot = loaded.acquire(prompts, timeout=queue_timeout)
+        slot = loaded.acquire(prompts, timeout=queue_timeout, cancel=cancel)
+        if slot is None:  # cancelled while queued: nothing was evaluated
+            stats = GenerationStats(mode=mode, seed=request.params.seed or 0,
+                                    members=[MemberStats(name=m.name) for m in loaded.members])
+            yield DoneEvent("cancelled", stats)
+            return
         try:
             yield from generate(
                 slot.members,
