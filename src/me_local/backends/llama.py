@@ -14,19 +14,32 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-import numpy as np
-from llama_cpp import llama_cpp as L
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+#: How many times a llama.cpp CPU thread spins at a barrier before it sleeps (GNU OpenMP).
+#: llama.cpp's CPU threads meet at an OpenMP barrier after every graph node (~900 per
+#: token here). libgomp's default spins 300,000 times first; when another process takes
+#: one of a small machine's cores, the waiting thread then burns its core while its
+#: partner is descheduled, and a decode goes from 18 ms to seconds (measured on 2 cores:
+#: one busy process next to a 2-thread decode, 6 s for what takes 18 ms alone). A short
+#: spin costs nothing on a quiet machine (18.0 ms either way) and keeps that case at
+#: ~49 ms. libgomp reads it once, when it loads with llama_cpp; a user's own setting
+#: wins. See docs/performance.md.
+GOMP_SPINCOUNT = "300"
+os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
 
-from ..core.types import Cancelled, SamplingParams
-from ..errors import BackendError, ModelLoadError, RequestError
+import llama_cpp  # noqa: E402  (after GOMP_SPINCOUNT: libgomp loads with it)
+import numpy as np  # noqa: E402
+from llama_cpp import llama_cpp as L  # noqa: E402
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
+
+from ..core.types import Cancelled, SamplingParams  # noqa: E402
+from ..errors import BackendError, ModelLoadError, RequestError  # noqa: E402
 
 log = logging.getLogger("me_local.llama")
 
@@ -87,6 +100,44 @@ def _meta_str(model: Any, key: str) -> str | None:
     return buf.value.decode("utf-8", "replace")
 
 
+class CpuShare:
+    """Divides the CPU threads between generations that decode at the same time.
+
+    llama.cpp's CPU backend gives every calling thread its own team of ``n_threads``
+    workers, which spin at each of a graph's barriers. Two slots decoding at once with
+    all cores each oversubscribe the cores, and both then run slower than one slot alone
+    (measured on 2 cores, SmolLM2-135M: one stream 147 tokens/s; two streams with 2
+    threads each 2 x 58; with 1 thread each 2 x 87). So a decode asks for its threads
+    here: every OS thread that decoded within the last ``window`` seconds counts as an
+    active generation (a generation runs on one thread; the members of a slot take turns
+    on it, so they count once), and each gets ``cores // active`` threads (at least 1, at
+    most what it asked for).
+    """
+
+    def __init__(self, cores: int | None = None, window: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cores = cores or default_threads()
+        self.window = window
+        self._clock = clock
+        self._last: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def threads_for(self, wanted: int) -> int:
+        now = self._clock()
+        with self._lock:
+            self._last[threading.get_ident()] = now
+            for ident in [i for i, t in self._last.items() if now - t > self.window]:
+                del self._last[ident]
+            active = len(self._last)
+        return max(1, min(wanted, self.cores // active))
+
+    @property
+    def active(self) -> int:
+        now = self._clock()
+        with self._lock:
+            return sum(1 for t in self._last.values() if now - t <= self.window)
+
+
 class LoadedModel:
     """One GGUF file loaded once: weights, vocabulary, pieces and metadata."""
 
@@ -127,6 +178,8 @@ class LoadedModel:
         self.bos_text = self._piece(self.bos, special=True).decode("utf-8", "replace") if self.bos >= 0 else ""
         self.eos_text = self._piece(self.eos, special=True).decode("utf-8", "replace") if self.eos >= 0 else ""
         self.refs = 0
+        self.cpu: CpuShare | None = None
+        """Set by the ModelStore that shares this model: the CPU threads its contexts share."""
 
     def _piece(self, token: int, *, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -182,18 +235,22 @@ def inspect_model(path: Path) -> LoadedModel:
 class ModelStore:
     """Loads each (file, n_gpu_layers) once and shares it between members and slots.
 
-    It also holds the decode gate: a semaphore bounding how many llama_decode
-    calls run at once, so that concurrent slots never put more spinning
-    llama.cpp threads on the CPU than it has (see docs/architecture.md). The
-    gate is taken per decode call, not per request, so requests on different
-    slots still interleave token by token.
+    It also shares the CPU between slots, so that concurrent slots never put more
+    spinning llama.cpp threads on the CPU than it has (see docs/architecture.md and
+    docs/performance.md): ``cpu`` (a :class:`CpuShare`) gives each decode
+    ``cores // active generations`` threads, and the decode gate, a semaphore taken per
+    decode call (so requests on different slots still interleave token by token), bounds
+    how many decodes run at once to one per core. On 2 cores, two slots decode side by
+    side with one thread each (2 x 87 tokens/s on SmolLM2-135M), where taking turns with
+    two threads each gave 2 x 68 and one slot alone gives 147.
     """
 
-    def __init__(self, max_concurrent_decodes: int | None = None) -> None:
+    def __init__(self, max_concurrent_decodes: int | None = None, cpu: CpuShare | None = None) -> None:
         self._models: dict[tuple[str, int], LoadedModel] = {}
         self._lock = threading.Lock()
+        self.cpu = cpu or CpuShare()
         if max_concurrent_decodes is None:
-            max_concurrent_decodes = max(1, available_cpus() // default_threads())
+            max_concurrent_decodes = max(1, self.cpu.cores)
         self.gate = threading.BoundedSemaphore(max_concurrent_decodes)
 
     def acquire(self, path: Path, n_gpu_layers: int = 0) -> LoadedModel:
@@ -202,6 +259,7 @@ class ModelStore:
             model = self._models.get(key)
             if model is None:
                 model = self._models[key] = LoadedModel(path, n_gpu_layers)
+                model.cpu = self.cpu
             model.refs += 1
             return model
 
@@ -286,6 +344,8 @@ class LlamaMember:
                 "lower n_ctx in models.yaml or free some memory"
             )
         self._ctx = ctx
+        self._n_threads = n_threads
+        self._threads_now = n_threads
         self._mem = L.llama_get_memory(ctx)
         # llama.cpp may pad the context (to 256 cells); the configured n_ctx is the limit users asked for
         self._n_ctx = min(settings.n_ctx, int(L.llama_n_ctx(ctx)))
@@ -337,6 +397,7 @@ class LlamaMember:
             if last_chunk:
                 batch.logits[len(chunk) - 1] = 1
             batch.n_tokens = len(chunk)
+            self._share_cpu()
             if self._gate is not None:
                 with self._gate:
                     rc = L.llama_decode(self._ctx, batch)
@@ -347,6 +408,15 @@ class LlamaMember:
                 raise BackendError(f"llama.cpp failed to evaluate {len(chunk)} tokens for {self.name!r} (code {rc})")
             self._cached.extend(chunk)
         self._has_logits = True
+
+    def _share_cpu(self) -> None:
+        cpu = self.model.cpu
+        if cpu is None:
+            return
+        n = cpu.threads_for(self._n_threads)
+        if n != self._threads_now:
+            L.llama_set_n_threads(self._ctx, n, n)
+            self._threads_now = n
 
     def _resync(self) -> None:
         """After a failed decode, trust llama.cpp's memory for how much of the cache is valid."""
@@ -390,3 +460,119 @@ class LlamaMember:
             L.llama_batch_free(self._batch)
             L.llama_free(self._ctx)
             self._ctx = None
+
+
+# -- the bench's reference: llama-cpp-python's own high-level loop ---------------------------
+
+
+@dataclass
+class CompletionTiming:
+    """One streamed completion, timed the way GenerationStats times the engine."""
+
+    ttft_s: float
+    total_s: float
+    generated_tokens: int
+    prompt_tokens: int
+    finish_reason: str | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generation speed after the first token: (n - 1) / (end - first token)."""
+        span = self.total_s - self.ttft_s
+        if self.generated_tokens < 2 or span <= 0:
+            return 0.0
+        return (self.generated_tokens - 1) / span
+
+
+class BaselineCompletion:
+    """``llama_cpp.Llama(...).create_completion(..., stream=True)`` on one model file,
+    with the context settings a :class:`LlamaMember` uses (n_ctx, n_batch, n_ubatch,
+    threads, flash attention as llama.cpp's ``auto`` picks on CPU). ``me-local bench``
+    measures ``single`` mode against it."""
+
+    def __init__(
+        self,
+        path: Path,
+        settings: ContextSettings,
+        n_gpu_layers: int = 0,
+    ) -> None:
+        _init_backend()
+        n_threads = settings.n_threads or default_threads()
+        self.path = path
+        try:
+            self._llm: Any = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=settings.n_ctx,
+                n_batch=settings.n_batch,
+                n_ubatch=min(settings.n_batch, 512),
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers if n_gpu_layers >= 0 else -1,
+                flash_attn=True,
+                verbose=False,
+            )
+        except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
+            raise ModelLoadError(f"llama-cpp-python could not load {str(path)!r} ({exc})") from None
+
+    def run(
+        self,
+        prompt_tokens: Sequence[int],
+        n_tokens: int,
+        params: SamplingParams,
+        seed: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> CompletionTiming:
+        llm = self._llm
+        prompt = list(prompt_tokens)
+        t0 = clock()
+        first: float | None = None
+        finish: str | None = None
+        for chunk in llm.create_completion(
+            prompt,
+            max_tokens=n_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            repeat_penalty=1.0,
+            seed=seed & 0xFFFFFFFF,
+            stream=True,
+        ):
+            if first is None:
+                first = clock()
+            finish = chunk["choices"][0].get("finish_reason") or finish
+        total = clock() - t0
+        # llm.n_tokens counts what was evaluated: the prompt and every sampled token but the
+        # last one when the limit ended the run (an end-of-generation token is not counted).
+        evaluated = int(llm.n_tokens) - len(prompt)
+        generated = evaluated + 1 if finish == "length" else evaluated
+        return CompletionTiming(
+            ttft_s=(first - t0) if first is not None else total,
+            total_s=total,
+            generated_tokens=max(0, generated),
+            prompt_tokens=len(prompt),
+            finish_reason=finish,
+        )
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.close()
+
+
+def baseline_completion_speed(
+    path: Path,
+    prompt_tokens: Sequence[int],
+    n_tokens: int,
+    params: SamplingParams,
+    *,
+    seed: int = 0,
+    settings: ContextSettings | None = None,
+    n_gpu_layers: int = 0,
+) -> CompletionTiming:
+    """One timed ``create_completion(stream=True)`` run (loads the model, runs, frees it)."""
+    baseline = BaselineCompletion(path, settings or ContextSettings(), n_gpu_layers)
+    try:
+        return baseline.run(prompt_tokens, n_tokens, params, seed)
+    finally:
+        baseline.close()
