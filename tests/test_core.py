@@ -329,3 +329,32 @@ def test_the_core_imports_no_llama_cpp_aiohttp_or_click():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, f"core imported: {proc.stdout} {proc.stderr}"
+
+
+def _reference_truncate(p, top_k, top_p, min_p):
+    """The textbook definition: full sorts over the whole vocabulary."""
+    p = np.array(p, dtype=np.float64)
+    if 0 < top_k < len(p):
+        order = np.argsort(-p, kind="stable")
+        p[order[top_k:]] = 0.0
+        p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        p[order[int(np.searchsorted(cum, top_p, side="left")) + 1:]] = 0.0
+        p /= p.sum()
+    if min_p > 0.0:
+        p[p < min_p * p.max()] = 0.0
+        p /= p.sum()
+    return p
+
+
+def test_truncate_matches_the_full_sort_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(2, 400))
+        p = softmax(rng.normal(0, rng.uniform(0.1, 4), size=n))
+        top_k = int(rng.choice([0, 1, 5, 40, n + 3]))
+        top_p = float(rng.choice([1.0, 0.5, 0.9, 0.95]))
+        min_p = float(rng.choice([0.0, 0.05, 0.2]))
+        assert np.allclose(truncate(p, top_k, top_p, min_p), _reference_truncate(p, top_k, top_p, min_p))

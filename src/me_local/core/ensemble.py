@@ -153,7 +153,7 @@ def generate(
                     catch_up(i)
                     stats.members[i].selected += 1
                 rows = [members[i].logits() for i in active]
-                probs, mix = sampling.ce_distribution(rows, [w[i] for i in active], params)
+                probs, mix = sampling.ce_distribution(rows, [w[i] for i in active], params, want_raw=params.logprobs)
                 token = sampling.draw(probs, rng)
                 k = active[0]
                 name = None

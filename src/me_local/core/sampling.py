@@ -31,27 +31,29 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def truncate(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
     """Apply top-k, then top-p, then min-p to a probability vector; renormalised.
 
-    Always keeps at least the most probable token.
+    Always keeps at least the most probable token. After top-k only its k
+    survivors are sorted for top-p, not the whole vocabulary.
     """
-    p = np.array(probs, dtype=np.float64, copy=True)
+    p = np.asarray(probs, dtype=np.float64)
     n = p.shape[0]
-    if 0 < top_k < n:
-        keep = np.argpartition(-p, top_k - 1)[:top_k]
-        mask = np.zeros(n, dtype=bool)
-        mask[keep] = True
-        p[~mask] = 0.0
-        p /= p.sum()
+    idx = np.argpartition(-p, top_k - 1)[:top_k] if 0 < top_k < n else None
+    cand = p.copy() if idx is None else p[idx]
+    cand /= cand.sum()
     if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
+        order = np.argsort(-cand, kind="stable")
+        cum = np.cumsum(cand[order])
         # smallest prefix whose mass reaches top_p (the crossing token included)
         cut = int(np.searchsorted(cum, top_p, side="left")) + 1
-        p[order[cut:]] = 0.0
-        p /= p.sum()
+        cand[order[cut:]] = 0.0
+        cand /= cand.sum()
     if min_p > 0.0:
-        p[p < min_p * p.max()] = 0.0
-        p /= p.sum()
-    return p
+        cand[cand < min_p * cand.max()] = 0.0
+        cand /= cand.sum()
+    if idx is None:
+        return cand
+    out = np.zeros(n, dtype=np.float64)
+    out[idx] = cand
+    return out
 
 
 def transform(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -74,21 +76,27 @@ def mixture(prob_rows: Sequence[np.ndarray], weights: Sequence[float]) -> np.nda
     return out
 
 
-def ce_distribution(logit_rows: Sequence[np.ndarray], weights: Sequence[float], params: SamplingParams):
-    """``ce`` mode: trunc(Σ λ_i softmax(l_i / T)), and the T=1 mixture for logprobs.
+def ce_distribution(
+    logit_rows: Sequence[np.ndarray], weights: Sequence[float], params: SamplingParams, *, want_raw: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``ce`` mode: trunc(Σ λ_i softmax(l_i / T)), and, when ``want_raw`` (logprobs were
+    asked for), the untransformed mixture Σ λ_i softmax(l_i) (else None).
 
-    Returns (sampling distribution, untransformed mixture Σ λ_i softmax(l_i)).
+    Greedy takes the argmax of the untransformed mixture.
     """
-    raw = mixture([softmax(row) for row in logit_rows], weights)
+    need_raw = want_raw or params.greedy or params.temperature == 1.0
+    raw = mixture([softmax(row) for row in logit_rows], weights) if need_raw else None
     if params.greedy:
+        assert raw is not None
         out = np.zeros_like(raw)
         out[int(np.argmax(raw))] = 1.0
-        return out, raw
+        return out, raw if want_raw else None
     if params.temperature == 1.0:
+        assert raw is not None
         tempered = raw
     else:
         tempered = mixture([softmax(row, params.temperature) for row in logit_rows], weights)
-    return truncate(tempered, params.top_k, params.top_p, params.min_p), raw
+    return truncate(tempered, params.top_k, params.top_p, params.min_p), raw if want_raw else None
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
