@@ -97,6 +97,8 @@ BAD_CONFIGS = [
     ("no members", "ensembles:\n  default:\n    mode: me\n", ["ensembles.default.members", "non-empty list"]),
     ("missing model file", "ensembles:\n  default:\n    members: [{{name: m, path: nothere.gguf}}]\n",
      ["ensembles.default.members[0].path", "does not exist"]),
+    ("bad kv_cache_type", "ensembles:\n  default:\n    kv_cache_type: q3\n    members: [{m}]\n",
+     ["ensembles.default.kv_cache_type", "f16, q8_0, q4_0"]),
     ("bad n_ctx", "ensembles:\n  default:\n    n_ctx: lots\n    members: [{m}]\n",
      ["ensembles.default.n_ctx", "must be an integer"]),
 ]

@@ -11,7 +11,7 @@ from me_local.config import load_config
 from me_local.core import DoneEvent, SamplingParams, TokenEvent
 from me_local.core.sampling import log_softmax, mixture, softmax
 from me_local.engine import Engine, Request, collect, llama_member_factory
-from me_local.errors import ContextOverflowError, RequestError, VocabMismatchError
+from me_local.errors import ConfigError, ContextOverflowError, RequestError, VocabMismatchError
 
 from .test_core import chi2_critical, chi_square
 
@@ -279,3 +279,41 @@ def test_a_request_cancelled_while_queued_leaves_the_queue(engine):
     assert ens.waiting == 0
     busy.close()  # frees the slot
     assert ens.busy_slots == 0
+
+
+def test_a_quantized_kv_cache_needs_a_head_size_it_can_pack(write_config, tiny_models):
+    cfg = write_config(f"""
+        ensembles:
+          q8:
+            n_ctx: 64
+            kv_cache_type: q8_0
+            members: [{{name: a, path: {tiny_models['a1']}}}]
+        """)
+    with pytest.raises(ConfigError, match=r"kv_cache_type: .*multiple of 32.*has 16; set kv_cache_type: f16"):
+        Engine(load_config(cfg)).ensemble("q8")
+
+
+@pytest.mark.smollm
+def test_a_quantized_kv_cache_is_configurable_and_close_to_f16(write_config, smollm_path):
+    cfg = write_config(f"""
+        ensembles:
+          f16:
+            n_ctx: 256
+            members: [{{name: a, path: {smollm_path}}}]
+          q8:
+            n_ctx: 256
+            kv_cache_type: q8_0
+            members: [{{name: a, path: {smollm_path}}}]
+        """)
+    config = load_config(cfg)
+    assert config.get("q8").kv_cache_type == "q8_0" and config.get("f16").kv_cache_type == "f16"
+    eng = Engine(config)
+    rows = {}
+    for name in ("f16", "q8"):
+        member = eng.ensemble(name).members[0]
+        member.evaluate(member.raw_prompt("The quick brown fox jumps over the lazy dog. " * 8))
+        rows[name] = log_softmax(member.logits())
+    top = np.argsort(-rows["f16"])[:20]
+    diff = np.abs(rows["f16"][top] - rows["q8"][top])
+    assert 0 < diff.max() < 0.5  # really quantized, still the same model
+    eng.close()

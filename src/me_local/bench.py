@@ -36,7 +36,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import Config, EnsembleConfig, MemberConfig, load_config, parse_config
+from .config import Config, EnsembleConfig, MemberConfig, load_config, packaged_config_path, parse_config
 
 log = logging.getLogger("me_local.bench")
 
@@ -186,7 +186,7 @@ class EnsemblePlan:
     """member name -> key of the llama-cpp-python case on its file."""
 
 
-def default_config(n_ctx: int = 4096, model: str = DEFAULT_MODEL) -> Config:
+def default_config(n_ctx: int = 4096, model: str = DEFAULT_MODEL, kv_cache_type: str = "f16") -> Config:
     """The default model as two and as three members sharing its weights (ensembles x2 and x3)."""
 
     def members(k: int) -> str:
@@ -194,8 +194,8 @@ def default_config(n_ctx: int = 4096, model: str = DEFAULT_MODEL) -> Config:
 
     text = (
         "ensembles:\n"
-        f"  x2:\n    mode: me\n    n_ctx: {n_ctx}\n    members:{members(2)}\n"
-        f"  x3:\n    mode: me\n    n_ctx: {n_ctx}\n    members:{members(3)}\n"
+        f"  x2:\n    mode: me\n    n_ctx: {n_ctx}\n    kv_cache_type: {kv_cache_type}\n    members:{members(2)}\n"
+        f"  x3:\n    mode: me\n    n_ctx: {n_ctx}\n    kv_cache_type: {kv_cache_type}\n    members:{members(3)}\n"
     )
     return parse_config(text, Path.cwd() / "<me-local bench: default model>")
 
@@ -377,7 +377,8 @@ class BenchRunner:
             ens = self.config.get(case.ensemble)
             assert case.member is not None
             mc = ens.get_member(case.member)
-            settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads)
+            settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads,
+                                       kv_cache_type=ens.kv_cache_type)
             b = self._baselines[case.key] = BaselineCompletion(mc.resolve_path(), settings, mc.n_gpu_layers)
         return b
 
@@ -502,7 +503,8 @@ class BenchRunner:
         ens = self.config.get(plan.name)
         mc = ens.members[0]
         return measure_shared_memory(mc.resolve_path(), n_ctx=ens.n_ctx, n_batch=ens.n_batch,
-                                     n_threads=mc.n_threads, n_gpu_layers=mc.n_gpu_layers)
+                                     n_threads=mc.n_threads, n_gpu_layers=mc.n_gpu_layers,
+                                     kv_cache_type=ens.kv_cache_type)
 
 
 def summarize_case(case: Case, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -676,7 +678,8 @@ def _memory_probe(args: Mapping[str, Any]) -> dict[str, Any]:
             + f", n_gpu_layers: {int(args.get('n_gpu_layers', 0))}}}"
             for i in range(k)
         )
-        text = f"ensembles:\n  e:\n    n_ctx: {args['n_ctx']}\n    n_batch: {args['n_batch']}\n    members:{members}\n"
+        text = (f"ensembles:\n  e:\n    n_ctx: {args['n_ctx']}\n    n_batch: {args['n_batch']}\n"
+                f"    kv_cache_type: {args.get('kv_cache_type', 'f16')}\n    members:{members}\n")
         engine = Engine(parse_config(text, Path.cwd() / "<memory probe>"))
         mode = "ce" if k > 1 else "single"
         collect(engine.generate(Request(ensemble="e", prompt="Hello there, how are you?", mode=mode,
@@ -685,7 +688,7 @@ def _memory_probe(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
-                          n_gpu_layers: int = 0) -> dict[str, Any]:
+                          n_gpu_layers: int = 0, kv_cache_type: str = "f16") -> dict[str, Any]:
     """Resident memory of fresh processes holding 0 (libraries only), 1 and 2 members on one file."""
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1])
@@ -693,7 +696,7 @@ def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = 512, n_threa
     readings: dict[str, dict[str, float]] = {}
     for k in (0, 1, 2):
         args = {"path": str(path), "members": k, "n_ctx": n_ctx, "n_batch": n_batch,
-                "n_threads": n_threads, "n_gpu_layers": n_gpu_layers}
+                "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "kv_cache_type": kv_cache_type}
         proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True,
                               env=env, timeout=600, check=False)
         if proc.returncode != 0:
@@ -704,6 +707,7 @@ def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = 512, n_threa
     return {
         "model": path.name,
         "n_ctx": n_ctx,
+        "kv_cache_type": kv_cache_type,
         "measured": "VmRSS of fresh processes after a short generation (MiB); 0 = interpreter and libraries",
         "rss_mib": {k: round(v.get("VmRSS", 0.0), 1) for k, v in readings.items()},
         "file_backed_mib": {k: round(v.get("RssFile", 0.0), 1) for k, v in readings.items()},
@@ -760,7 +764,9 @@ def evaluate_targets(result: Mapping[str, Any]) -> list[Target]:
                                   note))
     mem = result.get("memory") or {}
     if mem.get("ratio_2_to_1") is not None:
-        targets.append(Target(f"resident memory, 2 members sharing {mem['model']} vs 1 (n_ctx {mem['n_ctx']})",
+        label = f"resident memory, 2 members sharing {mem['model']} vs 1 (n_ctx {mem['n_ctx']}, " \
+                f"KV {mem.get('kv_cache_type', 'f16')})"
+        targets.append(Target(label,
                               mem["ratio_2_to_1"], "<=", 1.3))
     return targets
 
@@ -890,13 +896,13 @@ def run_bench(
 
 
 def bench_plan(
-    config_path: str | None, ensemble: str | None, prompt_tokens: int, tokens: int
+    config_path: str | None, ensemble: str | None, prompt_tokens: int, tokens: int, kv_cache_type: str = "f16"
 ) -> tuple[Config, list[str]]:
     """The config and ensembles to bench: a named ensemble, the config's default one, or, with
     neither --config nor --ensemble, the default model as two and as three members."""
     if config_path is None and ensemble is None:
         n_ctx = max(4096, prompt_tokens + tokens + 64)
-        return default_config(n_ctx), ["x2", "x3"]
+        return default_config(n_ctx, kv_cache_type=kv_cache_type), ["x2", "x3"]
     config = load_config(config_path)
     return config, [config.get(ensemble).name]
 
@@ -918,6 +924,9 @@ def bench_plan(
               help="Directory for bench.json and bench.png.")
 @click.option("--no-baseline", is_flag=True, help=f"Skip the {BASELINE} create_completion reference.")
 @click.option("--no-memory", is_flag=True, help="Skip the resident-memory measurement.")
+@click.option("--kv-cache-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
+              help="KV cache type of the default-model ensembles (default: the shipped default ensemble's; "
+                   "a config's ensembles set their own).")
 @click.option("--server", "server_url", default=None, metavar="URL",
               help="Load-test a running `me-local serve` at URL instead.")
 @click.option("--clients", "-c", type=click.IntRange(min=1), default=4, show_default=True,
@@ -929,7 +938,7 @@ def bench_plan(
               help="Per request, with --server: a request still streaming after this is cancelled.")
 def bench(config_path: str | None, ensemble: str | None, tokens: int, repeats: int, prompt_tokens: int,
           out_dir: str, no_baseline: bool, no_memory: bool, server_url: str | None, clients: int,
-          requests: int, api_key: str | None, timeout: float) -> None:
+          requests: int, api_key: str | None, timeout: float, kv_cache_type: str | None) -> None:
     """Measure single, ce and me side by side (or load-test a daemon with --server)."""
     out = Path(out_dir)
     if server_url:
@@ -950,7 +959,9 @@ def bench(config_path: str | None, ensemble: str | None, tokens: int, repeats: i
             )
         return
 
-    config, names = bench_plan(config_path, ensemble, prompt_tokens, tokens)
+    if kv_cache_type is None:
+        kv_cache_type = load_config(packaged_config_path()).get(None).kv_cache_type
+    config, names = bench_plan(config_path, ensemble, prompt_tokens, tokens, kv_cache_type)
     settings = BenchSettings(tokens=tokens, repeats=repeats, prompt_tokens=prompt_tokens,
                              baseline=not no_baseline, memory=not no_memory)
     runner = BenchRunner(config, names, settings)

@@ -23,7 +23,8 @@ MODES = ("me", "ce", "single")
 PKG_SCHEME = "pkg://"
 ENV_CONFIG = "ME_LOCAL_CONFIG"
 
-_ENSEMBLE_KEYS = {"mode", "n_ctx", "members", "parallel", "max_queue", "n_batch", "member", "sampling"}
+_ENSEMBLE_KEYS = {"mode", "n_ctx", "members", "parallel", "max_queue", "n_batch", "member", "sampling", "kv_cache_type"}
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 _MEMBER_KEYS = {"name", "path", "weight", "system", "n_gpu_layers", "n_threads"}
 _SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p", "max_tokens"}
 
@@ -78,6 +79,8 @@ class EnsembleConfig:
     member: str | None = None
     """The member `single` mode uses when none is named (default: the first)."""
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    kv_cache_type: str = "f16"
+    """Element type of each context's KV cache: f16, or q8_0 / q4_0 to halve / quarter its memory."""
     file: str = ""
 
     @property
@@ -307,6 +310,11 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         min_p=_float(sampling_raw, "min_p", d.min_p, lo=0, hi=1, file=fname, key=skey),
         max_tokens=_int(sampling_raw, "max_tokens", d.max_tokens, lo=1, file=fname, key=skey) or 1,
     )
+    kv_cache_type = raw.get("kv_cache_type", "f16")
+    if kv_cache_type not in KV_CACHE_TYPES:
+        raise ConfigError(
+            f"must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}", file=fname, key=f"{key}.kv_cache_type"
+        )
     default_member = raw.get("member")
     if default_member is not None and default_member not in seen:
         raise ConfigError(
@@ -324,6 +332,7 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         n_batch=_int(raw, "n_batch", 512, lo=1, file=fname, key=key) or 512,
         member=default_member,
         sampling=sampling,
+        kv_cache_type=kv_cache_type,
         file=fname,
     )
 

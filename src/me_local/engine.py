@@ -213,8 +213,14 @@ def llama_member_factory(store: Any = None) -> MemberFactory:
     def make(mc: Any, ens: EnsembleConfig) -> Any:
         model = store.acquire(mc.resolve_path(), mc.n_gpu_layers)
         try:
-            settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads)
+            settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads,
+                                       kv_cache_type=ens.kv_cache_type)
             member = LlamaMember(mc.name, model, settings, system=mc.system, gate=store.gate)
+        except ConfigError as exc:
+            store.release(model)
+            if exc.file:
+                raise
+            raise ConfigError(exc.message, file=ens.file, key=f"ensembles.{ens.name}.kv_cache_type") from None
         except BaseException:
             store.release(model)
             raise

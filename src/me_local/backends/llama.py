@@ -39,7 +39,7 @@ from llama_cpp import llama_cpp as L  # noqa: E402
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
 from ..core.types import Cancelled, SamplingParams  # noqa: E402
-from ..errors import BackendError, ModelLoadError, RequestError  # noqa: E402
+from ..errors import BackendError, ConfigError, ModelLoadError, RequestError  # noqa: E402
 
 log = logging.getLogger("me_local.llama")
 
@@ -158,6 +158,9 @@ class LoadedModel:
         self.vocab = L.llama_model_get_vocab(ptr)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(L.llama_model_n_ctx_train(ptr))
+        # layer shapes are not read in a vocabulary-only load (llama.cpp aborts if asked)
+        self.n_embd = 0 if vocab_only else int(L.llama_model_n_embd(ptr))
+        self.n_head = 0 if vocab_only else int(L.llama_model_n_head(ptr))
         self.size_bytes = path.stat().st_size
         self.chat_template = _meta_str(ptr, "tokenizer.chat_template")
         self.bos = int(L.llama_vocab_bos(self.vocab))
@@ -307,11 +310,16 @@ class NativeSampler:
         self.close()
 
 
+_KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
+
+
 @dataclass(frozen=True)
 class ContextSettings:
     n_ctx: int = 4096
     n_batch: int = 512
     n_threads: int | None = None
+    kv_cache_type: str = "f16"
+    """f16, q8_0 or q4_0 for both K and V; a quantized V cache needs flash attention, which is then forced on."""
 
 
 class LlamaMember:
@@ -337,6 +345,15 @@ class LlamaMember:
         cparams.n_seq_max = 1
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
+        if settings.kv_cache_type != "f16":
+            head = model.n_embd // max(1, model.n_head)
+            if head % 32:  # q8_0 and q4_0 pack 32 values per block
+                raise ConfigError(
+                    f"kv_cache_type {settings.kv_cache_type} needs an attention head size that is a multiple "
+                    f"of 32, and {model.path.name} has {head}; set kv_cache_type: f16 for this ensemble"
+                )
+            cparams.type_k = cparams.type_v = _KV_TYPES[settings.kv_cache_type]
+            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
         ctx = L.llama_init_from_model(model.ptr, cparams)
         if not ctx:
             raise ModelLoadError(
