@@ -896,13 +896,14 @@ def run_bench(
 
 
 def bench_plan(
-    config_path: str | None, ensemble: str | None, prompt_tokens: int, tokens: int, kv_cache_type: str = "f16"
+    config_path: str | None, ensemble: str | None, prompt_tokens: int, tokens: int, kv_cache_type: str | None = None
 ) -> tuple[Config, list[str]]:
     """The config and ensembles to bench: a named ensemble, the config's default one, or, with
     neither --config nor --ensemble, the default model as two and as three members."""
     if config_path is None and ensemble is None:
-        n_ctx = max(4096, prompt_tokens + tokens + 64)
-        return default_config(n_ctx, kv_cache_type=kv_cache_type), ["x2", "x3"]
+        shipped = load_config(packaged_config_path()).get(None)  # measure what users run by default
+        n_ctx = max(shipped.n_ctx, prompt_tokens + tokens + 64)
+        return default_config(n_ctx, kv_cache_type=kv_cache_type or shipped.kv_cache_type), ["x2", "x3"]
     config = load_config(config_path)
     return config, [config.get(ensemble).name]
 
@@ -925,8 +926,8 @@ def bench_plan(
 @click.option("--no-baseline", is_flag=True, help=f"Skip the {BASELINE} create_completion reference.")
 @click.option("--no-memory", is_flag=True, help="Skip the resident-memory measurement.")
 @click.option("--kv-cache-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
-              help="KV cache type of the default-model ensembles (default: the shipped default ensemble's; "
-                   "a config's ensembles set their own).")
+              help="KV cache type of the default-model ensembles (default: the shipped default ensemble's, "
+                   "like its n_ctx; a config's ensembles set their own).")
 @click.option("--server", "server_url", default=None, metavar="URL",
               help="Load-test a running `me-local serve` at URL instead.")
 @click.option("--clients", "-c", type=click.IntRange(min=1), default=4, show_default=True,
@@ -959,8 +960,6 @@ def bench(config_path: str | None, ensemble: str | None, tokens: int, repeats: i
             )
         return
 
-    if kv_cache_type is None:
-        kv_cache_type = load_config(packaged_config_path()).get(None).kv_cache_type
     config, names = bench_plan(config_path, ensemble, prompt_tokens, tokens, kv_cache_type)
     settings = BenchSettings(tokens=tokens, repeats=repeats, prompt_tokens=prompt_tokens,
                              baseline=not no_baseline, memory=not no_memory)

@@ -526,6 +526,8 @@ class BaselineCompletion:
                 n_threads_batch=n_threads,
                 n_gpu_layers=n_gpu_layers if n_gpu_layers >= 0 else -1,
                 flash_attn=True,
+                type_k=_KV_TYPES[settings.kv_cache_type],
+                type_v=_KV_TYPES[settings.kv_cache_type],
                 verbose=False,
             )
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
