@@ -526,3 +526,16 @@ def test_a_short_openmp_spin_is_the_default_and_a_users_setting_wins() -> None:
     out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5000"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["5000", "300"]
+
+
+def test_cuda_graphs_are_off_unless_asked_for():
+    """me's catch-up batches change shape every step, which makes llama.cpp re-capture
+    CUDA graphs; me-local turns them off before llama_cpp loads (docs/gpu.md)."""
+    import os
+
+    from me_local.backends.llama import cuda_graphs_wanted
+
+    assert cuda_graphs_wanted({}) is False
+    assert cuda_graphs_wanted({"ME_LOCAL_CUDA_GRAPHS": "1"}) is True
+    if "ME_LOCAL_CUDA_GRAPHS" not in os.environ:
+        assert os.environ.get("GGML_CUDA_DISABLE_GRAPHS") == "1"

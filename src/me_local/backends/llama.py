@@ -33,6 +33,25 @@ from typing import Any
 GOMP_SPINCOUNT = "300"
 os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
 
+
+def cuda_graphs_wanted(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """Whether to leave llama.cpp's CUDA graphs on (ME_LOCAL_CUDA_GRAPHS=1).
+
+    ``me`` decodes a member's catch-up as one batch whose size changes from step to
+    step (1, 2, 3 ... tokens), and llama.cpp re-captures a context's CUDA graph
+    whenever its batch shape changes. Measured on an H100 (docs/gpu.md): decodes
+    alternating 1/2/3 tokens took 4.46 ms with graphs against 3.14 ms without,
+    and ``me`` went from 0.98x to 1.41x ``ce`` with them off, while ``single``
+    lost about 8%. So me-local turns them off (GGML_CUDA_DISABLE_GRAPHS, read by
+    ggml at its first CUDA graph; any value disables, so the opt-out is ours).
+    CPU builds ignore it.
+    """
+    return env.get("ME_LOCAL_CUDA_GRAPHS") == "1"
+
+
+if not cuda_graphs_wanted():
+    os.environ.setdefault("GGML_CUDA_DISABLE_GRAPHS", "1")
+
 import llama_cpp  # noqa: E402  (after GOMP_SPINCOUNT: libgomp loads with it)
 import numpy as np  # noqa: E402
 from llama_cpp import llama_cpp as L  # noqa: E402
