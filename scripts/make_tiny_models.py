@@ -189,16 +189,19 @@ def build_tiny_model(
     vocab: str = "a",
     n_ctx_train: int = 2048,
     chat_template: str | None = CHATML,
+    eos_token: str = "<|endoftext|>",
 ) -> Path:
     """Write a tiny random-weight llama GGUF model to ``path`` and return it.
 
     ``seed`` only affects the weights; the tokenizer metadata depends on
-    ``vocab`` alone. ``chat_template=None`` omits ``tokenizer.chat_template``.
+    ``vocab`` (and ``eos_token``, as a base and an instruct variant differ) alone.
+    ``chat_template=None`` omits ``tokenizer.chat_template``.
     The file is written under a temporary name and renamed into place.
     """
     path = Path(path)
     tokens, types, merges = build_vocab(vocab)
-    bos = eos = tokens.index("<|endoftext|>")
+    bos = tokens.index("<|endoftext|>")
+    eos = tokens.index(eos_token)
     eot = tokens.index("<|im_end|>")
 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

@@ -227,3 +227,75 @@ def test_default_ensemble_end_to_end(tmp_path, monkeypatch):
     assert lines[-1]["done"] is True
     assert {t["member"] for t in lines[:-1] if t["id"] is not None} <= {"concise", "playful"}
     assert lines[-1]["stats"]["members"][0]["name"] == "concise"
+
+
+class _Interrupted:
+    """Events that raise Ctrl+C twice (once mid-answer, once while draining) before the DoneEvent."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from me_local.core import DoneEvent, GenerationStats, TokenEvent
+
+        self.n += 1
+        if self.n == 1:
+            return TokenEvent(0, 5, "Hel", "a")
+        if self.n in (2, 3):
+            raise KeyboardInterrupt
+        if self.n == 4:
+            return DoneEvent("cancelled", GenerationStats("me", 0))
+        raise StopIteration
+
+
+class _Backend:
+    def __init__(self, events_factory) -> None:
+        self.events_factory = events_factory
+        self.cancelled = 0
+
+    def stream(self, messages, settings, stop):
+        stop.append(self._cancel)
+        return self.events_factory()
+
+    def _cancel(self):
+        self.cancelled += 1
+
+
+def test_a_second_ctrl_c_while_stopping_keeps_the_session_and_its_conversation(capsys):
+    from me_local.chat import ChatSession
+
+    backend = _Backend(_Interrupted)
+    session = ChatSession(backend, {})
+    session.answer("hi")
+    assert backend.cancelled == 1
+    assert session.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    assert session.last is not None and session.last.finish_reason == "cancelled"
+    assert "[stopped]" in capsys.readouterr().out
+
+
+def test_an_unexpected_failure_is_reported_and_the_conversation_kept(capsys):
+    from me_local.chat import ChatSession
+
+    def boom():
+        raise RuntimeError("the worker died")
+
+    session = ChatSession(_Backend(boom), {})
+    session.messages = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "answer"}]
+    session.answer("hi")
+    assert "error: the worker died" in capsys.readouterr().out
+    assert session.messages == [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "answer"}]
+
+
+def test_nan_and_infinite_sampling_values_are_refused(tiny_config):
+    for flag in ("--temperature", "--top-p", "--min-p"):
+        result = CliRunner().invoke(cli, ["generate", "--config", str(tiny_config), flag, "nan", "hi"])
+        assert result.exit_code == 2 and "is not a finite number" in result.output
+    result = CliRunner().invoke(cli, ["generate", "--config", str(tiny_config), "-t", "inf", "hi"])
+    assert result.exit_code == 2
+    out = invoke(["chat", "--config", str(tiny_config), "-e", "pair"],
+                 input="/set temperature nan\n/set top_p inf\n/bye\n").stdout
+    assert "error: temperature needs a finite number, got 'nan'" in out
+    assert "error: top_p needs a finite number, got 'inf'" in out

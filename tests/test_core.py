@@ -358,3 +358,18 @@ def test_truncate_matches_the_full_sort_definition():
         top_p = float(rng.choice([1.0, 0.5, 0.9, 0.95]))
         min_p = float(rng.choice([0.0, 0.05, 0.2]))
         assert np.allclose(truncate(p, top_k, top_p, min_p), _reference_truncate(p, top_k, top_p, min_p))
+
+
+def test_a_member_that_cannot_drop_a_tail_starts_over_and_says_so():
+    class Forgetful(FakeMember):
+        def truncate(self, n: int) -> None:  # like a recurrent memory: all or nothing
+            if n < len(self._cached):
+                self._cached.clear()
+
+    m = Forgetful("a", 1, n_ctx=100)
+    run([m], [1], [[1, 2, 3]], SamplingParams(seed=1, max_tokens=4))
+    m.calls.clear()
+    _, second = run([m], [1], [[1, 2, 3, 9]], SamplingParams(seed=2, max_tokens=1))
+    assert second.stats.members[0].cached_prompt_tokens == 0
+    assert m.calls[0] == [1, 2, 3, 9]  # evaluated from scratch, not on a stale cache
+    assert second.stats.members[0].prompt_tokens == 4

@@ -317,3 +317,23 @@ def test_a_quantized_kv_cache_is_configurable_and_close_to_f16(write_config, smo
     diff = np.abs(rows["f16"][top] - rows["q8"][top])
     assert 0 < diff.max() < 0.5  # really quantized, still the same model
     eng.close()
+
+
+def test_same_tokens_but_another_eos_is_a_clear_mismatch_and_frees_what_it_loaded(write_config, tiny_models, tmp_path):
+    import sys
+
+    maker = sys.modules["make_tiny_models"]  # loaded by the tiny_models fixture
+    instruct = maker.build_tiny_model(tmp_path / "tiny-a-instruct.gguf", 5, eos_token="<|im_end|>")
+    cfg = write_config(f"""
+        ensembles:
+          mix:
+            members:
+              - {{name: base, path: {tiny_models['a1']}}}
+              - {{name: chat, path: {instruct}}}
+        """)
+    store = ModelStore()
+    engine = Engine(load_config(cfg), llama_member_factory(store))
+    for _ in range(2):  # as a daemon's repeated reloads would
+        with pytest.raises(VocabMismatchError, match=r"'base'.*'chat'.*BOS/EOS ids 524/524 vs 524/526"):
+            engine.ensemble("mix")
+    assert len(store) == 0  # the failed load released its contexts and weights

@@ -7,6 +7,7 @@ The session speaks to a backend that yields the core's events: in-process
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import sys
@@ -202,6 +203,8 @@ class ChatSession:
                 v = cast(value)
             except ValueError:
                 raise RequestError(f"{key} needs a number, got {value!r}") from None
+            if not math.isfinite(v):
+                raise RequestError(f"{key} needs a finite number, got {value!r}")
             if v < lo or (hi is not None and v > hi):
                 raise RequestError(f"{key} must be between {lo} and {hi if hi is not None else 'any'}, got {v}")
             return v
@@ -249,9 +252,9 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         cancel: list[Any] = []
-        events = self.backend.stream(self.messages, self.settings, cancel)
         done: DoneEvent | None = None
         try:
+            events = self.backend.stream(self.messages, self.settings, cancel)
             try:
                 for ev in events:
                     if isinstance(ev, TokenEvent):
@@ -265,13 +268,18 @@ class ChatSession:
             except KeyboardInterrupt:
                 for c in cancel:
                     c()
-                for ev in events:  # drain until the worker confirms it stopped
-                    if isinstance(ev, DoneEvent):
-                        done = ev
+                while True:  # drain until the worker confirms it stopped; more Ctrl+C only waits
+                    try:
+                        for ev in events:
+                            if isinstance(ev, DoneEvent):
+                                done = ev
+                        break
+                    except KeyboardInterrupt:
+                        continue
                 click.echo(" [stopped]", nl=False)
-        except MeLocalError as exc:
+        except Exception as exc:  # the session and its conversation survive any failed answer
             self.messages.pop()
-            click.echo(f"error: {exc}")
+            click.echo(f"\nerror: {exc}")
             return
         click.echo()
         self.messages.append({"role": "assistant", "content": "".join(parts)})

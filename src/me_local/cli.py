@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,16 @@ def cli(log_level: str) -> None:
                         stream=sys.stderr)
 
 
+class FiniteFloat(click.FloatRange):
+    """A float in a range that also refuses nan and inf (which compare false to any bound)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
+
+
 def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The flags generate and chat share."""
     options = [
@@ -79,10 +90,10 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--member", default=None, help="The member `single` mode uses (default: the first)."),
         click.option("--weights", default=None, help="Override weights: name=0.7,name=0.3."),
         click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=None, help="Most tokens to generate."),
-        click.option("--temperature", "-t", type=click.FloatRange(min=0), default=None),
+        click.option("--temperature", "-t", type=FiniteFloat(min=0), default=None),
         click.option("--top-k", type=click.IntRange(min=0), default=None, help="0 turns it off."),
-        click.option("--top-p", type=click.FloatRange(0, 1), default=None, help="1 turns it off."),
-        click.option("--min-p", type=click.FloatRange(0, 1), default=None, help="0 turns it off."),
+        click.option("--top-p", type=FiniteFloat(0, 1), default=None, help="1 turns it off."),
+        click.option("--min-p", type=FiniteFloat(0, 1), default=None, help="0 turns it off."),
         click.option("--seed", type=click.IntRange(min=0), default=None, help="Fixes member schedule and sampling."),
     ]
     for option in reversed(options):

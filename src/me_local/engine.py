@@ -99,7 +99,11 @@ class LoadedEnsemble:
         self.waiting = 0
         # the first slot is built now: it loads the models and checks the vocabulary
         self._slots.append(self._new_slot(0))
-        check_vocabularies(config, self._slots[0].members)
+        try:
+            check_vocabularies(config, self._slots[0].members)
+        except BaseException:
+            self.close()  # not yet in the engine's table: nobody else would free it
+            raise
 
     def _new_slot(self, index: int) -> Slot:
         members = []
@@ -191,11 +195,15 @@ def check_vocabularies(config: EnsembleConfig, members: Sequence[Any]) -> None:
         if other.model.fingerprint == first.model.fingerprint:
             continue
         a, b = first.model, other.model
+        diff = next((i for i in range(min(a.n_vocab, b.n_vocab)) if a.token_texts[i] != b.token_texts[i]), None)
         if a.n_vocab != b.n_vocab:
             detail = f"{a.n_vocab} vs {b.n_vocab} tokens"
-        else:
-            diff = next(i for i in range(a.n_vocab) if a.token_texts[i] != b.token_texts[i])
+        elif diff is not None:
             detail = f"token {diff} is {a.token_texts[diff]!r} vs {b.token_texts[diff]!r}"
+        elif (a.bos, a.eos) != (b.bos, b.eos):
+            detail = f"same tokens, but BOS/EOS ids {a.bos}/{a.eos} vs {b.bos}/{b.eos}"
+        else:
+            detail = "same tokens, but a different tokenizer type"
         raise VocabMismatchError(
             f"members {first.name!r} ({a.path.name}) and {other.name!r} ({b.path.name}) do not share a "
             f"vocabulary ({detail}); ensemble only models with the same tokenizer",

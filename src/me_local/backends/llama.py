@@ -406,8 +406,11 @@ class LlamaMember:
 
     def truncate(self, n: int) -> None:
         if n < len(self._cached):
-            L.llama_memory_seq_rm(self._mem, 0, n, -1)
-            del self._cached[n:]
+            if L.llama_memory_seq_rm(self._mem, 0, n, -1):
+                del self._cached[n:]
+            else:  # recurrent/hybrid memories cannot drop a tail: start over rather than lie
+                L.llama_memory_clear(self._mem, True)
+                self._cached.clear()
             self._has_logits = False
 
     def evaluate(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None) -> None:

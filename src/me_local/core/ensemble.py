@@ -105,7 +105,7 @@ def generate(
         keep = common_prefix(members[i].cached, prompts[i])
         keep = min(keep, len(prompts[i]) - 1)
         members[i].truncate(keep)
-        stats.members[i].cached_prompt_tokens = keep
+        stats.members[i].cached_prompt_tokens = len(members[i].cached)
 
     generated: list[int] = []
     samplers: dict[int, TokenSampler] = {}

@@ -63,7 +63,8 @@ class Member(Protocol):
         ...
 
     def truncate(self, n: int) -> None:
-        """Forget every cached token from position n on."""
+        """Forget every cached token from position n on. A memory that cannot drop a
+        tail may forget more (down to nothing); ``cached`` always says what remains."""
         ...
 
     def evaluate(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None) -> None:
