@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import Config, EnsembleConfig
 from .core import DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, common_prefix, generate
+from .core.ensemble import check_fits
 from .errors import ConfigError, MeLocalError, RequestError, VocabMismatchError
 
 log = logging.getLogger("me_local.engine")
@@ -310,6 +311,7 @@ class Engine:
                 else:
                     cache[key] = m.raw_prompt(request.prompt or "")
             prompts[i] = cache[key]
+        check_fits([prompts[i] for i in active], [members[i] for i in active])
         return loaded, mode, single, weights, prompts
 
     def generate(
@@ -321,10 +323,6 @@ class Engine:
     ) -> Iterator[Event]:
         """Run one request on the calling thread, yielding core events."""
         loaded, mode, single, weights, prompts = self.plan(request)
-        from .core.ensemble import check_fits
-
-        active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
-        check_fits([prompts[i] for i in active], [loaded.members[i] for i in active])
         slot = loaded.acquire(prompts, timeout=queue_timeout, cancel=cancel)
         if slot is None:  # cancelled while queued: nothing was evaluated
             stats = GenerationStats(mode=mode, seed=request.params.seed or 0,
@@ -344,8 +342,16 @@ class Engine:
         finally:
             loaded.release(slot)
 
-    def start(self, request: Request, on_event: Callable[[Event | BaseException], None]) -> Run:
-        """Run a request on a worker thread; events (or the error) go to on_event."""
+    def start(
+        self,
+        request: Request,
+        on_event: Callable[[Event | BaseException], None],
+        *,
+        on_finish: Callable[[], None] | None = None,
+        name: str = "me-local-generate",
+    ) -> Run:
+        """Run a request on a worker thread; events (or the error) go to on_event.
+        ``on_finish`` runs on that thread once it has left the engine (its slot is free)."""
         run = Run()
 
         def work() -> None:
@@ -358,8 +364,10 @@ class Engine:
                 on_event(exc)
             finally:
                 run.finished.set()
+                if on_finish is not None:
+                    on_finish()
 
-        run.thread = threading.Thread(target=work, name="me-local-generate", daemon=True)
+        run.thread = threading.Thread(target=work, name=name, daemon=True)
         run.thread.start()
         return run
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from ..core import DoneEvent, Event, TokenEvent
-from ..engine import Engine, Request
-from ..errors import MeLocalError
+from ..engine import Engine, Request, Run
 
 log = logging.getLogger("me_local.server")
 
@@ -53,30 +51,18 @@ class EventStream:
         self.error: BaseException | None = None
         self.cancel_reason: str | None = None
         self.finished = asyncio.Event()
-        self._flag = threading.Event()
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._on_finish = on_finish
         self._on_token_gap = on_token_gap
         self._last_token_at: float | None = None
-        self.thread: threading.Thread | None = None
+        self.run: Run | None = None
 
     def start(self) -> EventStream:
-        self.thread = threading.Thread(target=self._work, name=f"me-local-{self.ensemble}", daemon=True)
-        self.thread.start()
+        self.run = self.engine.start(self.request, self._post, on_finish=lambda: self._post(_FINISHED),
+                                     name=f"me-local-{self.ensemble}")
         return self
 
     # -- worker thread side ---------------------------------------------------------
-    def _work(self) -> None:
-        try:
-            for ev in self.engine.generate(self.request, cancel=self._flag.is_set):
-                self._post(ev)
-        except BaseException as exc:  # delivered to the handler, never lost
-            if not isinstance(exc, MeLocalError):
-                log.exception("generation failed")
-            self._post(exc)
-        finally:
-            self._post(_FINISHED)
-
     def _post(self, item: Item | _Finished) -> None:
         stamp = time.perf_counter()
         try:
@@ -122,7 +108,8 @@ class EventStream:
             return
         if self.cancel_reason is None:
             self.cancel_reason = reason
-        self._flag.set()
+        if self.run is not None:
+            self.run.cancel()
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until the worker has left the engine; False on timeout."""
