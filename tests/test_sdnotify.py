@@ -126,53 +126,100 @@ def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
 
 
+class Ticks:
+    """A stand-in for ``asyncio.sleep`` that the test drives: the watchdog waits in it until ``release``.
+
+    The watchdog's timing is then a sequence of observable events (it went to sleep, with which interval),
+    never a race against the wall clock of a shared machine.
+    """
+
+    def __init__(self) -> None:
+        self.intervals: list[float] = []
+        self._asleep = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        self.intervals.append(seconds)
+        self._wake = asyncio.get_running_loop().create_future()
+        self._asleep.set()
+        await self._wake
+
+    async def asleep(self) -> None:
+        """Wait until the watchdog has gone to sleep (after its ping, if any)."""
+        await asyncio.wait_for(self._asleep.wait(), 10)
+        self._asleep.clear()
+
+    def release(self) -> None:
+        """The interval has passed: let the watchdog run again when the loop next runs."""
+        assert self._wake is not None and not self._wake.done()
+        self._wake.set_result(None)
+
+
 async def test_watchdog_pings_from_the_event_loop_and_stops_cleanly(listener: Listener) -> None:
     env = {"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "100000"}  # ping every 0.05 s
-    wd = Watchdog.from_env(environ=env)
+    ticks = Ticks()
+    wd = Watchdog.from_env(environ=env, sleep=ticks.sleep)
     assert wd.enabled and wd.interval == 0.05
     async with wd:
-        await asyncio.sleep(0.22)
-        assert wd.running
-        # While the loop is blocked nothing pings: a wedged daemon gets restarted, as it should.
-        listener.drain()
-        time.sleep(0.2)
-        assert listener.drain() == []
-        await asyncio.sleep(0.12)
+        await ticks.asleep()
+        assert wd.running and ticks.intervals == [0.05]
+        assert listener.drain() == [b"WATCHDOG=1"]
+        # The interval has passed, but while the loop is blocked nothing pings: a wedged daemon
+        # gets restarted, as it should.
+        ticks.release()
+        assert listener.drain() == []  # (this test has not yielded to the loop since)
+        await ticks.asleep()  # the loop ran again: the ping follows
+        assert listener.drain() == [b"WATCHDOG=1"]
     assert not wd.running
-    pings = listener.drain()
-    assert pings and set(pings) == {b"WATCHDOG=1"}
-    await asyncio.sleep(0.12)
-    assert listener.drain() == []  # stopped for good
+    assert listener.drain() == []  # stopped for good, although its sleep was never released
     await wd.stop()  # idempotent
 
 
 async def test_watchdog_counts_pings(listener: Listener) -> None:
-    wd = Watchdog(Notifier(listener.address), interval=0.05)
+    ticks = Ticks()
+    wd = Watchdog(Notifier(listener.address), interval=0.05, sleep=ticks.sleep)
     wd.start()
     wd.start()  # idempotent: still one task
-    await asyncio.sleep(0.23)
+    for _ in range(3):
+        await ticks.asleep()
+        ticks.release()
+    await ticks.asleep()
     await wd.stop()
-    assert 3 <= len(listener.drain()) <= 6  # at 0, 0.05, ..., 0.20 s (fewer on a loaded machine)
+    assert listener.drain() == [b"WATCHDOG=1"] * 4  # at 0, 0.05, 0.10, 0.15 s
+    assert ticks.intervals == [0.05] * 4
 
 
 async def test_watchdog_withholds_pings_when_unhealthy(listener: Listener) -> None:
     healthy = False
-    wd = Watchdog(Notifier(listener.address), interval=0.05, check=lambda: healthy)
+    ticks = Ticks()
+    wd = Watchdog(Notifier(listener.address), interval=0.05, check=lambda: healthy, sleep=ticks.sleep)
     async with wd:
-        await asyncio.sleep(0.12)
-        assert listener.drain() == []
+        for _ in range(2):
+            await ticks.asleep()
+            assert listener.drain() == []
+            ticks.release()
         healthy = True
-        await asyncio.sleep(0.08)
-    assert set(listener.drain()) == {b"WATCHDOG=1"}
+        await ticks.asleep()
+    assert listener.drain() == [b"WATCHDOG=1"]
 
 
 async def test_watchdog_disabled_without_interval_or_socket(listener: Listener) -> None:
-    for wd in (Watchdog(Notifier(listener.address), None), Watchdog(Notifier(None), 0.05)):
+    ticks = Ticks()
+    for wd in (Watchdog(Notifier(listener.address), None, sleep=ticks.sleep),
+               Watchdog(Notifier(None), 0.05, sleep=ticks.sleep)):
         assert not wd.enabled
         async with wd:
-            await asyncio.sleep(0.06)
+            await asyncio.sleep(0)  # a task, had one been started, would run now
             assert not wd.running
-    assert listener.drain() == []
+    assert listener.drain() == [] and ticks.intervals == []
+
+
+async def _datagram(listener: Listener, wanted: bytes, timeout: float = 10.0) -> None:
+    """Wait (without blocking the loop) until ``wanted`` arrives; other datagrams are dropped."""
+    deadline = time.monotonic() + timeout
+    while wanted not in listener.drain():
+        assert time.monotonic() < deadline, f"no {wanted!r} within {timeout} s"
+        await asyncio.sleep(0.01)
 
 
 class FakeServer:
@@ -198,8 +245,8 @@ async def test_hooks_notify_ready_watchdog_reload_and_stopping(listener: Listene
     for callback in server.on_ready:
         await callback(server)
     assert listener.recv() == b"READY=1\nSTATUS=serving default on http://127.0.0.1:11435"
-    await asyncio.sleep(0.07)
-    assert hooks.watchdog.running and b"WATCHDOG=1" in listener.drain()
+    await _datagram(listener, b"WATCHDOG=1")
+    assert hooks.watchdog.running
 
     server.reload_ok = False
     assert await hooks.reload(server) is False

@@ -33,7 +33,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -206,12 +206,15 @@ class Watchdog:
 
     Use ``async with Watchdog.from_env(notifier): ...`` or ``start()`` / ``await stop()``.
     Disabled (start() does nothing) when the interval is None or the notifier is.
+    ``sleep`` waits between pings (default ``asyncio.sleep``); tests pass one they drive.
     """
 
-    def __init__(self, notifier: Notifier, interval: float | None, check: Callable[[], bool] | None = None) -> None:
+    def __init__(self, notifier: Notifier, interval: float | None, check: Callable[[], bool] | None = None,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
         self.notifier = notifier
         self.interval = interval
         self.check = check
+        self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -220,8 +223,9 @@ class Watchdog:
         notifier: Notifier | None = None,
         environ: Mapping[str, str] | None = None,
         check: Callable[[], bool] | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> Watchdog:
-        return cls(notifier or Notifier.from_env(environ), watchdog_interval(environ), check)
+        return cls(notifier or Notifier.from_env(environ), watchdog_interval(environ), check, sleep)
 
     @property
     def enabled(self) -> bool:
@@ -261,7 +265,7 @@ class Watchdog:
                 self.notifier.watchdog()
             else:
                 log.warning("watchdog: health check failed; withholding WATCHDOG=1")
-            await asyncio.sleep(self.interval)
+            await self._sleep(self.interval)
 
     async def __aenter__(self) -> Watchdog:
         self.start()
