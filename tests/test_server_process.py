@@ -212,3 +212,28 @@ def test_sigterm_ends_streams_in_flight_with_a_final_chunk_and_exits_0(daemons, 
     assert final["done"] is True and final["done_reason"] == "cancelled" and 0 < final["eval_count"] < 1500
     assert all(line["done"] is False for line in lines[:-1])
     assert "received SIGTERM" in d.stderr and "ending 2 stream(s) in flight" in d.stderr
+
+
+def test_a_native_crash_leaves_every_threads_python_stack_in_the_log(daemons, tmp_path, tiny_models):
+    """faulthandler is on in serve: a SIGSEGV (here sent by kill, as llama.cpp's would arrive) is not silent."""
+    d = daemons("--config", str(tiny_yaml(tmp_path, tiny_models["a1"])))
+    d.wait_ready()
+    d.proc.send_signal(signal.SIGSEGV)
+    assert d.wait_exit() == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in d.stderr
+    assert "most recent call first" in d.stderr and "runner.py" in d.stderr  # the loop thread, in serve
+
+
+def test_a_native_crash_in_the_cli_is_not_silent(tmp_path, tiny_config):
+    cmd = [sys.executable, "-m", "me_local.cli", "chat", "--config", str(tiny_config), "-e", "pair"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "ME_LOCAL_HOME": str(tmp_path)})
+    try:
+        assert proc.stdout is not None
+        assert b"me-local chat on" in proc.stdout.readline()  # it is waiting for input now
+        proc.send_signal(signal.SIGSEGV)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGSEGV
+    assert b"Fatal Python error: Segmentation fault" in err and b"chat.py" in err

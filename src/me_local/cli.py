@@ -209,6 +209,9 @@ def models(config_path: str | None) -> None:
 
 
 def main() -> None:
+    from .logs import enable_crash_traces
+
+    enable_crash_traces()  # a native crash in llama.cpp leaves a Python stack on stderr, never silence
     cli(prog_name="me-local")
 
 

@@ -21,6 +21,7 @@ What ``me-local serve`` calls::
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -78,6 +79,23 @@ class LineFormatter(logging.Formatter):
         if self.journal:
             text = f"<{_priority(record.levelno)}>{text}"
         return text
+
+
+def enable_crash_traces(stream: TextIO | None = None) -> bool:
+    """On a native crash, write every thread's Python stack to ``stream`` (stderr) before dying.
+
+    llama.cpp runs in-process: a segfault, an abort or a SIGBUS (a mapped model file written
+    under it) would otherwise end the process with no word in the log. :mod:`faulthandler`
+    handles SIGSEGV, SIGFPE, SIGABRT, SIGBUS and SIGILL. The CLI's entry point calls this first,
+    and ``serve`` again (stderr is the service's log). False when the stream has no file
+    descriptor (then nothing can be written from a signal handler anyway).
+    """
+    stream = sys.stderr if stream is None else stream
+    try:
+        faulthandler.enable(file=stream, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no fileno(): an in-memory stream
+        return False
+    return True
 
 
 def setup_logging(

@@ -38,10 +38,11 @@ def serve(config_path: str | None, host: str, port: int, api_key: str | None, al
     Stop it with Ctrl+C or SIGTERM (streams in flight end with a final chunk);
     SIGHUP re-reads models.yaml (a broken file is logged and the old models keep serving).
     """
-    from ..logs import setup_logging
+    from ..logs import enable_crash_traces, setup_logging
     from ..sdnotify import SystemdHooks
 
     setup_logging(secrets=[api_key] if api_key else ())  # one line per event; the key never appears
+    enable_crash_traces()  # stderr is the service's log: a native crash leaves every thread's stack there
     settings = ServerSettings(host=host, port=port, api_key=api_key, allow_origins=allow_origin,
                               allow_hosts=allow_host, insecure=insecure, max_body_bytes=max_body_size,
                               log_prompts=log_prompts)
