@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -153,10 +155,12 @@ def test_chat_greedy_answers_match_generate(tiny_config):
     assert gen.stdout.strip() and gen.stdout.strip() in chat.stdout
 
 
-def _read_until(fd, needle: bytes, timeout: float = 60.0) -> bytes:
+def _read_until(fd, needle: bytes | Callable[[bytes], bool], timeout: float = 60.0) -> bytes:
+    """Read the terminal until ``needle`` appears in what was read (or ``needle(read)`` holds)."""
     buf = b""
     deadline = time.monotonic() + timeout
-    while needle not in buf:
+    done = needle if callable(needle) else (lambda b: needle in b)
+    while not done(buf):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise AssertionError(f"did not see {needle!r}; got {buf[-500:]!r}")
@@ -191,8 +195,14 @@ def test_chat_on_a_terminal_ctrl_c_stops_the_answer_and_keeps_the_session(smollm
     try:
         _read_until(fd, b">>> ")
         os.write(fd, b"Tell me a very long story\r")
-        _read_until(fd, b"story")
-        time.sleep(2.0)  # it is streaming now (4096 tokens take tens of seconds)
+        echoed = _read_until(fd, b"story")
+
+        def answering(buf: bytes) -> bool:  # the echoed line ended and the answer's first words arrived
+            # readline's own control sequences (bracketed paste off: ESC [?2004l) come before the answer
+            after = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", (echoed + buf).split(b"story", 1)[1])
+            return b"\n" in after and len(after.split(b"\n", 1)[1].strip()) >= 8
+
+        _read_until(fd, answering)  # it streams now: its 4096 tokens take tens of seconds
         os.write(fd, b"\x03")
         out = _read_until(fd, b">>> ")
         assert b"[stopped]" in out

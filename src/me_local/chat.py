@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import os
 import queue
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -252,39 +254,85 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         cancel: list[Any] = []
-        done: DoneEvent | None = None
+        ctrl_c = _CtrlC(cancel)
         try:
-            events = self.backend.stream(self.messages, self.settings, cancel)
-            try:
-                for ev in events:
-                    if isinstance(ev, TokenEvent):
-                        parts.append(ev.text)
-                        click.echo(ev.text, nl=False)
-                        sys.stdout.flush()
-                    else:
-                        parts.append(ev.text)
-                        click.echo(ev.text, nl=False)
-                        done = ev
-            except KeyboardInterrupt:
-                for c in cancel:
-                    c()
-                while True:  # drain until the worker confirms it stopped; more Ctrl+C only waits
-                    try:
-                        for ev in events:
-                            if isinstance(ev, DoneEvent):
-                                done = ev
-                        break
-                    except KeyboardInterrupt:
-                        continue
-                click.echo(" [stopped]", nl=False)
+            with ctrl_c:
+                events = self.backend.stream(self.messages, self.settings, cancel)
+                ctrl_c.armed()
+                self._print(events, parts, ctrl_c)
         except Exception as exc:  # the session and its conversation survive any failed answer
             self.messages.pop()
             click.echo(f"\nerror: {exc}")
             return
+        if ctrl_c.hit:
+            click.echo(" [stopped]", nl=False)
         click.echo()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
-        if done is not None:
-            self.last = done
+        if ctrl_c.done is not None:
+            self.last = ctrl_c.done
+
+    @staticmethod
+    def _print(events: Iterator[Event], parts: list[str], ctrl_c: _CtrlC) -> None:
+        """Print the answer as it streams, to its DoneEvent (also after Ctrl+C: the worker confirms it stopped)."""
+        try:
+            for ev in events:
+                parts.append(ev.text)
+                click.echo(ev.text, nl=False)
+                sys.stdout.flush()
+                if isinstance(ev, DoneEvent):
+                    ctrl_c.done = ev
+        except KeyboardInterrupt:  # raised by the events themselves (no handler in this thread): cancel, drain
+            ctrl_c.cancel()
+            while True:  # more Ctrl+C only waits
+                try:
+                    for ev in events:
+                        if isinstance(ev, DoneEvent):
+                            ctrl_c.done = ev
+                    break
+                except KeyboardInterrupt:
+                    continue
+
+
+class _CtrlC:
+    """While an answer streams, Ctrl+C cancels it rather than raising KeyboardInterrupt.
+
+    A KeyboardInterrupt can land anywhere in the main thread, including inside ``queue.get``
+    between taking and releasing the queue's lock, which would then never be released
+    (the chat hangs, the worker runs on). So in the main thread a SIGINT handler only
+    records the press and calls the cancel functions (setting a flag, closing a socket);
+    the answer loop then reads on to the worker's ``DoneEvent("cancelled")``.
+    """
+
+    def __init__(self, cancel: list[Any]) -> None:
+        self._cancel = cancel
+        self.hit = False
+        self.done: DoneEvent | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        self.hit = True
+        for c in list(self._cancel):
+            c()
+
+    def armed(self) -> None:
+        """The cancel functions are registered: a press that came before them takes effect now."""
+        if self.hit:
+            self.cancel()
 
 
 def _save_history(readline: Any, path: Path) -> None:
