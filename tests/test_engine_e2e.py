@@ -337,3 +337,24 @@ def test_same_tokens_but_another_eos_is_a_clear_mismatch_and_frees_what_it_loade
         with pytest.raises(VocabMismatchError, match=r"'base'.*'chat'.*BOS/EOS ids 524/524 vs 524/526"):
             engine.ensemble("mix")
     assert len(store) == 0  # the failed load released its contexts and weights
+
+
+@pytest.mark.smollm
+def test_the_shipped_default_ensemble_decodes_multi_token_batches(monkeypatch, tmp_path):
+    """The AMX crash case (llama.cpp#20824): every llama_decode of 2+ tokens on the real default model,
+    loaded with the shipped settings: the prompt in one batch, and catch-ups of several tokens in me mode."""
+    from me_local.config import packaged_config_path
+
+    monkeypatch.chdir(tmp_path)
+    eng = Engine(load_config(str(packaged_config_path())))
+    try:
+        msgs = [{"role": "user", "content": "Write two sentences about the sea."}]
+        tokens, done = run(eng, messages=msgs, params=SamplingParams(seed=2, max_tokens=40, **T1))
+        assert done.finish_reason in ("stop", "length") and len(tokens) >= 8
+        text = "".join(t.text for t in tokens)
+        assert sum(c.isalpha() for c in text) >= 10, text
+        stats = {m.name: m for m in done.stats.members}
+        assert all(m.prompt_tokens > 10 for m in stats.values())  # each prompt went in as one batch
+        assert sum(m.catchup_tokens for m in stats.values()) >= 2  # and members caught up on what they missed
+    finally:
+        eng.close()
