@@ -118,11 +118,13 @@ class EngineMember(FakeMember):
 
 class FakeFactory:
     """An engine member factory of EngineMembers. ``tokenized`` lists the texts tokenized
-    so far; while ``gate`` is set to an unset Event, tokenizing waits for it."""
+    so far; while ``gate`` is set to an unset Event, tokenizing waits for it (only for the
+    texts in ``held``, when that is set)."""
 
     def __init__(self, n_ctx: int = 256) -> None:
         self.n_ctx = n_ctx
         self.gate: threading.Event | None = None
+        self.held: set[str] | None = None
         self.tokenized: list[str] = []
         self._lock = threading.Lock()
 
@@ -132,5 +134,5 @@ class FakeFactory:
     def tokenizing(self, text: str) -> None:
         with self._lock:
             self.tokenized.append(text)
-        if self.gate is not None:
+        if self.gate is not None and (self.held is None or text in self.held):
             assert self.gate.wait(60), "the test never opened the tokenizer gate"

@@ -48,10 +48,10 @@ def request(text, max_tokens=3):
 class Waiter:
     """One request on its own thread, as the server runs it (with a cancel flag it polls)."""
 
-    def __init__(self, engine, name, started, *, timeout=None):
+    def __init__(self, engine, name, started, *, timeout=None, on_poll=None):
         self.name = name
         self.flag = threading.Event()
-        self.on_poll = None
+        self.on_poll = on_poll
         self.events = []
         self.error = None
 
@@ -88,7 +88,7 @@ def queue_up(engine, ens, names, started, **kw):
     waiters = []
     for n, name in enumerate(names, 1):
         waiters.append(Waiter(engine, name, started, **kw))
-        wait_until(lambda n=n: ens.in_line == n)  # registered in line before the next arrives
+        wait_until(lambda n=n: ens.waiting == n)  # registered in line before the next arrives
     return waiters
 
 
@@ -115,7 +115,24 @@ def test_waiting_requests_start_in_arrival_order(make_engine, arrival):
             assert w.error is None and isinstance(w.events[-1], DoneEvent)
             assert w.events[-1].finish_reason == "length"
         assert started == [f"Q{i}" for i in arrival]
-        assert ens.waiting == 0 and ens.in_line == 0 and ens.busy_slots == 0
+        assert ens.waiting == 0 and ens.busy_slots == 0
+
+
+def test_arrival_order_holds_while_an_earlier_request_is_still_being_tokenized(make_engine):
+    engine, ens, factory = make_engine()
+    factory.gate, factory.held = threading.Event(), {"request Q0"}
+    started = []
+    q0 = Waiter(engine, "Q0", started)
+    wait_until(lambda: factory.tokenized == ["request Q0"])  # Q0 is in line, being tokenized
+    polled = threading.Event()
+    q1 = Waiter(engine, "Q1", started, on_poll=polled.set)
+    wait_until(lambda: polled.is_set() or started)  # Q1 is tokenized and waits (or, wrongly, runs)
+    assert ens.waiting == 2 and ens.busy_slots == 0 and not started  # the slot is free, but Q0 came first
+    factory.gate.set()
+    for w in (q0, q1):
+        w.join()
+        assert w.error is None and w.events[-1].finish_reason == "length"
+    assert started == ["Q0", "Q1"]
 
 
 def test_a_request_cancelled_in_the_middle_of_the_line_does_not_block_the_others(make_engine):
@@ -126,10 +143,10 @@ def test_a_request_cancelled_in_the_middle_of_the_line_does_not_block_the_others
     q1.flag.set()
     q1.join()
     assert [type(e) for e in q1.events] == [DoneEvent] and q1.events[0].finish_reason == "cancelled"
-    assert ens.in_line == 3 and ens.waiting == 3
+    assert ens.waiting == 3
     q0.flag.set()  # the head leaves too
     q0.join()
-    assert ens.in_line == 2
+    assert ens.waiting == 2
     holder.close()
     for w in (q2, q3):
         w.join()
@@ -146,7 +163,7 @@ def test_a_request_timed_out_in_line_makes_way(make_engine):
     q1 = Waiter(engine, "Q1", started)  # usually in line behind Q0 before Q0's time is up
     q0.join()  # its timeout passes while the slot is held
     assert isinstance(q0.error, QueueFullError) and "stayed busy" in str(q0.error)
-    wait_until(lambda: ens.in_line == 1)
+    wait_until(lambda: ens.waiting == 1)
     holder.close()
     q1.join()
     assert q1.error is None and started == ["Q1"]

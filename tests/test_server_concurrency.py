@@ -136,7 +136,7 @@ async def test_queued_requests_start_in_arrival_order(make_server):
     tasks = []
     for n, word in enumerate(words, 1):
         tasks.append(asyncio.ensure_future(chat(word)))
-        await async_wait_until(lambda n=n: ens.in_line == n)  # in line before the next one arrives
+        await async_wait_until(lambda n=n: ens.waiting == n)  # in line before the next one arrives
     throttle.open()
     assert [(await t).status for t in [holder, *tasks]] == [200] * 6
     # the order in which their prompts reached the model

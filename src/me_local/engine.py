@@ -107,10 +107,10 @@ class Ticket:
 class LoadedEnsemble:
     """An ensemble's slots and its line of waiting requests.
 
-    A request is counted from its admission (:meth:`admit`, before its prompt is
-    tokenized): past ``parallel`` running and ``max_queue`` waiting it is refused at
-    once. Once tokenized it joins the line (:meth:`acquire`); the line is served in
-    arrival order, only its head may take a free slot. It leaves with :meth:`leave`.
+    A request joins the line when it is admitted (:meth:`admit`, before its prompt is
+    tokenized); past ``parallel`` running and ``max_queue`` in line it is refused at
+    once. The line is served in arrival order: only its head may take a slot
+    (:meth:`acquire`). A request leaves with :meth:`leave`, which frees its slot.
     """
 
     def __init__(self, config: EnsembleConfig, factory: MemberFactory) -> None:
@@ -119,11 +119,9 @@ class LoadedEnsemble:
         self._slots: list[Slot] = []
         self._cond = threading.Condition()
         self._line: deque[Ticket] = deque()
-        """Requests waiting for a slot, in arrival order."""
-        self._admitted = 0
-        """Requests counted against the queue that have not left (running or waiting)."""
+        """Requests admitted without a slot yet (being tokenized, or waiting), in arrival order."""
         self._holding = 0
-        """Of those, the ones holding a slot or opening one."""
+        """Requests holding a slot or opening one."""
         self._opening = 0
         self._open_lock = threading.Lock()
         """Slots are opened one at a time, outside ``_cond`` (a context takes a while to create)."""
@@ -157,37 +155,32 @@ class LoadedEnsemble:
 
     @property
     def waiting(self) -> int:
-        """Requests admitted that have no slot yet: being tokenized, or in line for a slot."""
-        return self._admitted - self._holding
-
-    @property
-    def in_line(self) -> int:
-        """Requests tokenized and waiting in line for a slot."""
+        """Requests admitted that have no slot yet: being tokenized, or waiting for a slot."""
         return len(self._line)
 
     def admit(self, max_queue: int | None = None) -> Ticket:
-        """Count a request against the queue before any work is done for it; refuse it
-        (QueueFullError) when ``parallel`` requests run and ``max_queue`` wait already."""
+        """Put a request in line before any work is done for it; refuse it (QueueFullError)
+        when ``parallel`` requests run and ``max_queue`` wait already."""
         limit = self.config.max_queue if max_queue is None else max_queue
         with self._cond:
-            if self._admitted >= self.config.parallel + limit:
+            if self._holding + len(self._line) >= self.config.parallel + limit:
                 raise QueueFullError(
                     f"ensemble {self.config.name!r} is busy ({self.config.parallel} slots, "
-                    f"{self.waiting} waiting); retry shortly"
+                    f"{len(self._line)} waiting); retry shortly"
                 )
-            self._admitted += 1
-            return Ticket()
+            ticket = Ticket()
+            self._line.append(ticket)
+            return ticket
 
     def acquire(self, ticket: Ticket, prompts: Sequence[Sequence[int]], timeout: float | None = None,
                 cancel: Callable[[], bool] | None = None) -> Slot | None:
-        """Wait in line for a slot, first come, first served: only the head of the line
-        takes a free slot, the one sharing the longest prefix with its prompts (a new
-        one, up to ``parallel``, when none shares a prefix). Returns None when
-        ``cancel`` fires while waiting (the client left); raises QueueFullError when
-        ``timeout`` passes. A request that leaves the line wakes the ones behind it."""
+        """Wait for a slot, first come, first served: only the head of the line takes a
+        free slot, the one sharing the longest prefix with its prompts (a new one, up to
+        ``parallel``, when none shares a prefix). Returns None when ``cancel`` fires
+        while waiting (the client left); raises QueueFullError when ``timeout`` passes.
+        A request that leaves the line wakes the ones behind it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            self._line.append(ticket)
             try:
                 while True:
                     if self._line[0] is ticket:
@@ -216,10 +209,13 @@ class LoadedEnsemble:
                         slice_s = remaining if slice_s is None else min(slice_s, remaining)
                     self._cond.wait(slice_s)
             finally:
-                if self._line and ticket in self._line:  # cancelled, timed out or failed: make way
-                    self._line.remove(ticket)
-                    self._cond.notify_all()
+                self._step_out(ticket)  # cancelled, timed out or failed: make way at once
         return self._open_slot(ticket)
+
+    def _step_out(self, ticket: Ticket) -> None:
+        if ticket.slot is None and ticket in self._line:
+            self._line.remove(ticket)
+            self._cond.notify_all()
 
     def _free_slot(self, prompts: Sequence[Sequence[int]]) -> Slot | None:
         """The free slot with the longest cached prefix; None when there is none, or
@@ -252,13 +248,13 @@ class LoadedEnsemble:
         return slot
 
     def leave(self, ticket: Ticket) -> None:
-        """The request is done: its slot (if it got one) is free and it no longer counts
-        against the queue. Idempotent."""
+        """The request is done: out of the line, or its slot (if it got one) is free.
+        Idempotent."""
         with self._cond:
             if ticket.left:
                 return
             ticket.left = True
-            self._admitted -= 1
+            self._step_out(ticket)
             if ticket.slot is not None:
                 ticket.slot.busy = False
                 ticket.slot = None
