@@ -190,12 +190,14 @@ def build_tiny_model(
     n_ctx_train: int = 2048,
     chat_template: str | None = CHATML,
     eos_token: str = "<|endoftext|>",
+    add_bos: bool = False,
 ) -> Path:
     """Write a tiny random-weight llama GGUF model to ``path`` and return it.
 
     ``seed`` only affects the weights; the tokenizer metadata depends on
     ``vocab`` (and ``eos_token``, as a base and an instruct variant differ) alone.
-    ``chat_template=None`` omits ``tokenizer.chat_template``.
+    ``chat_template=None`` omits ``tokenizer.chat_template``; ``add_bos=True`` makes
+    tokenizing prepend BOS (as Llama-style vocabularies do).
     The file is written under a temporary name and renamed into place.
     """
     path = Path(path)
@@ -227,7 +229,7 @@ def build_tiny_model(
     writer.add_bos_token_id(bos)
     writer.add_eos_token_id(eos)
     writer.add_eot_token_id(eot)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)

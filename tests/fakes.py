@@ -1,10 +1,15 @@
 """Fake members for the pure core's unit tests: deterministic logits that
 depend on the member's seed and the last token in its cache, a record of every
-evaluate() call, and a scripted mode that emits fixed byte pieces."""
+evaluate() call, and a scripted mode that emits fixed byte pieces. Also fake
+members the engine can serve (``FakeFactory``), whose tokenization can be held."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -86,3 +91,48 @@ def scripted(name: str, pieces: Sequence[bytes], script: Sequence[int], prompt_l
     m = FakeMember(name, 0, n_vocab=len(pieces), pieces=pieces, script=script, **kw)
     m.script_offset = prompt_len
     return m
+
+
+class EngineMember(FakeMember):
+    """A FakeMember with what the engine needs besides the core protocol: a model
+    fingerprint, prompts (each byte of the text is a token, modulo the vocabulary)
+    and close(). Tokenizing goes through the factory, which may hold it."""
+
+    def __init__(self, name: str, factory: FakeFactory, **kw: Any) -> None:
+        super().__init__(name, 0, **kw)
+        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"))
+        self.system: str | None = None
+        self._factory = factory
+        self.closed = False
+
+    def raw_prompt(self, text: str) -> list[int]:
+        self._factory.tokenizing(text)
+        return [b % self.n_vocab for b in text.encode()]
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return self.raw_prompt("".join(m["content"] for m in messages))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeFactory:
+    """An engine member factory of EngineMembers. ``tokenized`` lists the texts tokenized
+    so far; while ``gate`` is set to an unset Event, tokenizing waits for it (only for the
+    texts in ``held``, when that is set)."""
+
+    def __init__(self, n_ctx: int = 256) -> None:
+        self.n_ctx = n_ctx
+        self.gate: threading.Event | None = None
+        self.held: set[str] | None = None
+        self.tokenized: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, mc: Any, ens: Any) -> EngineMember:
+        return EngineMember(mc.name, self, n_ctx=self.n_ctx)
+
+    def tokenizing(self, text: str) -> None:
+        with self._lock:
+            self.tokenized.append(text)
+        if self.gate is not None and (self.held is None or text in self.held):
+            assert self.gate.wait(60), "the test never opened the tokenizer gate"

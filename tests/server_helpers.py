@@ -98,9 +98,10 @@ class Throttle:
 class ThrottledMember:
     """A real llama.cpp member whose evaluate() waits for the throttle's permit."""
 
-    def __init__(self, inner: Any, throttle: Throttle) -> None:
+    def __init__(self, inner: Any, throttle: Throttle, log: list[list[int]] | None = None) -> None:
         self._inner = inner
         self._throttle = throttle
+        self._log = log
         self.evaluations = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -109,6 +110,8 @@ class ThrottledMember:
     def evaluate(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None) -> None:
         self._throttle.wait()
         self.evaluations += 1
+        if self._log is not None:
+            self._log.append(list(tokens))
         gate = self._throttle.chunk_gate
         if gate is not None and cancel is not None:
             inner_cancel = cancel
@@ -124,11 +127,13 @@ class ThrottledMember:
 
 class ThrottledFactory:
     """Members of slot s of ensemble e are held back by ``throttles[(e, s)]``; a slot's throttle is
-    created closed (no permits) unless the test made it first."""
+    created closed (no permits) unless the test made it first. ``evaluated`` lists the tokens of
+    every evaluate() call, in the order they were let through."""
 
     def __init__(self, throttles: dict[tuple[str, int], Throttle] | None = None) -> None:
         self.throttles = throttles or {}
         self.members: dict[tuple[str, int], list[ThrottledMember]] = {}
+        self.evaluated: list[list[int]] = []
         self._base = llama_member_factory()
         self._count: dict[str, int] = {}
 
@@ -137,7 +142,7 @@ class ThrottledFactory:
         self._count[ens.name] = n + 1
         slot = n // len(ens.members)
         throttle = self.throttles.setdefault((ens.name, slot), Throttle())
-        member = ThrottledMember(self._base(mc, ens), throttle)
+        member = ThrottledMember(self._base(mc, ens), throttle, self.evaluated)
         self.members.setdefault((ens.name, slot), []).append(member)
         return member
 

@@ -120,6 +120,32 @@ async def test_queue_overflow_gets_503_with_retry_after(make_server):
     assert metric(samples, "me_local_requests_total", endpoint=CHAT, method="POST", status="503") == 1
 
 
+async def test_queued_requests_start_in_arrival_order(make_server):
+    factory = ThrottledFactory()
+    client, state = await make_server(factory)
+    ens = state.engine.ensemble("solo")
+    throttle = factory.throttle("solo", 0)
+
+    def chat(content):
+        return client.post(CHAT, json={"model": "solo", "messages": [{"role": "user", "content": content}],
+                                       "max_tokens": 1, "seed": 1})
+
+    holder = asyncio.ensure_future(chat("Hold the slot"))
+    await async_wait_until(throttle.waiting.is_set)  # the holder is in its slot, held at its prompt
+    words = ["Walrus", "Zebra", "Ibex", "Quokka", "Narwhal"]
+    tasks = []
+    for n, word in enumerate(words, 1):
+        tasks.append(asyncio.ensure_future(chat(word)))
+        await async_wait_until(lambda n=n: ens.waiting == n)  # in line before the next one arrives
+    throttle.open()
+    assert [(await t).status for t in [holder, *tasks]] == [200] * 6
+    # the order in which their prompts reached the model
+    texts = [ens.members[0].model.detokenize(tokens) for tokens in factory.evaluated]
+    first = [next(i for i, text in enumerate(texts) if word in text) for word in words]
+    assert first == sorted(first)
+    assert ens.waiting == 0 and ens.busy_slots == 0
+
+
 async def test_health_and_metrics_answer_while_every_slot_is_busy(make_server):
     factory = ThrottledFactory()
     client, _ = await make_server(factory)

@@ -3,8 +3,9 @@
 
 It loads ensembles (sharing weights through the backend's ModelStore),
 checks that members share a vocabulary, keeps ``parallel`` slots per ensemble
-(each with its own context per member, created on first use), gives a request
-the free slot with the longest cached prefix, and runs the pure core's
+(each with its own context per member, created on first use), serves waiting
+requests in arrival order, gives each the free slot with the longest cached
+prefix, and runs the pure core's
 generation loop. Work runs on the caller's thread (``generate``) or on a worker
 thread (``start``), with a cancel flag checked between decode calls.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -91,13 +93,38 @@ class Slot:
             m.close()
 
 
+class Ticket:
+    """One request's place in an ensemble, from its admission (before its prompt is
+    tokenized) until it leaves: with its slot, or without one (refused, failed, cancelled)."""
+
+    __slots__ = ("left", "slot")
+
+    def __init__(self) -> None:
+        self.slot: Slot | None = None
+        self.left = False
+
+
 class LoadedEnsemble:
+    """An ensemble's slots and its line of waiting requests.
+
+    A request joins the line when it is admitted (:meth:`admit`, before its prompt is
+    tokenized); past ``parallel`` running and ``max_queue`` in line it is refused at
+    once. The line is served in arrival order: only its head may take a slot
+    (:meth:`acquire`). A request leaves with :meth:`leave`, which frees its slot.
+    """
+
     def __init__(self, config: EnsembleConfig, factory: MemberFactory) -> None:
         self.config = config
         self._factory = factory
         self._slots: list[Slot] = []
         self._cond = threading.Condition()
-        self.waiting = 0
+        self._line: deque[Ticket] = deque()
+        """Requests admitted without a slot yet (being tokenized, or waiting), in arrival order."""
+        self._holding = 0
+        """Requests holding a slot or opening one."""
+        self._opening = 0
+        self._open_lock = threading.Lock()
+        """Slots are opened one at a time, outside ``_cond`` (a context takes a while to create)."""
         # the first slot is built now: it loads the models and checks the vocabulary
         self._slots.append(self._new_slot(0))
         try:
@@ -126,55 +153,113 @@ class LoadedEnsemble:
     def busy_slots(self) -> int:
         return sum(s.busy for s in self._slots)
 
-    def acquire(self, prompts: Sequence[Sequence[int]], timeout: float | None = None,
-                max_queue: int | None = None, cancel: Callable[[], bool] | None = None) -> Slot | None:
-        """The free slot sharing the longest prefix with the prompts (creating
-        slots up to ``parallel``); waits while all are busy. Returns None when
-        ``cancel`` fires while waiting (the client left the queue)."""
+    @property
+    def waiting(self) -> int:
+        """Requests admitted that have no slot yet: being tokenized, or waiting for a slot."""
+        return len(self._line)
+
+    def admit(self, max_queue: int | None = None) -> Ticket:
+        """Put a request in line before any work is done for it; refuse it (QueueFullError)
+        when ``parallel`` requests run and ``max_queue`` wait already."""
+        limit = self.config.max_queue if max_queue is None else max_queue
+        with self._cond:
+            if self._holding + len(self._line) >= self.config.parallel + limit:
+                raise QueueFullError(
+                    f"ensemble {self.config.name!r} is busy ({self.config.parallel} slots, "
+                    f"{len(self._line)} waiting); retry shortly"
+                )
+            ticket = Ticket()
+            self._line.append(ticket)
+            return ticket
+
+    def acquire(self, ticket: Ticket, prompts: Sequence[Sequence[int]], timeout: float | None = None,
+                cancel: Callable[[], bool] | None = None) -> Slot | None:
+        """Wait for a slot, first come, first served: only the head of the line takes a
+        free slot, the one sharing the longest prefix with its prompts (a new one, up to
+        ``parallel``, when none shares a prefix). Returns None when ``cancel`` fires
+        while waiting (the client left); raises QueueFullError when ``timeout`` passes.
+        A request that leaves the line wakes the ones behind it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            queued = False
             try:
                 while True:
-                    free = [s for s in self._slots if not s.busy]
-                    if free:
-                        best = max(free, key=lambda s: s.cached_prefix(prompts))
-                        # with no shared prefix, a new empty slot is as good and keeps warm caches for others
-                        if best.cached_prefix(prompts) > 0 or len(self._slots) >= self.config.parallel:
-                            best.busy = True
-                            return best
-                    if len(self._slots) < self.config.parallel:
-                        slot = self._new_slot(len(self._slots))
-                        self._slots.append(slot)
-                        slot.busy = True
-                        return slot
-                    if not queued:
-                        limit = self.config.max_queue if max_queue is None else max_queue
-                        if self.waiting >= limit:
-                            raise QueueFullError(
-                                f"ensemble {self.config.name!r} is busy ({self.config.parallel} slots, "
-                                f"{self.waiting} waiting); retry shortly"
-                            )
-                        self.waiting += 1
-                        queued = True
+                    if self._line[0] is ticket:
+                        slot = self._free_slot(prompts)
+                        if slot is not None:
+                            self._line.popleft()
+                            self._cond.notify_all()  # the next in line may find a free slot too
+                            slot.busy = True
+                            ticket.slot = slot
+                            self._holding += 1
+                            return slot
+                        if len(self._slots) + self._opening < self.config.parallel:
+                            self._line.popleft()
+                            self._cond.notify_all()
+                            self._opening += 1
+                            self._holding += 1
+                            break  # open a slot, outside the lock
                     if cancel is not None and cancel():
                         return None
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise QueueFullError(f"ensemble {self.config.name!r} stayed busy; retry shortly")
-                    # wait in short slices so a cancelled waiter leaves the queue promptly
+                    # wait in short slices so a cancelled waiter leaves the line promptly
                     slice_s = CANCEL_POLL_S if cancel is not None else None
                     if remaining is not None:
                         slice_s = remaining if slice_s is None else min(slice_s, remaining)
                     self._cond.wait(slice_s)
             finally:
-                if queued:
-                    self.waiting -= 1
+                self._step_out(ticket)  # cancelled, timed out or failed: make way at once
+        return self._open_slot(ticket)
 
-    def release(self, slot: Slot) -> None:
+    def _step_out(self, ticket: Ticket) -> None:
+        if ticket.slot is None and ticket in self._line:
+            self._line.remove(ticket)
+            self._cond.notify_all()
+
+    def _free_slot(self, prompts: Sequence[Sequence[int]]) -> Slot | None:
+        """The free slot with the longest cached prefix; None when there is none, or
+        when none shares a prefix and a new slot may still be opened (an empty slot is
+        as good and keeps the warm caches for others)."""
+        free = [s for s in self._slots if not s.busy]
+        if not free:
+            return None
+        best = max(free, key=lambda s: s.cached_prefix(prompts))
+        if best.cached_prefix(prompts) > 0 or len(self._slots) + self._opening >= self.config.parallel:
+            return best
+        return None
+
+    def _open_slot(self, ticket: Ticket) -> Slot:
+        try:
+            with self._open_lock:
+                slot = self._new_slot(len(self._slots))
+        except BaseException:
+            with self._cond:
+                self._opening -= 1
+                self._holding -= 1
+                self._cond.notify_all()
+            raise
         with self._cond:
-            slot.busy = False
-            self._cond.notify()
+            self._opening -= 1
+            slot.index = len(self._slots)
+            self._slots.append(slot)
+            slot.busy = True
+            ticket.slot = slot
+        return slot
+
+    def leave(self, ticket: Ticket) -> None:
+        """The request is done: out of the line, or its slot (if it got one) is free.
+        Idempotent."""
+        with self._cond:
+            if ticket.left:
+                return
+            ticket.left = True
+            self._step_out(ticket)
+            if ticket.slot is not None:
+                ticket.slot.busy = False
+                ticket.slot = None
+                self._holding -= 1
+            self._cond.notify_all()
 
     def close(self) -> None:
         for s in self._slots:
@@ -280,6 +365,9 @@ class Engine:
     def plan(self, request: Request) -> tuple[LoadedEnsemble, str, int, list[float], list[list[int]]]:
         """Resolve a request: ensemble, mode, single-member index, weights, per-member prompts."""
         loaded = self.ensemble(request.ensemble)
+        return (loaded, *self._plan(loaded, request))
+
+    def _plan(self, loaded: LoadedEnsemble, request: Request) -> tuple[str, int, list[float], list[list[int]]]:
         cfg = loaded.config
         if request.weights:
             try:
@@ -312,7 +400,7 @@ class Engine:
                     cache[key] = m.raw_prompt(request.prompt or "")
             prompts[i] = cache[key]
         check_fits([prompts[i] for i in active], [members[i] for i in active])
-        return loaded, mode, single, weights, prompts
+        return mode, single, weights, prompts
 
     def generate(
         self,
@@ -321,15 +409,21 @@ class Engine:
         *,
         queue_timeout: float | None = None,
     ) -> Iterator[Event]:
-        """Run one request on the calling thread, yielding core events."""
-        loaded, mode, single, weights, prompts = self.plan(request)
-        slot = loaded.acquire(prompts, timeout=queue_timeout, cancel=cancel)
-        if slot is None:  # cancelled while queued: nothing was evaluated
-            stats = GenerationStats(mode=mode, seed=request.params.seed or 0,
-                                    members=[MemberStats(name=m.name) for m in loaded.members])
-            yield DoneEvent("cancelled", stats)
-            return
+        """Run one request on the calling thread, yielding core events.
+
+        The request counts against the ensemble's queue from here, before its prompt
+        is tokenized, so a flood beyond ``parallel + max_queue`` is refused at once
+        (QueueFullError) rather than tokenized."""
+        loaded = self.ensemble(request.ensemble)
+        ticket = loaded.admit()
         try:
+            mode, single, weights, prompts = self._plan(loaded, request)
+            slot = loaded.acquire(ticket, prompts, timeout=queue_timeout, cancel=cancel)
+            if slot is None:  # cancelled while queued: nothing was evaluated
+                stats = GenerationStats(mode=mode, seed=request.params.seed or 0,
+                                        members=[MemberStats(name=m.name) for m in loaded.members])
+                yield DoneEvent("cancelled", stats)
+                return
             yield from generate(
                 slot.members,
                 weights,
@@ -340,7 +434,7 @@ class Engine:
                 cancel=cancel or (lambda: False),
             )
         finally:
-            loaded.release(slot)
+            loaded.leave(ticket)
 
     def start(
         self,

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -232,7 +233,7 @@ class LoadedModel:
     def format_chat(self, messages: Sequence[dict[str, Any]]) -> str:
         template = self.chat_template or DEFAULT_CHAT_TEMPLATE
         try:
-            formatter = Jinja2ChatFormatter(template, eos_token=self.eos_text, bos_token=self.bos_text)
+            formatter = _chat_formatter(template, self.eos_text, self.bos_text)
             return formatter(messages=list(messages)).prompt  # type: ignore[arg-type]
         except Exception as exc:  # a template error is the request's (roles) or the file's fault
             raise RequestError(
@@ -241,10 +242,118 @@ class LoadedModel:
                 param="messages",
             ) from None
 
+    def chat_tokens(self, messages: Sequence[dict[str, Any]], labels: Sequence[str] | None = None) -> list[int]:
+        """The prompt for chat messages. Only the template's own markup may produce special
+        tokens: text in a message's content that reads as a control token (``<|im_end|>``)
+        is tokenized as plain text, so a user cannot forge turns. ``labels`` name the
+        messages in errors (default ``messages[i]``)."""
+        marked = {}
+        for i, m in enumerate(messages):
+            found = self._control_texts(m.get("content") or "")
+            if found is not None:
+                marked[i] = found
+        if not marked:  # nothing at stake: the rendered text as one piece, exactly as always
+            text = self.format_chat(messages)
+            starts_with_bos = bool(self.bos_text) and text.startswith(self.bos_text)
+            return self.tokenize(text, add_special=self.add_bos and not starts_with_bos)
+        return self._chat_tokens_with_text_content(messages, marked, labels)
+
+    _control_pattern: re.Pattern[str] | None = None
+
+    def _control_texts(self, text: str) -> list[str] | None:
+        """None when ``text`` tokenizes the same with and without special-token parsing;
+        otherwise the control-token texts it contains."""
+        if self._control_pattern is None:
+            # the texts that parse_special adds to the split: control and unknown tokens
+            kinds = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN
+            texts = {self.token_texts[t].decode("utf-8", "replace") for t in range(self.n_vocab)
+                     if L.llama_vocab_get_attr(self.vocab, t) & kinds}
+            alternatives = sorted((re.escape(t) for t in texts if t), key=len, reverse=True)
+            self._control_pattern = re.compile("|".join(alternatives) or "(?!)")
+        if not text or not self._control_pattern.search(text):  # a quick scan, then the exact test
+            return None
+        special = self.tokenize(text, add_special=False, parse_special=True)
+        if special == self.tokenize(text, add_special=False, parse_special=False):
+            return None
+        kinds = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN
+        found = [self._piece(t, special=True).decode("utf-8", "replace") for t in special
+                 if L.llama_vocab_get_attr(self.vocab, t) & kinds]
+        return list(dict.fromkeys(found))
+
+    def _chat_tokens_with_text_content(self, messages: Sequence[dict[str, Any]], marked: dict[int, list[str]],
+                                       labels: Sequence[str] | None) -> list[int]:
+        """Render the template with a unique mark in place of each marked message's content,
+        split the text at the marks, and tokenize the template's pieces with special-token
+        parsing and the contents without. The pieces' boundaries may tokenize a little
+        differently from one whole text, so this path is taken only when it is needed.
+        A template that trims the content or leaves a message out is followed; one that
+        rewrites it otherwise cannot be, and the request is refused rather than forged."""
+        tag = os.urandom(6).hex()
+        marks = {i: f"\ue000me-local-content-{tag}-{i}\ue001" for i in marked}
+        probe = [dict(m) for m in messages]
+        for i, mark in marks.items():
+            probe[i]["content"] = _PAD + mark + _PAD
+        text = self.format_chat(probe)
+
+        def refuse(i: int) -> RequestError:
+            label = labels[i] if labels is not None else f"messages[{i}]"
+            found = ", ".join(marked[i]) or "control-token text"
+            return RequestError(
+                f"{label} contains {found}, which is markup for {self.path.name}; its chat template "
+                "rewrites message content, so that text cannot be kept as plain text: remove it from the message",
+                param="messages",
+            )
+
+        hits = []
+        for i, mark in marks.items():
+            n = text.count(mark)
+            if n == 1:
+                hits.append((text.index(mark), i))
+            elif n or f"{tag}-{i}" in text.lower():  # repeated or rewritten
+                raise refuse(i)
+            # else the template left this message's content out: nothing of it to tokenize
+        pieces: list[tuple[str, bool]] = []  # (text, is message content)
+        pos = 0
+        for at, i in sorted(hits):
+            content = str(messages[i].get("content") or "")
+            before = text[pos:at]
+            # the template kept the padding around the mark, or trimmed it (Jinja's `trim`)
+            if before.endswith(_PAD):
+                before = before[: -len(_PAD)]
+            else:
+                content = content.lstrip()
+            pos = at + len(marks[i])
+            if text.startswith(_PAD, pos):
+                pos += len(_PAD)
+            else:
+                content = content.rstrip()
+            pieces += [(before, False), (content, True)]
+        pieces.append((text[pos:], False))
+        for piece, is_content in pieces:
+            if not is_content and (_PAD in piece or "\ue000" in piece or "\ue001" in piece):
+                raise refuse(min(marked))  # the template cut or moved a mark or its padding: do not guess
+        # BOS as for the whole text: added unless the template's text starts with it
+        starts_with_bos = bool(self.bos_text) and pieces[0][0].startswith(self.bos_text)
+        tokens = [self.bos] if self.add_bos and self.bos >= 0 and not starts_with_bos else []
+        for piece, is_content in pieces:
+            if piece:
+                tokens += self.tokenize(piece, add_special=False, parse_special=not is_content)
+        return tokens
+
     def close(self) -> None:
         if self.ptr:
             L.llama_model_free(self.ptr)
             self.ptr = None
+
+
+#: Whitespace put around a content mark to see whether a chat template trims message content.
+_PAD = " \u3000\t"
+
+
+@cache
+def _chat_formatter(template: str, eos_text: str, bos_text: str) -> Jinja2ChatFormatter:
+    """A compiled chat template (compiling takes milliseconds; rendering is thread-safe)."""
+    return Jinja2ChatFormatter(template, eos_token=eos_text, bos_token=bos_text)
 
 
 def inspect_model(path: Path) -> LoadedModel:
@@ -480,16 +589,18 @@ class LlamaMember:
 
     # -- prompts ---------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Format messages with this member's own template (its system prompt first)."""
+        """Format messages with this member's own template (its system prompt first).
+        Message content is tokenized as text: see :meth:`LoadedModel.chat_tokens`."""
         msgs = [dict(m) for m in messages]
+        labels = [f"messages[{i}]" for i in range(len(msgs))]
         if self.system:
             if msgs and msgs[0].get("role") == "system":
                 msgs[0]["content"] = f"{self.system}\n\n{msgs[0].get('content') or ''}"
+                labels[0] = f"messages[0] (with the system prompt of member {self.name!r})"
             else:
                 msgs.insert(0, {"role": "system", "content": self.system})
-        text = self.model.format_chat(msgs)
-        starts_with_bos = bool(self.model.bos_text) and text.startswith(self.model.bos_text)
-        return self.model.tokenize(text, add_special=self.model.add_bos and not starts_with_bos)
+                labels.insert(0, f"the system prompt of member {self.name!r}")
+        return self.model.chat_tokens(msgs, labels)
 
     def raw_prompt(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_special=True)
