@@ -36,7 +36,45 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise bad_request(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    check_unicode(body)
     return body
+
+
+def check_unicode(body: dict[str, Any]) -> None:
+    """400 naming the field when a string holds a lone UTF-16 surrogate.
+
+    JSON's ``\\ud800`` escape (and the raw bytes of a surrogate, which ``json.loads`` lets
+    through) decode to a ``str`` that cannot be encoded again, so it would fail deep in the
+    engine; refusing it here covers every route.
+    """
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            bad = _lone_surrogate(value)
+            if bad is not None:
+                raise bad_request(f"`{path}` contains a lone UTF-16 surrogate ({bad}); send valid Unicode", path)
+        elif isinstance(value, dict):
+            for key in value:
+                bad = _lone_surrogate(key)
+                if bad is not None:
+                    where = f"a key of `{path}`" if path else "a key of the request body"
+                    raise bad_request(f"{where} contains a lone UTF-16 surrogate ({bad}); send valid Unicode",
+                                      path or None)
+            stack.extend(reversed([(f"{path}.{key}" if path else key, item) for key, item in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{path}[{i}]", item) for i, item in enumerate(value)]))
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate of ``text`` as a ``\\uXXXX`` escape, or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return None
 
 
 def _reject_constant(name: str) -> Any:
