@@ -120,6 +120,24 @@ async def test_queue_overflow_gets_503_with_retry_after(make_server):
     assert metric(samples, "me_local_requests_total", endpoint=CHAT, method="POST", status="503") == 1
 
 
+async def test_a_request_ended_by_shutdown_before_its_first_token_is_503_with_retry_after(make_server):
+    factory = ThrottledFactory()
+    throttle = factory.throttle("solo", 0)
+    client, state = await make_server(factory)
+    for path in (CHAT, "/api/chat"):
+        task = asyncio.ensure_future(client.post(path, json=stream_body("solo", "Hi", 4, 1)))
+        await async_wait_until(lambda: throttle.waiting.is_set() and len(state.streams) == 1)
+        stopping = asyncio.ensure_future(state.stop_streams("shutdown"))
+        throttle.allow(1)  # the prompt chunk in progress ends, then the cancellation is seen
+        resp = await task
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        body = await resp.json()
+        message = body["error"] if path == "/api/chat" else body["error"]["message"]
+        assert message == "me-local is shutting down"
+        await stopping
+        state.status = "ready"  # serve the second API's request
+
+
 async def test_health_and_metrics_answer_while_every_slot_is_busy(make_server):
     factory = ThrottledFactory()
     client, _ = await make_server(factory)

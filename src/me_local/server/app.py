@@ -173,7 +173,8 @@ class ServerState:
         except MeLocalError as exc:
             raise from_exception(exc, retry_after=self.retry_after) from None
         if isinstance(ev, DoneEvent) and ev.finish_reason == "cancelled" and self.status == "stopping":
-            raise ApiError(503, "me-local is shutting down", code="shutting_down")
+            raise ApiError(503, "me-local is shutting down", code="shutting_down",
+                           headers={"Retry-After": str(self.retry_after)})
         return ev
 
     async def stop_streams(self, reason: str = "shutdown", timeout: float | None = None) -> None:
