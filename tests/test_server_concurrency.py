@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from me_local.server import ServerSettings, ServerState, create_app
+from me_local.server import app as app_module
 
 from .server_helpers import (
     LiveServer,
@@ -253,7 +254,7 @@ def test_shutdown_ends_streams_in_flight_with_a_final_chunk(tmp_path, tiny_model
 # --------------------------------------------------------------------------- reload (the engine swap behind SIGHUP)
 
 
-def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tmp_path, tiny_models):
+def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tmp_path, tiny_models, monkeypatch):
     config = write_tiny_config(tmp_path, tiny_models)
     factory = ThrottledFactory()
     throttle = factory.throttle("solo", 0)
@@ -262,6 +263,9 @@ def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tm
     try:
         assert server.loop is not None
         old = server.state.engine
+        assert old is not None
+        trims: list[bool] = []  # each heap trim: was the old engine closed by then?
+        monkeypatch.setattr(app_module, "trim_heap", lambda: trims.append(not old.loaded))
         throttle.allow(2)
         result: dict[str, object] = {}
 
@@ -299,6 +303,7 @@ def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tm
         events = result["events"]
         assert isinstance(events, list) and events[-1]["usage"]["completion_tokens"] == 6
         wait_until(lambda: not old.loaded)
+        wait_until(lambda: trims == [True])  # the heap is trimmed once the old engine's memory is freed
     finally:
         factory.open_all()
         live.stop()

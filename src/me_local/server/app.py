@@ -24,6 +24,7 @@ from ..logs import AccessLog, AccessRecord
 from . import metrics as prom
 from .bridge import EventStream
 from .errors import ApiError, from_exception
+from .resources import trim_heap
 from .security import AccessPolicy, add_cors_headers, security_middleware
 from .wire import ollama_error, openai_error
 
@@ -126,7 +127,7 @@ class ServerState:
         if any(s.engine is engine for s in self.streams):
             self._retired.add(engine)
         else:
-            asyncio.get_running_loop().run_in_executor(None, engine.close)
+            asyncio.get_running_loop().run_in_executor(None, _close_retired, engine)
 
     def require_engine(self) -> Engine:
         if self.status == "ready" and self.engine is not None:
@@ -164,7 +165,7 @@ class ServerState:
         engine = stream.engine
         if engine in self._retired and not any(s.engine is engine for s in self.streams):
             self._retired.discard(engine)
-            asyncio.get_running_loop().run_in_executor(None, engine.close)
+            asyncio.get_running_loop().run_in_executor(None, _close_retired, engine)
 
     async def first_event(self, stream: EventStream) -> Any:
         """The first event of a stream, or the error response it turned into (before any header went out)."""
@@ -229,7 +230,10 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
         body = ollama_error(err.message)
     else:
         body = openai_error(err.message, err.type, err.code, err.param)
-    return web.json_response(body, status=err.status, headers=err.headers)
+    response = web.json_response(body, status=err.status, headers=err.headers)
+    if err.close:
+        response.force_close()
+    return response
 
 
 @web.middleware
