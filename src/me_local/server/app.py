@@ -60,7 +60,8 @@ class ServerState:
     """Everything the routes share; one per app (no module-level globals)."""
 
     def __init__(self, loader: Loader, policy: AccessPolicy | None = None, *, retry_after: int = 1,
-                 shutdown_grace: float = 10.0, access: AccessLog | None = None, autoload: bool = True) -> None:
+                 shutdown_grace: float = 10.0, body_timeout: float = 60.0, write_timeout: float = 30.0,
+                 access: AccessLog | None = None, autoload: bool = True) -> None:
         self.loader = loader
         self.autoload = autoload
         """Start loading when the app starts; a Server loads only once its socket listens."""
@@ -68,6 +69,10 @@ class ServerState:
         self.access = access or AccessLog()
         self.retry_after = retry_after
         self.shutdown_grace = shutdown_grace
+        self.body_timeout = body_timeout
+        """Seconds a request body may take to arrive (408 past it)."""
+        self.write_timeout = write_timeout
+        """Seconds one write of a stream may wait for its client to read (the stream ends past it)."""
         self.metrics = prom.Metrics()
         self.engine: Engine | None = None
         self.status = "loading"  # loading | ready | failed | stopping
@@ -216,6 +221,13 @@ class ServerState:
             out[name] = {"slots": loaded.config.parallel, "busy_slots": loaded.busy_slots,
                          "queued": loaded.waiting}
         return out
+
+
+def _close_retired(engine: Engine) -> None:
+    """Free an engine a reload replaced, then hand the freed heap back to the system: without
+    it glibc keeps most of it in its arenas, and resident memory grows with every reload."""
+    engine.close()
+    trim_heap()
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("me_local_state", ServerState)

@@ -6,6 +6,7 @@ fix; nothing a client sends gets past here as a surprise for the engine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import MODES, Config, EnsembleConfig
+from .app import STATE
 from .errors import ApiError, bad_request
 
 MAX_SEED = 2**63 - 1
@@ -23,11 +25,17 @@ MAX_TOP_LOGPROBS = 20
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object (413 past the size limit, 400 when it is not JSON)."""
+    """The body as a JSON object: 413 past the size limit, 408 when it has not arrived within the
+    body timeout (a Content-Length larger than the body, an unterminated chunked body), 400 when
+    it is not JSON or holds text that is not Unicode."""
+    timeout = request.app[STATE].body_timeout
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), timeout)
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, f"the request body is too large ({exc.text})", code="request_too_large") from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send the whole body at once",
+                       code="request_timeout", close=True) from None
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
