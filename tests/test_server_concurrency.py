@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from me_local.server import ServerSettings, ServerState, create_app
+from me_local.server import app as app_module
 
 from .server_helpers import (
     LiveServer,
@@ -146,6 +147,24 @@ async def test_queued_requests_start_in_arrival_order(make_server):
     assert ens.waiting == 0 and ens.busy_slots == 0
 
 
+async def test_a_request_ended_by_shutdown_before_its_first_token_is_503_with_retry_after(make_server):
+    factory = ThrottledFactory()
+    throttle = factory.throttle("solo", 0)
+    client, state = await make_server(factory)
+    for path in (CHAT, "/api/chat"):
+        task = asyncio.ensure_future(client.post(path, json=stream_body("solo", "Hi", 4, 1)))
+        await async_wait_until(lambda: throttle.waiting.is_set() and len(state.streams) == 1)
+        stopping = asyncio.ensure_future(state.stop_streams("shutdown"))
+        throttle.allow(1)  # the prompt chunk in progress ends, then the cancellation is seen
+        resp = await task
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        body = await resp.json()
+        message = body["error"] if path == "/api/chat" else body["error"]["message"]
+        assert message == "me-local is shutting down"
+        await stopping
+        state.status = "ready"  # serve the second API's request
+
+
 async def test_health_and_metrics_answer_while_every_slot_is_busy(make_server):
     factory = ThrottledFactory()
     client, _ = await make_server(factory)
@@ -261,7 +280,7 @@ def test_shutdown_ends_streams_in_flight_with_a_final_chunk(tmp_path, tiny_model
 # --------------------------------------------------------------------------- reload (the engine swap behind SIGHUP)
 
 
-def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tmp_path, tiny_models):
+def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tmp_path, tiny_models, monkeypatch):
     config = write_tiny_config(tmp_path, tiny_models)
     factory = ThrottledFactory()
     throttle = factory.throttle("solo", 0)
@@ -270,6 +289,9 @@ def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tm
     try:
         assert server.loop is not None
         old = server.state.engine
+        assert old is not None
+        trims: list[bool] = []  # each heap trim: was the old engine closed by then?
+        monkeypatch.setattr(app_module, "trim_heap", lambda: trims.append(not old.loaded))
         throttle.allow(2)
         result: dict[str, object] = {}
 
@@ -307,6 +329,7 @@ def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tm
         events = result["events"]
         assert isinstance(events, list) and events[-1]["usage"]["completion_tokens"] == 6
         wait_until(lambda: not old.loaded)
+        wait_until(lambda: trims == [True])  # the heap is trimmed once the old engine's memory is freed
     finally:
         factory.open_all()
         live.stop()

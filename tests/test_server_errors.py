@@ -230,3 +230,52 @@ async def test_no_origin_is_allowed_by_default(make_server):
     resp = await client.post("/api/chat", json=ochat(stream=False), headers={"Origin": "http://localhost:3000"})
     assert resp.status == 403
     assert (await client.post("/api/chat", json=ochat(stream=False))).status == 200
+
+
+# --------------------------------------------------------------------------- text that is not Unicode
+
+# (path, body with a lone surrogate, the field named). JSON's \ud800 escape and the raw UTF-8 bytes of a
+# surrogate (ED A0 80, which json.loads accepts) both decode to a str that cannot be encoded again.
+SURROGATES = [
+    (COMP, b'{"model": "tiny", "prompt": "abc \\ud800", "max_tokens": 2}', "prompt", "\\ud800"),
+    (COMP, b'{"model": "tiny", "prompt": "abc \xed\xa0\x80", "max_tokens": 2}', "prompt", "\\ud800"),
+    (CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\udfff there"}], "max_tokens": 2}',
+     "messages[0].content", "\\udfff"),
+    (CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages[0].content[0].text", "\\udc00"),
+    (CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["ok", "\\ud83d"]}',
+     "stop[1]", "\\ud83d"),
+    ("/api/generate", b'{"model": "tiny", "prompt": "abc \\ud800", "options": {"num_predict": 2}}', "prompt",
+     "\\ud800"),
+    ("/api/chat", b'{"model": "tiny", "messages": [{"role": "system", "content": "x"}, '
+                  b'{"role": "user", "content": "\\ud800"}]}', "messages[1].content", "\\ud800"),
+    ("/api/chat", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "options": {"\\ud800": 1}}',
+     "options", "\\ud800"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "field", "escape"), SURROGATES)
+async def test_a_lone_surrogate_is_a_400_naming_the_field(make_server, path, raw, field, escape):
+    client, _ = await make_server()
+    resp = await client.post(path, data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    body = await resp.json()
+    if path.startswith("/api/"):
+        assert set(body) == {"error"}
+        message = body["error"]
+    else:
+        err = body["error"]
+        assert (err["type"], err["code"], err["param"]) == ("invalid_request_error", "invalid_value", field)
+        message = err["message"]
+    assert f"`{field}`" in message and f"lone UTF-16 surrogate ({escape})" in message
+    assert message.endswith("; send valid Unicode")
+    ok = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
+    resp = await client.post(path if path in (CHAT, "/api/chat") else CHAT, json=ok)
+    assert resp.status == 200  # the server still answers
+
+
+async def test_a_valid_surrogate_pair_is_one_character(make_server):
+    client, _ = await make_server()
+    resp = await client.post(COMP, data=b'{"model": "tiny", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}',
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 200, await resp.text()

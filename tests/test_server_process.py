@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -22,11 +24,17 @@ from .server_helpers import free_port, wait_until
 class Daemon:
     """``python -m me_local.cli serve ...`` with its stderr collected line by line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 nofile: tuple[int, int] | None = None) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "me_local.cli", "--log-level", "info", "serve", "--port", str(self.port), *args]
+
+        def limit() -> None:  # in the child, before exec: its open-file limit (soft, hard)
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=limit)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -125,6 +133,38 @@ def test_sigint_stops_an_idle_daemon_with_status_0(daemons, tmp_path, tiny_model
     d.proc.send_signal(signal.SIGINT)
     assert d.wait_exit() == 0
     assert "received SIGINT" in d.stderr and "stopped" in d.stderr
+
+
+def test_out_of_descriptors_is_survived_and_logged_once_without_a_traceback(daemons, tmp_path, tiny_models):
+    """More half-sent requests than descriptors: the header timeout frees them, /health answers again,
+    and the failing accept() is one line per interval naming the fix (not a traceback per retry)."""
+    cfg = tiny_yaml(tmp_path, tiny_models["a1"])
+    d = daemons("--config", str(cfg), "--header-timeout", "1", nofile=(64, 64))
+    d.wait_ready()
+    half_open = []
+    for _ in range(100):
+        sock = socket.create_connection(("127.0.0.1", d.port), timeout=30)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        half_open.append(sock)
+    wait_until(lambda: "cannot accept connections" in d.stderr, timeout=60)
+    assert httpx.get(d.url + "/health", timeout=60).status_code == 200
+    for sock in half_open:
+        sock.close()
+    lines = [line for line in d.lines if "cannot accept connections" in line]
+    assert 1 <= len(lines) <= 2, lines
+    assert "Too many open files" in lines[0] and "LimitNOFILE" in lines[0] and "ulimit -n" in lines[0]
+    assert "Traceback" not in d.stderr and "socket.accept() out of system resource" not in d.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits")
+def test_serve_raises_its_soft_open_file_limit_to_the_hard_one(daemons, tmp_path, tiny_models):
+    hard = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 4096)
+    d = daemons("--config", str(tiny_yaml(tmp_path, tiny_models["a1"])), nofile=(256, hard))
+    d.wait_ready()
+    limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
+    (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
+    assert line.split()[3:5] == [str(hard), str(hard)]
+    assert f"raised the open-file limit from 256 to {hard}" in d.stderr
 
 
 def test_sighup_reloads_the_config_and_a_broken_one_keeps_the_old(daemons, tmp_path, tiny_models):

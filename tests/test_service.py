@@ -129,6 +129,14 @@ def test_user_unit_has_the_paths_and_settings(machine: Host, config: Path) -> No
                    for line in lines)
 
 
+def test_unit_raises_the_descriptor_limit_and_caps_malloc_arenas(machine: Host, config: Path) -> None:
+    result = invoke(machine, "print", "--systemd", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "LimitNOFILE=65536" in lines  # systemd's default soft limit (1024) is a few hundred clients
+    assert "Environment=MALLOC_ARENA_MAX=2" in lines  # glibc's per-thread arenas grow with each reload
+
+
 def test_find_me_local_is_this_environments_script(tmp_path: Path) -> None:
     assert find_me_local() == (str(Path(sys.executable).parent / "me-local"),)
     lonely = tmp_path / "python3"

@@ -24,6 +24,7 @@ from ..logs import AccessLog, AccessRecord
 from . import metrics as prom
 from .bridge import EventStream
 from .errors import ApiError, from_exception
+from .resources import trim_heap
 from .security import AccessPolicy, add_cors_headers, security_middleware
 from .wire import ollama_error, openai_error
 
@@ -59,7 +60,8 @@ class ServerState:
     """Everything the routes share; one per app (no module-level globals)."""
 
     def __init__(self, loader: Loader, policy: AccessPolicy | None = None, *, retry_after: int = 1,
-                 shutdown_grace: float = 10.0, access: AccessLog | None = None, autoload: bool = True) -> None:
+                 shutdown_grace: float = 10.0, body_timeout: float = 60.0, write_timeout: float = 30.0,
+                 access: AccessLog | None = None, autoload: bool = True) -> None:
         self.loader = loader
         self.autoload = autoload
         """Start loading when the app starts; a Server loads only once its socket listens."""
@@ -67,6 +69,10 @@ class ServerState:
         self.access = access or AccessLog()
         self.retry_after = retry_after
         self.shutdown_grace = shutdown_grace
+        self.body_timeout = body_timeout
+        """Seconds a request body may take to arrive (408 past it)."""
+        self.write_timeout = write_timeout
+        """Seconds one write of a stream may wait for its client to read (the stream ends past it)."""
         self.metrics = prom.Metrics()
         self.engine: Engine | None = None
         self.status = "loading"  # loading | ready | failed | stopping
@@ -126,7 +132,7 @@ class ServerState:
         if any(s.engine is engine for s in self.streams):
             self._retired.add(engine)
         else:
-            asyncio.get_running_loop().run_in_executor(None, engine.close)
+            asyncio.get_running_loop().run_in_executor(None, _close_retired, engine)
 
     def require_engine(self) -> Engine:
         if self.status == "ready" and self.engine is not None:
@@ -164,7 +170,7 @@ class ServerState:
         engine = stream.engine
         if engine in self._retired and not any(s.engine is engine for s in self.streams):
             self._retired.discard(engine)
-            asyncio.get_running_loop().run_in_executor(None, engine.close)
+            asyncio.get_running_loop().run_in_executor(None, _close_retired, engine)
 
     async def first_event(self, stream: EventStream) -> Any:
         """The first event of a stream, or the error response it turned into (before any header went out)."""
@@ -173,7 +179,8 @@ class ServerState:
         except MeLocalError as exc:
             raise from_exception(exc, retry_after=self.retry_after) from None
         if isinstance(ev, DoneEvent) and ev.finish_reason == "cancelled" and self.status == "stopping":
-            raise ApiError(503, "me-local is shutting down", code="shutting_down")
+            raise ApiError(503, "me-local is shutting down", code="shutting_down",
+                           headers={"Retry-After": str(self.retry_after)})
         return ev
 
     async def stop_streams(self, reason: str = "shutdown", timeout: float | None = None) -> None:
@@ -216,6 +223,13 @@ class ServerState:
         return out
 
 
+def _close_retired(engine: Engine) -> None:
+    """Free an engine a reload replaced, then hand the freed heap back to the system: without
+    it glibc keeps most of it in its arenas, and resident memory grows with every reload."""
+    engine.close()
+    trim_heap()
+
+
 STATE: web.AppKey[ServerState] = web.AppKey("me_local_state", ServerState)
 
 
@@ -228,7 +242,10 @@ def error_response(request: web.Request, err: ApiError) -> web.Response:
         body = ollama_error(err.message)
     else:
         body = openai_error(err.message, err.type, err.code, err.param)
-    return web.json_response(body, status=err.status, headers=err.headers)
+    response = web.json_response(body, status=err.status, headers=err.headers)
+    if err.close:
+        response.force_close()
+    return response
 
 
 @web.middleware

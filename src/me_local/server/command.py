@@ -8,9 +8,12 @@ import sys
 import click
 
 from ..config import load_config
-from .runner import DEFAULT_PORT, Server, ServerSettings, config_loader
+from .resources import raise_open_file_limit
+from .runner import DEFAULT_PORT, TIMEOUT_RANGE, Server, ServerSettings, config_loader
 
 log = logging.getLogger("me_local.server")
+
+SECONDS = click.FloatRange(*TIMEOUT_RANGE)
 
 
 @click.command()
@@ -31,8 +34,17 @@ log = logging.getLogger("me_local.server")
 @click.option("--max-body-size", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
               help="Largest request body in bytes.")
 @click.option("--log-prompts", is_flag=True, help="Put each request's prompt in its access-log line (off: never).")
+@click.option("--header-timeout", type=SECONDS, default=ServerSettings.header_timeout, show_default=True,
+              help="Seconds a connection may take to send complete request headers (also the idle "
+                   "keep-alive limit); then it is closed.")
+@click.option("--body-timeout", type=SECONDS, default=ServerSettings.body_timeout, show_default=True,
+              help="Seconds a request body may take to arrive; then 408 and the connection is closed.")
+@click.option("--write-timeout", type=SECONDS, default=ServerSettings.write_timeout, show_default=True,
+              help="Seconds a stream may wait for its client to read; then its generation is cancelled "
+                   "and the connection closed.")
 def serve(config_path: str | None, host: str, port: int, api_key: str | None, allow_origin: tuple[str, ...],
-          allow_host: tuple[str, ...], insecure: bool, max_body_size: int, log_prompts: bool) -> None:
+          allow_host: tuple[str, ...], insecure: bool, max_body_size: int, log_prompts: bool,
+          header_timeout: float, body_timeout: float, write_timeout: float) -> None:
     """Serve the ensembles over HTTP: OpenAI- and Ollama-compatible APIs on one port.
 
     Stop it with Ctrl+C or SIGTERM (streams in flight end with a final chunk);
@@ -45,8 +57,12 @@ def serve(config_path: str | None, host: str, port: int, api_key: str | None, al
     enable_crash_traces()  # stderr is the service's log: a native crash leaves every thread's stack there
     settings = ServerSettings(host=host, port=port, api_key=api_key, allow_origins=allow_origin,
                               allow_hosts=allow_host, insecure=insecure, max_body_bytes=max_body_size,
-                              log_prompts=log_prompts)
+                              log_prompts=log_prompts, header_timeout=header_timeout, body_timeout=body_timeout,
+                              write_timeout=write_timeout)
     settings.check()
+    raised = raise_open_file_limit()
+    if raised is not None:
+        log.info("raised the open-file limit from %d to %d", *raised)
     load_config(config_path)  # a broken models.yaml fails here, before binding
     server = Server(settings, config_loader(config_path))
     server.on_ready.append(_announce)

@@ -24,6 +24,7 @@ class ApiError(Exception):
         param: str | None = None,
         type: str | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -32,6 +33,8 @@ class ApiError(Exception):
         self.param = param
         self.type = type or default_type(status)
         self.headers = headers or {}
+        self.close = close
+        """End the connection after this answer (its request was not read to the end)."""
 
     def __str__(self) -> str:
         return self.message

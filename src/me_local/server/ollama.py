@@ -166,7 +166,8 @@ async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request |
             yield wire.ndjson(wire.ollama_final(kind, ref.name, wire.now_rfc3339(), done))
 
         return await stream_response(request, stream, first, content_type=wire.NDJSON_CONTENT_TYPE, head=(),
-                                     on_token=on_token, on_done=on_done, on_error=_error_frame)
+                                     on_token=on_token, on_done=on_done, on_error=_error_frame,
+                                     write_timeout=state.write_timeout)
     finally:
         stream.cancel("client_disconnect")
 

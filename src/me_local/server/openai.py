@@ -167,6 +167,7 @@ async def _run(request: web.Request, state: ServerState, call: Call, *, chat: bo
         return await stream_response(
             request, stream, first, content_type=wire.SSE_CONTENT_TYPE, head=frames.head(),
             on_token=frames.token, on_done=frames.done, on_error=_error_frame, tail=(wire.SSE_DONE,),
+            write_timeout=state.write_timeout,
         )
     finally:
         stream.cancel("client_disconnect")  # a no-op once the generation has ended

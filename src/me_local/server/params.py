@@ -6,6 +6,7 @@ fix; nothing a client sends gets past here as a surprise for the engine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import MODES, Config, EnsembleConfig
+from .app import STATE
 from .errors import ApiError, bad_request
 
 MAX_SEED = 2**63 - 1
@@ -23,11 +25,17 @@ MAX_TOP_LOGPROBS = 20
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object (413 past the size limit, 400 when it is not JSON)."""
+    """The body as a JSON object: 413 past the size limit, 408 when it has not arrived within the
+    body timeout (a Content-Length larger than the body, an unterminated chunked body), 400 when
+    it is not JSON or holds text that is not Unicode."""
+    timeout = request.app[STATE].body_timeout
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), timeout)
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, f"the request body is too large ({exc.text})", code="request_too_large") from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s; send the whole body at once",
+                       code="request_timeout", close=True) from None
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -36,7 +44,45 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise bad_request(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    check_unicode(body)
     return body
+
+
+def check_unicode(body: dict[str, Any]) -> None:
+    """400 naming the field when a string holds a lone UTF-16 surrogate.
+
+    JSON's ``\\ud800`` escape (and the raw bytes of a surrogate, which ``json.loads`` lets
+    through) decode to a ``str`` that cannot be encoded again, so it would fail deep in the
+    engine; refusing it here covers every route.
+    """
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            bad = _lone_surrogate(value)
+            if bad is not None:
+                raise bad_request(f"`{path}` contains a lone UTF-16 surrogate ({bad}); send valid Unicode", path)
+        elif isinstance(value, dict):
+            for key in value:
+                bad = _lone_surrogate(key)
+                if bad is not None:
+                    where = f"a key of `{path}`" if path else "a key of the request body"
+                    raise bad_request(f"{where} contains a lone UTF-16 surrogate ({bad}); send valid Unicode",
+                                      path or None)
+            stack.extend(reversed([(f"{path}.{key}" if path else key, item) for key, item in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([(f"{path}[{i}]", item) for i, item in enumerate(value)]))
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate of ``text`` as a ``\\uXXXX`` escape, or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return None
 
 
 def _reject_constant(name: str) -> Any:

@@ -27,12 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from ..config import load_config
 from ..engine import Engine
 from ..errors import ConfigError
 from ..logs import AccessLog
 from .app import Loader, ServerState, create_app
+from .connection import Runner, abort
+from .resources import AcceptErrors
 from .security import AccessPolicy, check_bind, make_policy
 
 log = logging.getLogger("me_local.server")
@@ -41,6 +44,12 @@ DEFAULT_PORT = 11435
 """One above Ollama's 11434, so both daemons can run side by side."""
 
 Callback = Callable[["Server"], Any]
+
+TIMEOUT_RANGE = (0.1, 3600.0)
+"""Bounds of the header, body and write timeouts, in seconds."""
+
+ABORT_MARGIN = 1.0
+"""Seconds after the shutdown grace before connections still answering are aborted."""
 
 
 @dataclass(frozen=True)
@@ -58,15 +67,29 @@ class ServerSettings:
     shutdown_grace: float = 10.0
     """Seconds streams in flight get to end with a final chunk at shutdown."""
     retry_after: int = 1
-    """The Retry-After of 503 answers (full queue, loading), in seconds."""
+    """The Retry-After of 503 answers (full queue, loading, shutting down), in seconds."""
     log_prompts: bool = False
     """Put each request's prompt text in its access-log line."""
+    header_timeout: float = 15.0
+    """Seconds a connection may take to send complete request headers, counted from its opening
+    or, between the requests of a keep-alive connection, from the end of the last answer."""
+    body_timeout: float = 60.0
+    """Seconds a request body may take to arrive; past it the answer is 408 and the connection closes."""
+    write_timeout: float = 30.0
+    """Seconds one write of a stream may wait for its client to read; past it the generation is
+    cancelled (``write_timeout`` in the cancellation metric) and the connection aborted."""
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"the body size limit must be at least 1024 bytes, got {self.max_body_bytes}")
+        for name in ("header_timeout", "body_timeout", "write_timeout"):
+            value = getattr(self, name)
+            if not TIMEOUT_RANGE[0] <= value <= TIMEOUT_RANGE[1]:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be between {TIMEOUT_RANGE[0]} and {TIMEOUT_RANGE[1]} seconds, "
+                                  f"got {value}")
         check_bind(self.host, self.api_key, self.insecure)
 
     def policy(self) -> AccessPolicy:
@@ -94,7 +117,8 @@ class Server:
         settings.check()
         self.settings = settings
         self.state = ServerState(loader, settings.policy(), retry_after=settings.retry_after,
-                                 shutdown_grace=settings.shutdown_grace,
+                                 shutdown_grace=settings.shutdown_grace, body_timeout=settings.body_timeout,
+                                 write_timeout=settings.write_timeout,
                                  access=AccessLog(log_prompts=settings.log_prompts), autoload=False)
         self.app = create_app(self.state)
         self.on_ready: list[Callback] = []
@@ -103,7 +127,7 @@ class Server:
         """What SIGHUP runs (default: :meth:`reload`); the service layer wraps it with notifications."""
         self.port: int | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
+        self._runner: Runner | None = None
         self._stop: asyncio.Event | None = None
         self._stopping = False
         self._became_ready = False
@@ -126,8 +150,9 @@ class Server:
         """Listen, and load the models in the background (ready callbacks follow)."""
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=self.settings.shutdown_grace + 5)
+        self.loop.set_exception_handler(AcceptErrors(self.loop.get_exception_handler()))
+        self._runner = Runner(self.app, header_timeout=self.settings.header_timeout, handler_cancellation=True,
+                              access_log=None, shutdown_timeout=self.settings.shutdown_grace + 5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         try:
@@ -210,8 +235,28 @@ class Server:
         if self._ready_task is not None and not self._ready_task.done():
             self._ready_task.cancel()
         if self._runner is not None:
-            await self._runner.cleanup()  # stop listening -> end streams -> wait for handlers -> close engine
+            # Streams get the grace period to end with a final chunk; a client that does not read
+            # them must not hold the shutdown past it (aiohttp would wait for its handler, twice).
+            loop = asyncio.get_running_loop()
+            aborter = loop.call_later(self.settings.shutdown_grace + ABORT_MARGIN, self._abort_connections)
+            try:
+                await self._runner.cleanup()  # stop listening -> end streams -> wait for handlers -> close engine
+            finally:
+                aborter.cancel()
         log.info("stopped")
+
+    def connections(self) -> list[RequestHandler]:
+        """The open HTTP connections (aiohttp's protocol objects)."""
+        server = self._runner.server if self._runner is not None else None
+        return server.connections if server is not None else []
+
+    def _abort_connections(self) -> None:
+        stuck = [c.transport for c in self.connections() if c.transport is not None]
+        if stuck:
+            log.warning("aborting %d connection(s) still answering %g s into the shutdown "
+                        "(their clients do not read)", len(stuck), self.settings.shutdown_grace + ABORT_MARGIN)
+        for transport in stuck:
+            abort(transport)
 
     # -- all together -------------------------------------------------------------------
     async def serve(self, *, handle_signals: bool = True) -> None:
