@@ -155,6 +155,7 @@ async def test_a_request_ended_by_shutdown_before_its_first_token_is_503_with_re
         task = asyncio.ensure_future(client.post(path, json=stream_body("solo", "Hi", 4, 1)))
         await async_wait_until(lambda: throttle.waiting.is_set() and len(state.streams) == 1)
         stopping = asyncio.ensure_future(state.stop_streams("shutdown"))
+        await async_wait_until(lambda: state.status == "stopping")  # the stream is cancelled now
         throttle.allow(1)  # the prompt chunk in progress ends, then the cancellation is seen
         resp = await task
         assert resp.status == 503 and resp.headers["Retry-After"] == "1"
