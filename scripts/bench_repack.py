@@ -10,7 +10,7 @@ with the engine's own LlamaMember:
 * decode: one token at position ~100 (ms, and tokens/s);
 * catch-up batches of 2..6 tokens at position ~100, as ``me`` evaluates them (ms).
 
-Repeats are interleaved (on, off, on, off, ...) so drift hits both alike; medians are
+Each repeat runs all four (two files x on/off) in a rotating order, so drift hits all alike; medians are
 printed with the CPU's model name, its flags that matter, the threads used and how
 much of each model llama.cpp actually repacked. Not a test: run it on a quiet machine.
 
@@ -78,6 +78,31 @@ class BufferLog(logging.Handler):
             self.lines.append(msg.split(":", 1)[-1].strip())
 
 
+def cpu_idle(seconds: float = 1.0) -> float:
+    """The fraction of CPU time idle machine-wide over ``seconds`` (1.0 where /proc/stat is missing)."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+        return sum(values), values[3] + values[4]
+
+    try:
+        t1, i1 = read()
+        time.sleep(seconds)
+        t2, i2 = read()
+    except OSError:
+        return 1.0
+    return (i2 - i1) / max(1, t2 - t1)
+
+
+def wait_quiet(limit_s: float, threshold: float = 0.9) -> bool:
+    """Wait (up to ``limit_s``) until other processes leave the CPU idle; False if they never did."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if cpu_idle() >= threshold:
+            return True
+    return False
+
+
 def timed(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -107,13 +132,22 @@ def measure(member: LlamaMember, model: LoadedModel, prompt_n: int, batches: lis
     return out
 
 
+def _iqr(values: list[float]) -> float:
+    if len(values) < 4:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
 @click.command()
 @click.option("--repeats", type=click.IntRange(min=1), default=15, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--prompt", "prompt_n", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--wait-quiet", "wait_quiet_s", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="Before each repeat, wait up to this many seconds for the CPU to be 90% idle (0: never).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=ROOT / ".cache" / "bench-repack",
               show_default=True, help="Where the Q4_0 re-quantisation is kept.")
-def main(repeats: int, threads: int, prompt_n: int, cache: Path) -> None:
+def main(repeats: int, threads: int, prompt_n: int, wait_quiet_s: float, cache: Path) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     buffers = BufferLog()
     llama_log = logging.getLogger("me_local.llama")
@@ -143,30 +177,37 @@ def main(repeats: int, threads: int, prompt_n: int, cache: Path) -> None:
         f"batch {k} ms" for k in batches) + " |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
+    loaded: dict[tuple[str, bool], tuple[LoadedModel, LlamaMember]] = {}
     for label, path in files.items():
-        members = {}
         for repack in (True, False):
             buffers.lines.clear()
             model = LoadedModel(path, LoadSettings(repack=repack, repack_reason="bench"))
-            member = LlamaMember(f"repack-{repack}", model, settings)
+            loaded[label, repack] = (model, LlamaMember(f"{label} repack {repack}", model, settings))
             kept = [line for line in buffers.lines if "model buffer size" in line]
             print(f"#   {label}, repack {'on' if repack else 'off'}: {'; '.join(kept)}", file=sys.stderr)
-            members[repack] = (model, member)
-        for model, member in members.values():  # warm-up
-            measure(member, model, prompt_n, batches)
-        runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
-        for _ in range(repeats):
-            for repack, (model, member) in members.items():
-                runs[repack].append(measure(member, model, prompt_n, batches))
-        for repack in (True, False):
-            med = {k: statistics.median(r[k] for r in runs[repack]) for k in runs[repack][0]}
-            cells = [f"{prompt_n / med['prompt']:.0f}", f"{med['b1'] * 1e3:.2f} ({1 / med['b1']:.0f})"]
-            cells += [f"{med[f'b{k}'] * 1e3:.2f}" for k in batches]
-            print(f"| {label} | {'on' if repack else 'off'} | " + " | ".join(cells) + " |")
-        for model, member in members.values():
-            member.close()
-            model.close()
-
+    for model, member in loaded.values():  # warm-up
+        measure(member, model, prompt_n, batches)
+    # every repeat runs all four, in an order that rotates, so drift hits all alike
+    runs: dict[tuple[str, bool], list[dict[str, float]]] = {key: [] for key in loaded}
+    keys = list(loaded)
+    noisy = 0
+    for i in range(repeats):
+        if wait_quiet_s and not wait_quiet(wait_quiet_s):
+            noisy += 1
+        for key in keys[i % len(keys):] + keys[: i % len(keys)]:
+            model, member = loaded[key]
+            runs[key].append(measure(member, model, prompt_n, batches))
+    for (label, repack), results in runs.items():
+        med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        iqr = {k: _iqr([r[k] for r in results]) for k in results[0]}
+        cells = [f"{prompt_n / med['prompt']:.0f} ±{prompt_n * iqr['prompt'] / med['prompt'] ** 2 / 2:.0f}",
+                 f"{med['b1'] * 1e3:.2f} ±{iqr['b1'] * 1e3 / 2:.2f} ({1 / med['b1']:.0f})"]
+        cells += [f"{med[f'b{k}'] * 1e3:.2f} ±{iqr[f'b{k}'] * 1e3 / 2:.2f}" for k in batches]
+        print(f"| {label} | {'on' if repack else 'off'} | " + " | ".join(cells) + " |")
+    print(f"\n# ±: half the interquartile range. Repeats started on a busy CPU: {noisy} of {repeats}")
+    for model, member in loaded.values():
+        member.close()
+        model.close()
 
 if __name__ == "__main__":
     main()
