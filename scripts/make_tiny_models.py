@@ -191,13 +191,16 @@ def build_tiny_model(
     chat_template: str | None = CHATML,
     eos_token: str = "<|endoftext|>",
     add_bos: bool = False,
+    arch: str = "llama",
 ) -> Path:
     """Write a tiny random-weight llama GGUF model to ``path`` and return it.
 
     ``seed`` only affects the weights; the tokenizer metadata depends on
     ``vocab`` (and ``eos_token``, as a base and an instruct variant differ) alone.
     ``chat_template=None`` omits ``tokenizer.chat_template``; ``add_bos=True`` makes
-    tokenizing prepend BOS (as Llama-style vocabularies do).
+    tokenizing prepend BOS (as Llama-style vocabularies do). ``arch`` names the
+    architecture (keys are written under it); only "llama" loads, another name makes
+    a file llama.cpp refuses as an unknown architecture.
     The file is written under a temporary name and renamed into place.
     """
     path = Path(path)
@@ -207,7 +210,7 @@ def build_tiny_model(
     eot = tokens.index("<|im_end|>")
 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, arch)
     writer.add_name(f"tiny-{vocab}-{seed}")
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
     writer.add_context_length(n_ctx_train)

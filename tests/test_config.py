@@ -101,6 +101,12 @@ BAD_CONFIGS = [
      ["ensembles.default.kv_cache_type", "f16, q8_0, q4_0"]),
     ("bad n_ctx", "ensembles:\n  default:\n    n_ctx: lots\n    members: [{m}]\n",
      ["ensembles.default.n_ctx", "must be an integer"]),
+    ("bad repack", "ensembles:\n  default:\n    members: [{{name: m, path: {path}, repack: sometimes}}]\n",
+     ["ensembles.default.members[0].repack", "must be one of auto, on, off", "'sometimes'"]),
+    ("bad mmap", "ensembles:\n  default:\n    members: [{{name: m, path: {path}, mmap: maybe}}]\n",
+     ["ensembles.default.members[0].mmap", "must be true or false", "'maybe'"]),
+    ("model path is a directory", "ensembles:\n  default:\n    members: [{{name: m, path: {dir}}}]\n",
+     ["ensembles.default.members[0].path", "is a directory", "name the .gguf file in it", "tiny-a-1.gguf"]),
 ]
 
 
@@ -108,9 +114,25 @@ BAD_CONFIGS = [
 def test_bad_configuration_is_one_line_exit_2(tmp_path, tiny_models, case, text, needles):
     path = tiny_models["a1"]
     cfg = tmp_path / "models.yaml"
-    cfg.write_text(text.format(path=path, m=GOOD_MEMBER.format(path=path)))
+    cfg.write_text(text.format(path=path, m=GOOD_MEMBER.format(path=path), dir=path.parent))
     result = invoke(["generate", "--config", str(cfg), "-n", "1", "hi"])
     one_line_error(result, str(cfg), *needles)
+
+
+def test_repack_and_mmap_settings(write_config, tiny_models):
+    path = tiny_models["a1"]
+    cfg = load_config(write_config(f"""
+        ensembles:
+          e:
+            members:
+              - {{name: plain, path: {path}}}
+              - {{name: bare_off, path: {path}, repack: off, mmap: true}}
+              - {{name: bare_on, path: {path}, repack: on}}
+              - {{name: quoted, path: {path}, repack: "off", mmap: false}}
+        """))
+    members = cfg.get("e").members
+    # YAML 1.1 reads a bare on/off as a boolean: both spellings mean the same
+    assert [(m.repack, m.mmap) for m in members] == [("auto", False), ("off", True), ("on", False), ("off", False)]
 
 
 def test_missing_and_unreadable_config_files(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,7 +113,8 @@ def test_a_model_that_cannot_load_exits_2_with_the_reason(daemons, tmp_path):
     junk.write_bytes(b"GGUF" + b"\x00" * 64)
     d = daemons("--config", str(tiny_yaml(tmp_path, junk)))
     assert d.wait_exit() == 2
-    assert "listening on" in d.stderr and "could not load" in d.stderr and "junk.gguf" in d.stderr
+    assert "listening on" in d.stderr and "junk.gguf" in d.stderr
+    assert "has a damaged header" in d.stderr and "re-download or re-copy the file" in d.stderr
 
 
 def test_a_busy_port_is_reported(daemons, tmp_path, tiny_models):
@@ -187,6 +189,35 @@ def test_sighup_reloads_the_config_and_a_broken_one_keeps_the_old(daemons, tmp_p
     chat = httpx.post(d.url + "/v1/chat/completions", timeout=30,
                       json={"model": "fresh", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
     assert chat.status_code == 200
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+
+
+def test_a_served_file_replaced_in_place_keeps_serving_and_a_broken_one_is_not_reloaded(daemons, tmp_path,
+                                                                                       tiny_models):
+    served = tmp_path / "served.gguf"
+    shutil.copyfile(tiny_models["a1"], served)
+    d = daemons("--config", str(tiny_yaml(tmp_path, served)))
+    d.wait_ready()
+
+    def complete() -> str:
+        r = httpx.post(d.url + "/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "Hello world", "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    first = complete()
+    served.write_bytes(served.read_bytes()[:5000])  # truncated in place (mmap: false: the weights are in memory)
+    assert complete() == first and d.proc.poll() is None
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed" in d.stderr, timeout=60)
+    assert "served.gguf' is truncated or damaged" in d.stderr and "re-download or re-copy the file" in d.stderr
+    assert complete() == first
+    shutil.copyfile(tiny_models["a2"], served)  # `cp` over it: written in place
+    assert complete() == first
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded:" in d.stderr, timeout=60)
+    assert complete() != first  # the reload read the new file
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait_exit() == 0
 

@@ -203,7 +203,7 @@ def default_config(n_ctx: int = 4096, model: str = DEFAULT_MODEL, kv_cache_type:
 def _member_identity(mc: MemberConfig, ens: EnsembleConfig) -> tuple[Any, ...]:
     """Members with the same identity run the same model with the same context settings
     (the bench's raw prompts ignore system prompts), so one ``single`` case measures them all."""
-    return (str(mc.resolve_path()), mc.n_threads, mc.n_gpu_layers, ens.n_ctx, ens.n_batch)
+    return (str(mc.resolve_path()), mc.n_threads, mc.n_gpu_layers, mc.repack, mc.mmap, ens.n_ctx, ens.n_batch)
 
 
 def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True) -> tuple[list[Case], list[EnsemblePlan]]:
@@ -278,11 +278,13 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
+    from .backends.cpu import cpu_flags, flags_that_matter
     from .backends.llama import default_threads, llama_cpp_version, supports_gpu_offload
 
     return {
         "cores": cores,
         "cpu": cpu,
+        "cpu_flags": flags_that_matter(cpu_flags()),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "llama_cpp_python": llama_cpp_version(),
@@ -370,7 +372,7 @@ class BenchRunner:
         return maker
 
     def _baseline(self, case: Case) -> Any:
-        from .backends.llama import BaselineCompletion, ContextSettings
+        from .backends.llama import BaselineCompletion, ContextSettings, LoadSettings
 
         b = self._baselines.get(case.key)
         if b is None:
@@ -379,7 +381,8 @@ class BenchRunner:
             mc = ens.get_member(case.member)
             settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads,
                                        kv_cache_type=ens.kv_cache_type)
-            b = self._baselines[case.key] = BaselineCompletion(mc.resolve_path(), settings, mc.n_gpu_layers)
+            load = LoadSettings.resolve(mc.repack, mmap=mc.mmap, n_gpu_layers=mc.n_gpu_layers)
+            b = self._baselines[case.key] = BaselineCompletion(mc.resolve_path(), settings, load)
         return b
 
     def _generate(self, engine: Any, case: Case, index: int, n_tokens: int, seed: int) -> dict[str, Any]:
@@ -490,12 +493,17 @@ class BenchRunner:
         return result
 
     def _models(self) -> dict[str, Any]:
+        from .backends.llama import LoadSettings
+
         out: dict[str, Any] = {}
         for plan in self.plans:
             ens = self.config.get(plan.name)
             for mc in ens.members:
                 path = mc.resolve_path()
-                out.setdefault(path.name, {"path": str(path), "size_mib": round(path.stat().st_size / 2**20, 1)})
+                load = LoadSettings.resolve(mc.repack, mmap=mc.mmap, n_gpu_layers=mc.n_gpu_layers)
+                out.setdefault(path.name, {"path": str(path), "size_mib": round(path.stat().st_size / 2**20, 1),
+                                           "repack": load.repack, "repack_reason": load.repack_reason,
+                                           "mmap": load.mmap})
         return out
 
     def _memory(self) -> dict[str, Any]:
@@ -504,7 +512,7 @@ class BenchRunner:
         mc = ens.members[0]
         return measure_shared_memory(mc.resolve_path(), n_ctx=ens.n_ctx, n_batch=ens.n_batch,
                                      n_threads=mc.n_threads, n_gpu_layers=mc.n_gpu_layers,
-                                     kv_cache_type=ens.kv_cache_type)
+                                     kv_cache_type=ens.kv_cache_type, repack=mc.repack, mmap=mc.mmap)
 
 
 def summarize_case(case: Case, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -675,7 +683,8 @@ def _memory_probe(args: Mapping[str, Any]) -> dict[str, Any]:
         members = "".join(
             f"\n      - {{name: m{i}, path: {json.dumps(args['path'])}"
             + (f", n_threads: {args['n_threads']}" if args.get("n_threads") else "")
-            + f", n_gpu_layers: {int(args.get('n_gpu_layers', 0))}}}"
+            + f", n_gpu_layers: {int(args.get('n_gpu_layers', 0))}"
+            + f", repack: {args.get('repack', 'auto')}, mmap: {json.dumps(bool(args.get('mmap', False)))}}}"
             for i in range(k)
         )
         text = (f"ensembles:\n  e:\n    n_ctx: {args['n_ctx']}\n    n_batch: {args['n_batch']}\n"
@@ -688,7 +697,8 @@ def _memory_probe(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
-                          n_gpu_layers: int = 0, kv_cache_type: str = "f16") -> dict[str, Any]:
+                          n_gpu_layers: int = 0, kv_cache_type: str = "f16", repack: str = "auto",
+                          mmap: bool = False) -> dict[str, Any]:
     """Resident memory of fresh processes holding 0 (libraries only), 1 and 2 members on one file."""
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1])
@@ -696,7 +706,8 @@ def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = 512, n_threa
     readings: dict[str, dict[str, float]] = {}
     for k in (0, 1, 2):
         args = {"path": str(path), "members": k, "n_ctx": n_ctx, "n_batch": n_batch,
-                "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "kv_cache_type": kv_cache_type}
+                "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "kv_cache_type": kv_cache_type,
+                "repack": repack, "mmap": mmap}
         proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True,
                               env=env, timeout=600, check=False)
         if proc.returncode != 0:
@@ -708,6 +719,7 @@ def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = 512, n_threa
         "model": path.name,
         "n_ctx": n_ctx,
         "kv_cache_type": kv_cache_type,
+        "mmap": mmap,
         "measured": "VmRSS of fresh processes after a short generation (MiB); 0 = interpreter and libraries",
         "rss_mib": {k: round(v.get("VmRSS", 0.0), 1) for k, v in readings.items()},
         "file_backed_mib": {k: round(v.get("RssFile", 0.0), 1) for k, v in readings.items()},

@@ -25,7 +25,10 @@ ENV_CONFIG = "ME_LOCAL_CONFIG"
 
 _ENSEMBLE_KEYS = {"mode", "n_ctx", "members", "parallel", "max_queue", "n_batch", "member", "sampling", "kv_cache_type"}
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
-_MEMBER_KEYS = {"name", "path", "weight", "system", "n_gpu_layers", "n_threads"}
+_MEMBER_KEYS = {"name", "path", "weight", "system", "n_gpu_layers", "n_threads", "repack", "mmap"}
+REPACK_SETTINGS = ("auto", "on", "off")
+"""A member's ``repack``: whether llama.cpp may repack its weights for faster CPU kernels
+(llama_model_params.use_extra_bufts). ``auto``: off on CPUs with AMX (llama.cpp#20824), on elsewhere."""
 _SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p", "max_tokens"}
 
 
@@ -51,6 +54,12 @@ class MemberConfig:
     system: str | None = None
     n_gpu_layers: int = 0
     n_threads: int | None = None
+    repack: str = "auto"
+    """auto | on | off: see REPACK_SETTINGS."""
+    mmap: bool = False
+    """Map the file instead of reading the weights into memory. Then the file must be replaced
+    with ``mv`` (a new inode), never written in place: a write or truncation under the mapping
+    kills the process with SIGBUS."""
     key: str = ""
     """Where this member sits in the file, e.g. ``ensembles.default.members[0]``."""
     file: str = ""
@@ -58,6 +67,14 @@ class MemberConfig:
     def resolve_path(self) -> Path:
         """The model file on disk; raises ConfigError naming the fix when it is not there."""
         path = resolve_model_path(self.path, self.base_dir, file=self.file, key=f"{self.key}.path")
+        if path.is_dir():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" (it has {', '.join(ggufs[:3])}{', ...' if len(ggufs) > 3 else ''})" if ggufs else ""
+            raise ConfigError(
+                f"model path {str(path)!r} is a directory; name the .gguf file in it{hint}",
+                file=self.file,
+                key=f"{self.key}.path",
+            )
         if not path.is_file():
             raise ConfigError(
                 f"model file {str(path)!r} does not exist; fix the path or put the GGUF file there",
@@ -367,6 +384,16 @@ def _parse_member(raw: Any, base_dir: Path, fname: str, key: str) -> MemberConfi
             key=f"{key}.n_gpu_layers",
         )
     n_threads = _int(raw, "n_threads", None, lo=1, file=fname, key=key)
+    repack = raw.get("repack", "auto")
+    if isinstance(repack, bool):  # YAML 1.1 reads a bare on/off as true/false
+        repack = "on" if repack else "off"
+    if repack not in REPACK_SETTINGS:
+        raise ConfigError(
+            f"must be one of {', '.join(REPACK_SETTINGS)}, got {repack!r}", file=fname, key=f"{key}.repack"
+        )
+    mmap = raw.get("mmap", False)
+    if not isinstance(mmap, bool):
+        raise ConfigError(f"must be true or false, got {mmap!r}", file=fname, key=f"{key}.mmap")
     return MemberConfig(
         name=name,
         path=path,
@@ -375,6 +402,8 @@ def _parse_member(raw: Any, base_dir: Path, fname: str, key: str) -> MemberConfi
         system=system,
         n_gpu_layers=n_gpu_layers,
         n_threads=n_threads,
+        repack=repack,
+        mmap=mmap,
         key=key,
         file=fname,
     )

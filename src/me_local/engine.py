@@ -300,12 +300,13 @@ def check_vocabularies(config: EnsembleConfig, members: Sequence[Any]) -> None:
 
 def llama_member_factory(store: Any = None) -> MemberFactory:
     """Members backed by llama.cpp, sharing loaded weights through one ModelStore."""
-    from .backends.llama import ContextSettings, LlamaMember, ModelStore
+    from .backends.llama import ContextSettings, LlamaMember, LoadSettings, ModelStore
 
     store = ModelStore() if store is None else store
 
     def make(mc: Any, ens: EnsembleConfig) -> Any:
-        model = store.acquire(mc.resolve_path(), mc.n_gpu_layers)
+        load = LoadSettings.resolve(mc.repack, mmap=mc.mmap, n_gpu_layers=mc.n_gpu_layers)
+        model = store.acquire(mc.resolve_path(), load)
         try:
             settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads,
                                        kv_cache_type=ens.kv_cache_type)

@@ -11,7 +11,7 @@ def _size(n: int) -> str:
 
 
 def describe(config: Config) -> tuple[str, bool]:
-    from .backends.llama import inspect_model
+    from .backends.llama import LoadSettings, inspect_model
 
     lines = [f"config: {config.path}"]
     ok = True
@@ -19,7 +19,7 @@ def describe(config: Config) -> tuple[str, bool]:
     for ens in config.ensembles.values():
         weights = ens.normalized_weights()
         lines.append(f"\n{ens.name}  (mode {ens.mode}, n_ctx {ens.n_ctx}, parallel {ens.parallel})")
-        first_by_file: dict[str, str] = {}
+        first_by_load: dict[tuple[str, LoadSettings], str] = {}
         infos = []
         problems = []
         for mc, w in zip(ens.members, weights):
@@ -29,12 +29,14 @@ def describe(config: Config) -> tuple[str, bool]:
                 if key not in cache:
                     cache[key] = inspect_model(path)
                 info = cache[key]
-                shared = first_by_file.get(key)
-                first_by_file.setdefault(key, mc.name)
+                load = LoadSettings.resolve(mc.repack, mmap=mc.mmap, n_gpu_layers=mc.n_gpu_layers)
+                shared = first_by_load.get((key, load))
+                first_by_load.setdefault((key, load), mc.name)
                 note = f"  shares weights with {shared}" if shared else ""
                 lines.append(
                     f"  {mc.name:<14} weight {w:.2f}  {path.name}  {_size(info.size_bytes)}  "  # type: ignore[attr-defined]
-                    f"vocab {info.n_vocab}{note}"  # type: ignore[attr-defined]
+                    f"vocab {info.n_vocab}  mmap {'on' if load.mmap else 'off'}  "  # type: ignore[attr-defined]
+                    f"repack {'on' if load.repack else 'off'} ({load.repack_reason}){note}"
                 )
                 infos.append((mc.name, info))
             except MeLocalError as exc:

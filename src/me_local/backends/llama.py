@@ -9,6 +9,7 @@ from the file's metadata, and mapping llama.cpp failures to the error tree.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -16,8 +17,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
 from ..core.types import Cancelled, SamplingParams  # noqa: E402
 from ..errors import BackendError, ConfigError, ModelLoadError, RequestError  # noqa: E402
+from .cpu import cpu_flags, decide_repack  # noqa: E402
+from .gguf_check import read_gguf_header  # noqa: E402
 
 log = logging.getLogger("me_local.llama")
 
@@ -75,12 +78,44 @@ DEFAULT_CHAT_TEMPLATE = (
 _LEVELS = {3: logging.WARNING, 4: logging.ERROR}
 
 
+class _ErrorCapture(threading.local):
+    lines: list[str] | None = None
+
+
+_errors = _ErrorCapture()
+
+
 @L.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: Any) -> None:
     # llama.cpp is chatty on stderr; route it to logging at debug (errors at warning)
     msg = text.decode("utf-8", "replace").rstrip()
-    if msg:
+    if not msg:
+        return
+    if level == 4 and _errors.lines is not None:  # llama.cpp logs on the thread that called it
+        _errors.lines.append(msg)  # quoted in the error me-local raises: log it once, at debug
+        log.debug("%s", msg)
+    else:
         log.log(_LEVELS.get(level, logging.DEBUG), "%s", msg)
+
+
+@contextlib.contextmanager
+def _capture_errors() -> Iterator[list[str]]:
+    """The error lines llama.cpp logs on this thread meanwhile (to quote its reason in ours)."""
+    lines: list[str] = []
+    outer, _errors.lines = _errors.lines, lines
+    try:
+        yield lines
+    finally:
+        _errors.lines = outer
+
+
+def _llama_reason(lines: Sequence[str]) -> str:
+    """llama.cpp's first error line, without its function-name prefix."""
+    for line in lines:
+        text = re.sub(r"^\w+: ", "", line.strip()).removeprefix("error loading model: ").strip()
+        if text:
+            return text
+    return "no reason given"
 
 
 @cache
@@ -158,22 +193,71 @@ class CpuShare:
             return sum(1 for t in self._last.values() if now - t <= self.window)
 
 
+@dataclass(frozen=True)
+class LoadSettings:
+    """How a model file is loaded; members whose settings are equal share one load."""
+
+    n_gpu_layers: int = 0
+    repack: bool = True
+    """llama_model_params.use_extra_bufts: let llama.cpp repack weights for its faster CPU kernels."""
+    mmap: bool = False
+    """Map the file (False: read the weights into memory, so the file may change under a running model)."""
+    repack_reason: str = field(default="", compare=False)
+    """Why ``repack`` is what it is (for the load-time log line)."""
+
+    @classmethod
+    def resolve(cls, repack: str = "auto", *, mmap: bool = False, n_gpu_layers: int = 0,
+                flags: frozenset[str] | None = None) -> LoadSettings:
+        """From a member's settings (repack auto | on | off) and this CPU's flags."""
+        on, reason = decide_repack(repack, cpu_flags() if flags is None else flags)
+        return cls(n_gpu_layers=n_gpu_layers, repack=on, mmap=mmap, repack_reason=reason)
+
+    def apply(self, params: Any) -> None:
+        """Set these on a llama_model_params."""
+        params.n_gpu_layers = self.n_gpu_layers if self.n_gpu_layers >= 0 else 1_000_000
+        params.use_extra_bufts = self.repack
+        if self.mmap:
+            params.load_mode = L.LLAMA_LOAD_MODE_MMAP
+        else:
+            # read every tensor now; lazy reading maps the file even without mmap
+            params.load_mode = L.LLAMA_LOAD_MODE_NONE
+            params.lazy_mode = L.LLAMA_LAZY_MODE_OFF
+
+    def describe(self, name: str) -> str:
+        weights = ("mapped from the file (mmap: true; replace it with mv, never in place)" if self.mmap
+                   else "read into memory (mmap: false)")
+        return f"repack {'on' if self.repack else 'off'} for {name}: {self.repack_reason}; weights {weights}"
+
+
+def _load_failure(path: Path, architecture: str | None, lines: Sequence[str]) -> ModelLoadError:
+    """llama.cpp refused a file whose GGUF header is sound: most often an architecture it does not know."""
+    arch = repr(architecture) if architecture else "(none named)"
+    return ModelLoadError(
+        f"llama.cpp could not load {str(path)!r} ({_llama_reason(lines)}); llama-cpp-python "
+        f"{llama_cpp_version()} may be too old for its architecture {arch}: upgrade it, or if that "
+        "architecture is supported, re-download or re-copy the file"
+    )
+
+
 class LoadedModel:
     """One GGUF file loaded once: weights, vocabulary, pieces and metadata."""
 
-    def __init__(self, path: Path, n_gpu_layers: int = 0, *, vocab_only: bool = False) -> None:
+    def __init__(self, path: Path, load: LoadSettings | None = None, *, vocab_only: bool = False) -> None:
         _init_backend()
+        load = load or LoadSettings.resolve()
         self.path = path
-        self.n_gpu_layers = n_gpu_layers
+        self.load = load
+        self.n_gpu_layers = load.n_gpu_layers
+        header = read_gguf_header(path)  # a damaged file gets its own message, before llama.cpp reads it
         params = L.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 1_000_000
+        load.apply(params)
         params.vocab_only = vocab_only
-        ptr = L.llama_model_load_from_file(str(path).encode(), params)
+        if not vocab_only:
+            log.info("%s", load.describe(path.name))
+        with _capture_errors() as errors:
+            ptr = L.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
-            raise ModelLoadError(
-                f"llama.cpp could not load {str(path)!r}; check that it is a complete GGUF model file "
-                f"(llama-cpp-python {llama_cpp_version()} may also be too old for its architecture)"
-            )
+            raise _load_failure(path, header.architecture, errors)
         self.ptr = ptr
         self.vocab = L.llama_model_get_vocab(ptr)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
@@ -201,6 +285,8 @@ class LoadedModel:
         self.bos_text = self._piece(self.bos, special=True).decode("utf-8", "replace") if self.bos >= 0 else ""
         self.eos_text = self._piece(self.eos, special=True).decode("utf-8", "replace") if self.eos >= 0 else ""
         self.refs = 0
+        self.store_key: tuple[str, LoadSettings] | None = None
+        """Set by the ModelStore that shares this model: its key there."""
         self.cpu: CpuShare | None = None
         """Set by the ModelStore that shares this model: the CPU threads its contexts share."""
 
@@ -358,13 +444,13 @@ def _chat_formatter(template: str, eos_text: str, bos_text: str) -> Jinja2ChatFo
 
 def inspect_model(path: Path) -> LoadedModel:
     """Vocabulary and metadata only (no weights): for `me-local models` and validation."""
-    model = LoadedModel(path, vocab_only=True)
+    model = LoadedModel(path, LoadSettings(repack=False, mmap=False), vocab_only=True)
     model.close()
     return model
 
 
 class ModelStore:
-    """Loads each (file, n_gpu_layers) once and shares it between members and slots.
+    """Loads each (file, load settings) once and shares it between members and slots.
 
     It also shares the CPU between slots, so that concurrent slots never put more
     spinning llama.cpp threads on the CPU than it has (see docs/architecture.md and
@@ -377,20 +463,22 @@ class ModelStore:
     """
 
     def __init__(self, max_concurrent_decodes: int | None = None, cpu: CpuShare | None = None) -> None:
-        self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._models: dict[tuple[str, LoadSettings], LoadedModel] = {}
         self._lock = threading.Lock()
         self.cpu = cpu or CpuShare()
         if max_concurrent_decodes is None:
             max_concurrent_decodes = max(1, self.cpu.cores)
         self.gate = threading.BoundedSemaphore(max_concurrent_decodes)
 
-    def acquire(self, path: Path, n_gpu_layers: int = 0) -> LoadedModel:
-        key = (str(path.resolve()), n_gpu_layers)
+    def acquire(self, path: Path, load: LoadSettings | None = None) -> LoadedModel:
+        load = load or LoadSettings.resolve()
+        key = (str(path.resolve()), load)
         with self._lock:
             model = self._models.get(key)
             if model is None:
-                model = self._models[key] = LoadedModel(path, n_gpu_layers)
+                model = self._models[key] = LoadedModel(path, load)
                 model.cpu = self.cpu
+                model.store_key = key
             model.refs += 1
             return model
 
@@ -398,7 +486,8 @@ class ModelStore:
         with self._lock:
             model.refs -= 1
             if model.refs <= 0:
-                self._models.pop((str(model.path.resolve()), model.n_gpu_layers), None)
+                if model.store_key is not None:
+                    self._models.pop(model.store_key, None)
                 model.close()
 
     def __len__(self) -> int:
@@ -634,37 +723,80 @@ class CompletionTiming:
         return (self.generated_tokens - 1) / span
 
 
+_DEFAULT_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _llama_model_defaults(load: LoadSettings) -> Iterator[None]:
+    """Make ``llama_cpp.Llama`` load a model the way :class:`LoadedModel` does.
+
+    Llama (llama-cpp-python 0.3.36) has arguments for n_gpu_layers and use_mmap but none
+    for use_extra_bufts (repacking) or lazy_mode: it starts from
+    ``llama_model_default_params()`` and sets its own fields. So while it is built, that
+    function returns defaults with ours applied (Llama then sets n_gpu_layers and
+    load_mode from its arguments, which BaselineCompletion passes the same way).
+    """
+    original = L.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        load.apply(params)
+        return params
+
+    with _DEFAULT_PARAMS_LOCK:
+        L.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            L.llama_model_default_params = original
+
+
 class BaselineCompletion:
     """``llama_cpp.Llama(...).create_completion(..., stream=True)`` on one model file,
-    with the context settings a :class:`LlamaMember` uses (n_ctx, n_batch, n_ubatch,
-    threads, flash attention as llama.cpp's ``auto`` picks on CPU). ``me-local bench``
-    measures ``single`` mode against it."""
+    loaded as the members load it (:class:`LoadSettings`: repacking, mmap, GPU layers), with
+    the context settings a :class:`LlamaMember` uses (n_ctx, n_batch, n_ubatch, threads,
+    flash attention as llama.cpp's ``auto`` picks on CPU). ``me-local bench`` measures
+    ``single`` mode against it."""
 
     def __init__(
         self,
         path: Path,
         settings: ContextSettings,
-        n_gpu_layers: int = 0,
+        load: LoadSettings | None = None,
     ) -> None:
         _init_backend()
+        load = load or LoadSettings.resolve()
         n_threads = settings.n_threads or default_threads()
         self.path = path
+        self.load = load
+        header = read_gguf_header(path)
+        log.info("baseline: %s", load.describe(path.name))
         try:
-            self._llm: Any = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=settings.n_ctx,
-                n_batch=settings.n_batch,
-                n_ubatch=min(settings.n_batch, 512),
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                n_gpu_layers=n_gpu_layers if n_gpu_layers >= 0 else -1,
-                flash_attn=True,
-                type_k=_KV_TYPES[settings.kv_cache_type],
-                type_v=_KV_TYPES[settings.kv_cache_type],
-                verbose=False,
+            with _llama_model_defaults(load), _capture_errors() as errors:
+                self._llm: Any = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=settings.n_ctx,
+                    n_batch=settings.n_batch,
+                    n_ubatch=min(settings.n_batch, 512),
+                    n_threads=n_threads,
+                    n_threads_batch=n_threads,
+                    n_gpu_layers=load.n_gpu_layers if load.n_gpu_layers >= 0 else -1,
+                    use_mmap=load.mmap,
+                    flash_attn=True,
+                    type_k=_KV_TYPES[settings.kv_cache_type],
+                    type_v=_KV_TYPES[settings.kv_cache_type],
+                    verbose=False,
+                )
+        except ValueError:  # llama-cpp-python's way of saying "could not load"
+            raise _load_failure(path, header.architecture, errors) from None
+        used = self._llm.model_params
+        if bool(used.use_extra_bufts) != load.repack or (int(used.load_mode) == L.LLAMA_LOAD_MODE_MMAP) != load.mmap:
+            self.close()
+            raise BackendError(
+                f"llama-cpp-python {llama_cpp_version()} did not load {path.name} with the members' settings "
+                f"(use_extra_bufts {bool(used.use_extra_bufts)}, load_mode {int(used.load_mode)}), so the "
+                "baseline would not be comparable; report this as a me-local bug"
             )
-        except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
-            raise ModelLoadError(f"llama-cpp-python could not load {str(path)!r} ({exc})") from None
 
     def run(
         self,
@@ -720,10 +852,10 @@ def baseline_completion_speed(
     *,
     seed: int = 0,
     settings: ContextSettings | None = None,
-    n_gpu_layers: int = 0,
+    load: LoadSettings | None = None,
 ) -> CompletionTiming:
     """One timed ``create_completion(stream=True)`` run (loads the model, runs, frees it)."""
-    baseline = BaselineCompletion(path, settings or ContextSettings(), n_gpu_layers)
+    baseline = BaselineCompletion(path, settings or ContextSettings(), load)
     try:
         return baseline.run(prompt_tokens, n_tokens, params, seed)
     finally:
