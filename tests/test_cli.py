@@ -275,7 +275,7 @@ class _Backend:
 
 
 def test_a_second_ctrl_c_while_stopping_keeps_the_session_and_its_conversation(capsys):
-    from me_local.chat import ChatSession
+    from me_local.cli.chat import ChatSession
 
     backend = _Backend(_Interrupted)
     session = ChatSession(backend, {})
@@ -287,7 +287,7 @@ def test_a_second_ctrl_c_while_stopping_keeps_the_session_and_its_conversation(c
 
 
 def test_an_unexpected_failure_is_reported_and_the_conversation_kept(capsys):
-    from me_local.chat import ChatSession
+    from me_local.cli.chat import ChatSession
 
     def boom():
         raise RuntimeError("the worker died")

@@ -23,11 +23,11 @@ from me_local.backends.llama import (
     LoadSettings,
     ModelStore,
 )
+from me_local.cli.models import describe
 from me_local.config import parse_config
 from me_local.core import SamplingParams
 from me_local.engine import Engine, Request, collect
 from me_local.errors import ModelLoadError
-from me_local.inspect import describe
 
 from .conftest import _load_script
 

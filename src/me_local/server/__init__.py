@@ -7,8 +7,9 @@ stop, readiness callbacks), :func:`config_loader`, :func:`create_app` and
 ``metrics``, ``bridge`` (worker thread -> event loop).
 """
 
-from .app import STATE, Loader, ServerState, create_app
+from .app import create_app
 from .runner import DEFAULT_PORT, Server, ServerSettings, config_loader
+from .state import STATE, Loader, ServerState
 
 __all__ = ["DEFAULT_PORT", "STATE", "Loader", "Server", "ServerSettings", "ServerState", "config_loader",
            "create_app"]

@@ -22,7 +22,6 @@ from ..config import EnsembleConfig
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, Request, normalize_messages, sampling_params
 from . import wire
-from .app import NOTE, STATE
 from .errors import ApiError, bad_request
 from .params import (
     MAX_SEED,
@@ -39,6 +38,7 @@ from .params import (
     stop_strings,
 )
 from .respond import collect, joined_text, stream_response
+from .state import NOTE, STATE
 
 OLLAMA_API_VERSION = "0.9.0"
 """The Ollama API version reported by /api/version (clients gate features on it)."""

@@ -17,7 +17,6 @@ from aiohttp import web
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, Request, normalize_messages, sampling_params
 from . import wire
-from .app import NOTE, STATE, ServerState
 from .errors import ApiError, bad_request
 from .params import (
     MAX_SEED,
@@ -33,6 +32,7 @@ from .params import (
     stop_strings,
 )
 from .respond import collect, joined_text, stream_response
+from .state import NOTE, STATE, ServerState
 
 
 @dataclass

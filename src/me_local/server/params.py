@@ -15,8 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from ..config import MODES, Config, EnsembleConfig
-from .app import STATE
 from .errors import ApiError, bad_request
+from .state import STATE
 
 MAX_SEED = 2**63 - 1
 MAX_TOP_K = 2**31 - 1

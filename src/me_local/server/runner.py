@@ -33,10 +33,11 @@ from ..config import load_config
 from ..engine import Engine
 from ..errors import ConfigError
 from ..logs import AccessLog
-from .app import Loader, ServerState, create_app
+from .app import create_app
 from .connection import Runner, abort
 from .resources import AcceptErrors
 from .security import AccessPolicy, check_bind, make_policy
+from .state import Loader, ServerState
 
 log = logging.getLogger("me_local.server")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import Config
-from .errors import MeLocalError
+from ..config import Config
+from ..errors import MeLocalError
 
 
 def _size(n: int) -> str:
@@ -11,7 +11,7 @@ def _size(n: int) -> str:
 
 
 def describe(config: Config) -> tuple[str, bool]:
-    from .backends.llama import LoadSettings, inspect_model
+    from ..backends.llama import LoadSettings, inspect_model
 
     lines = [f"config: {config.path}"]
     ok = True

@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .config import MODES, load_config, parse_weights
-from .errors import MeLocalError
+from .. import __version__
+from ..config import MODES, load_config, parse_weights
+from ..errors import MeLocalError
 from .report import format_stats
 
 MEMBER_COLOURS = ["cyan", "magenta", "yellow", "green", "blue", "red", "bright_cyan", "bright_magenta"]
@@ -102,7 +102,7 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _engine(config_path: str | None):
-    from .engine import Engine
+    from ..engine import Engine
 
     return Engine(load_config(config_path))
 
@@ -120,8 +120,8 @@ def generate(prompt: str, config_path: str | None, ensemble: str | None, mode: s
              top_k: int | None, top_p: float | None, min_p: float | None, seed: int | None,
              stop: tuple[str, ...], raw: bool, show_members: bool, show_stats: bool, as_json: bool) -> None:
     """Generate a reply to PROMPT (or continue it, with --raw) and stream it to stdout."""
-    from .core import DoneEvent
-    from .engine import Request, sampling_params
+    from ..core import DoneEvent
+    from ..engine import Request, sampling_params
 
     engine = _engine(config_path)
     cfg = engine.config.get(ensemble)
@@ -199,7 +199,7 @@ def chat(config_path: str | None, ensemble: str | None, mode: str | None, member
 @click.option("--config", "config_path", type=click.Path(), help="models.yaml to use.")
 def models(config_path: str | None) -> None:
     """List each ensemble with its members, files, sizes and vocabularies, and any problem."""
-    from .inspect import describe
+    from .models import describe
 
     config = load_config(config_path)
     text, ok = describe(config)
@@ -209,11 +209,8 @@ def models(config_path: str | None) -> None:
 
 
 def main() -> None:
-    from .logs import enable_crash_traces
+    from ..logs import enable_crash_traces
 
     enable_crash_traces()  # a native crash in llama.cpp leaves a Python stack on stderr, never silence
     cli(prog_name="me-local")
 
-
-if __name__ == "__main__":
-    main()

@@ -19,9 +19,9 @@ from typing import Any
 
 import click
 
-from .config import MODES, parse_weights
-from .core import DoneEvent, Event, TokenEvent
-from .errors import MeLocalError, RequestError
+from ..config import MODES, parse_weights
+from ..core import DoneEvent, Event, TokenEvent
+from ..errors import MeLocalError, RequestError
 from .report import format_stats
 
 HELP = """Commands:
@@ -54,7 +54,7 @@ class InProcess:
         self.engine.ensemble(self.ensemble)
 
     def stream(self, messages: list[dict[str, str]], settings: dict[str, Any], stop: Any) -> Iterator[Event]:
-        from .engine import Request, sampling_params
+        from ..engine import Request, sampling_params
 
         cfg = self.engine.config.get(self.ensemble)
         sampling = {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "seed")}
@@ -601,7 +601,7 @@ class RemoteEvents:
 
 
 def _stats_from(d: dict[str, Any] | None) -> Any:
-    from .core import GenerationStats, MemberStats
+    from ..core import GenerationStats, MemberStats
 
     if not d:
         return GenerationStats(mode="?", seed=0)
