@@ -337,7 +337,7 @@ def test_reload_swaps_the_engine_and_in_flight_requests_finish_on_the_old_one(tm
 
 
 def test_remote_chat_backend_streams_core_events_and_cancels_on_the_server(tmp_path, tiny_models):
-    from me_local.cli.chat import Remote
+    from me_local.cli.remote import Remote
     from me_local.core import DoneEvent, TokenEvent
 
     config = write_tiny_config(tmp_path, tiny_models)

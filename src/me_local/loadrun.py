@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from .bench import STORY, Summary, percentile
+from .server.wire import SSEDecoder
 
 
 @dataclass
@@ -71,31 +72,6 @@ class RequestResult:
     @property
     def gaps_s(self) -> list[float]:
         return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
-
-
-class SSEDecoder:
-    """Server-sent events from lines: returns each event's data when its blank line arrives
-    (several ``data:`` lines in one event are joined with newlines, as the spec says)."""
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> str | None:
-        line = line.rstrip("\r\n")
-        if not line:
-            if not self._data:
-                return None
-            data, self._data = "\n".join(self._data), []
-            return data
-        if line.startswith(":"):
-            return None  # a comment (keep-alive)
-        name, _, value = line.partition(":")
-        if name == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        return None
-
-    def flush(self) -> str | None:
-        return self.feed("")
 
 
 def prompt_text(index: int, prompt_tokens: int, run: str = "") -> str:

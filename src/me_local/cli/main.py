@@ -186,13 +186,16 @@ def chat(config_path: str | None, ensemble: str | None, mode: str | None, member
                      min_p=min_p, seed=seed, mode=mode, member=member,
                      weights=parse_weights(weights) if weights else None)
     if url:
-        from .chat import Remote
+        from .remote import Remote
 
-        backend: Any = Remote(url, ensemble=ensemble, api_key=api_key)
-    else:
-        engine = _engine(config_path)
-        backend = InProcess(engine, engine.config.get(ensemble).name)
-    ChatSession(backend, overrides).run()
+        remote = Remote(url, ensemble=ensemble, api_key=api_key)
+        try:
+            ChatSession(remote, overrides).run()
+        finally:
+            remote.close()
+        return
+    engine = _engine(config_path)
+    ChatSession(InProcess(engine, engine.config.get(ensemble).name), overrides).run()
 
 
 @cli.command()

@@ -316,3 +316,31 @@ def ollama_load_reply(kind: str, model: str, created_at: str, reason: str = "loa
     obj["done"] = True
     obj["done_reason"] = reason
     return obj
+
+
+# --------------------------------------------------------------------------- reading SSE (clients)
+
+
+class SSEDecoder:
+    """Server-sent events from lines: returns each event's data when its blank line arrives
+    (several ``data:`` lines in one event are joined with newlines, as the spec says)."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                return None
+            data, self._data = "\n".join(self._data), []
+            return data
+        if line.startswith(":"):
+            return None  # a comment (keep-alive)
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        return self.feed("")
