@@ -202,7 +202,7 @@ def _modified_at(engine: Engine) -> str:
         ts = engine.config.path.stat().st_mtime
     except OSError:
         ts = 0.0
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    return wire.rfc3339(ts)
 
 
 def _entries(engine: Engine) -> Iterable[tuple[str, EnsembleConfig, str | None]]:
@@ -234,7 +234,7 @@ async def tags(request: web.Request) -> web.Response:
 async def ps(request: web.Request) -> web.Response:
     engine = request.app[STATE].require_engine()
     loaded = engine.loaded
-    expires = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat().replace("+00:00", "Z")
+    expires = wire.rfc3339(datetime.now(timezone.utc) + timedelta(days=3650))
     models = [
         {"name": name, "model": name, "size": _size(ens, member), "digest": _digest(ens, member),
          "details": _details(ens, member), "expires_at": expires, "size_vram": 0, "context_length": ens.n_ctx}

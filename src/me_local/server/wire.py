@@ -52,9 +52,19 @@ def now_unix() -> int:
     return int(time.time())
 
 
+def rfc3339(when: datetime | float | None = None) -> str:
+    """Ollama's timestamps (``created_at``, ``modified_at``, ``expires_at``): UTC with a Z suffix.
+    ``when``: a datetime, a Unix time, or None for now."""
+    if when is None:
+        when = datetime.now(timezone.utc)
+    elif not isinstance(when, datetime):
+        when = datetime.fromtimestamp(when, timezone.utc)
+    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def now_rfc3339() -> str:
-    """Ollama's ``created_at``: UTC with a Z suffix."""
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    """Ollama's ``created_at``: now, UTC with a Z suffix."""
+    return rfc3339()
 
 
 def token_text(piece: bytes) -> str:
