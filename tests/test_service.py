@@ -201,8 +201,8 @@ def test_templates_ship_as_package_data() -> None:
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["me_local"]
-    assert "service_templates/*" in patterns, (
-        'add "service_templates/*" to [tool.setuptools.package-data] me_local in pyproject.toml, '
+    assert "service/templates/*" in patterns, (
+        'add "service/templates/*" to [tool.setuptools.package-data] me_local in pyproject.toml, '
         "or a wheel ships without the unit templates"
     )
 

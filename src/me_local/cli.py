@@ -26,7 +26,7 @@ MEMBER_COLOURS = ["cyan", "magenta", "yellow", "green", "blue", "red", "bright_c
 #: Commands that live in their own modules, imported only when used (keeps `generate` fast to start).
 LAZY_COMMANDS = {
     "serve": "me_local.server.command:serve",
-    "service": "me_local.service:service",
+    "service": "me_local.service.command:service",
     "bench": "me_local.bench:bench",
 }
 
