@@ -9,7 +9,9 @@ the caller gives one (tests do), else it is this machine.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import IO, Any
 
 import click
@@ -17,7 +19,7 @@ import click
 from ..errors import ConfigError
 from ..logs import LEVELS
 from .host import Host, Manager, Scope
-from .plan import InstallOptions, build_spec, describe, execute, plan_install, plan_uninstall
+from .plan import InstallOptions, Plan, build_spec, describe, execute, plan_install, plan_uninstall
 from .render import ENV_NAME, render
 from .status import service_status
 
@@ -45,6 +47,18 @@ def _scope_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _render_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that shape the rendered service; the command gets them as one ``opts: InstallOptions``
+    (with ``--user``/``--system`` from :func:`_scope_options`, user by default)."""
+
+    @functools.wraps(f)
+    def with_opts(*args: Any, scope: Scope | None, config_path: str | None, listen_host: str | None,
+                  port: int | None, log_level: str, run_as: str | None, sandbox: bool | None,
+                  writable: tuple[str, ...], serve_args: tuple[str, ...], **kwargs: Any) -> Any:
+        opts = InstallOptions(scope=scope or "user", config=config_path, listen_host=listen_host, port=port,
+                              log_level=log_level, run_as=run_as, sandbox=sandbox, writable=writable,
+                              serve_args=serve_args)
+        return f(*args, opts=opts, **kwargs)
+
     options = [
         click.option("--config", "config_path", type=click.Path(dir_okay=False),
                      help="models.yaml the service serves (default: the one `me-local serve` would find now)."),
@@ -61,9 +75,17 @@ def _render_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Another path the sandboxed daemon may write (repeatable)."),
         click.argument("serve_args", nargs=-1, type=click.UNPROCESSED),
     ]
+    wrapped: Callable[..., Any] = with_opts
     for option in reversed(options):
-        f = option(f)
-    return f
+        wrapped = option(wrapped)
+    return wrapped
+
+
+def _print_or_execute(plan: Plan, host: Host, dry_run: bool) -> None:
+    if dry_run:
+        click.echo(describe(plan))
+    else:
+        execute(plan, host, click.echo)
 
 
 @click.group()
@@ -84,10 +106,8 @@ def service() -> None:
 @click.option("--no-wait", is_flag=True, help="Do not wait for the models to load (systemctl --no-block).")
 @click.option("--dry-run", is_flag=True, help="Print the files and commands; write and run nothing.")
 @click.pass_context
-def install(ctx: click.Context, scope: Scope | None, config_path: str | None, listen_host: str | None,
-            port: int | None, log_level: str, run_as: str | None, sandbox: bool | None, writable: tuple[str, ...],
-            serve_args: tuple[str, ...], api_key_file: IO[str] | None, env_items: tuple[str, ...], no_wait: bool,
-            dry_run: bool) -> None:
+def install(ctx: click.Context, opts: InstallOptions, api_key_file: IO[str] | None, env_items: tuple[str, ...],
+            no_wait: bool, dry_run: bool) -> None:
     """Write the service file, then enable and start the service."""
     host = _host(ctx)
     env = parse_env_option(env_items)
@@ -96,14 +116,8 @@ def install(ctx: click.Context, scope: Scope | None, config_path: str | None, li
         if not key:
             raise ConfigError("the API key file is empty; put the key in it", key="--api-key-file")
         env["ME_LOCAL_API_KEY"] = key
-    opts = InstallOptions(scope=scope or "user", config=config_path, listen_host=listen_host, port=port,
-                          log_level=log_level, run_as=run_as, sandbox=sandbox, writable=writable,
-                          serve_args=serve_args, env=env, wait=not no_wait)
-    plan = plan_install(host, opts, dry_run=dry_run)
-    if dry_run:
-        click.echo(describe(plan))
-    else:
-        execute(plan, host, click.echo)
+    plan = plan_install(host, replace(opts, env=env, wait=not no_wait), dry_run=dry_run)
+    _print_or_execute(plan, host, dry_run)
 
 
 @service.command()
@@ -114,11 +128,7 @@ def install(ctx: click.Context, scope: Scope | None, config_path: str | None, li
 def uninstall(ctx: click.Context, scope: Scope | None, keep_env: bool, dry_run: bool) -> None:
     """Stop and disable the service and remove its files (the logs stay)."""
     host = _host(ctx)
-    plan = plan_uninstall(host, scope, keep_env=keep_env, dry_run=dry_run)
-    if dry_run:
-        click.echo(describe(plan))
-    else:
-        execute(plan, host, click.echo)
+    _print_or_execute(plan_uninstall(host, scope, keep_env=keep_env, dry_run=dry_run), host, dry_run)
 
 
 @service.command()
@@ -137,13 +147,8 @@ def status(ctx: click.Context, scope: Scope | None) -> None:
 @_scope_options
 @_render_options
 @click.pass_context
-def print_command(ctx: click.Context, manager: Manager | None, scope: Scope | None, config_path: str | None,
-                  listen_host: str | None, port: int | None, log_level: str, run_as: str | None,
-                  sandbox: bool | None, writable: tuple[str, ...], serve_args: tuple[str, ...]) -> None:
+def print_command(ctx: click.Context, manager: Manager | None, opts: InstallOptions) -> None:
     """Print the unit (or plist) install would write for these options (without the environment's secrets)."""
     host = _host(ctx)
-    opts = InstallOptions(scope=scope or "user", config=config_path, listen_host=listen_host, port=port,
-                          log_level=log_level, run_as=run_as, sandbox=sandbox, writable=writable,
-                          serve_args=serve_args)
     spec, _ = build_spec(host, manager or host.manager, opts, strict=False)
     click.echo(render(spec).decode(), nl=False)
