@@ -122,3 +122,17 @@ def userns_available(host: Host) -> bool:
     if read("/proc/sys/kernel/unprivileged_userns_clone") == "0":  # Debian's older switch
         return False
     return read("/proc/sys/user/max_user_namespaces") != "0"
+
+
+def user_manager_reachable(host: Host) -> bool:
+    """Whether ``systemctl --user`` can reach this user's systemd instance.
+
+    It connects to the manager's socket ``$XDG_RUNTIME_DIR/systemd/private`` (falling back
+    to the user bus, ``$XDG_RUNTIME_DIR/bus``). A login session provides both and only its
+    owner may use them; under ``sudo`` or ``su`` the variable is unset or names another
+    user's directory.
+    """
+    runtime = host.environ.get("XDG_RUNTIME_DIR", "")
+    if not os.path.isabs(runtime):
+        return False
+    return any(os.access(Path(runtime, *name), os.R_OK | os.W_OK) for name in (("systemd", "private"), ("bus",)))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..config import find_config, load_config
 from ..errors import ConfigError, MeLocalError
-from .host import CommandResult, Host, Manager, Scope, userns_available
+from .host import CommandResult, Host, Manager, Scope, user_manager_reachable, userns_available
 from .layout import LAUNCHD_LABEL, UNIT_NAME, Layout, layout
 from .render import (
     ServiceSpec,
@@ -349,11 +349,12 @@ def write_file(path: Path, content: bytes, mode: int) -> None:
         raise
 
 
-def command_error(step: Run, result: CommandResult) -> MeLocalError:
+def command_error(step: Run, result: CommandResult, host: Host) -> MeLocalError:
+    """The error for a failed step: the command, the last line it printed, and what to do."""
     lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
     detail = lines[-1].strip() if lines else f"exit status {result.returncode}"
     message = f"`{shlex.join(step.argv)}` failed: {detail}"
-    if "systemctl" in step.argv[0] and "--user" in step.argv and "bus" in (result.stderr + result.stdout).lower():
+    if "systemctl" in step.argv[0] and "--user" in step.argv and not user_manager_reachable(host):
         message += (
             "; cannot reach your systemd user manager: run this from a regular login session (not su or sudo), "
             "or install a system service with `sudo me-local service install --system`"
@@ -380,7 +381,7 @@ def execute(plan: Plan, host: Host, echo: Callable[[str], None]) -> None:
             echo(f"$ {shlex.join(step.argv)}")
             result = host.runner(step.argv)
             if step.check and result.returncode != 0:
-                raise command_error(step, result)
+                raise command_error(step, result, host)
     for note in plan.notes:
         echo(note)
 

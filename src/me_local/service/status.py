@@ -49,7 +49,7 @@ def service_status(host: Host, scope: Scope | None) -> Status:
                 "--property=LoadState,ActiveState,SubState,UnitFileState,MainPID,StatusText,NRestarts"]
         result = host.runner(argv)
         if result.returncode != 0:
-            raise command_error(Run(tuple(argv)), result)
+            raise command_error(Run(tuple(argv)), result, host)
         props = _key_values(result.stdout, "=")
         active = props.get("ActiveState", "unknown")
         state = f"{active} ({props.get('SubState', '?')}), {props.get('UnitFileState') or 'not enabled'}"
