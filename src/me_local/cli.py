@@ -27,7 +27,7 @@ MEMBER_COLOURS = ["cyan", "magenta", "yellow", "green", "blue", "red", "bright_c
 LAZY_COMMANDS = {
     "serve": "me_local.server.command:serve",
     "service": "me_local.service.command:service",
-    "bench": "me_local.bench:bench",
+    "bench": "me_local.bench.command:bench",
 }
 
 
