@@ -17,7 +17,7 @@ not load). The names below are what ``scripts/`` and the tests import.
 
 from __future__ import annotations
 
-from .command import bench
+from .command import bench, run_and_print
 from .plan import BASELINE, bench_plan, default_config, interleave, plan_cases
 from .plot import PLOT_HINT, write_chart
 from .report import evaluate_targets, format_report, format_targets, run_bench
@@ -45,6 +45,7 @@ __all__ = [
     "plan_cases",
     "quantile",
     "ratio",
+    "run_and_print",
     "run_bench",
     "write_chart",
 ]

@@ -10,14 +10,35 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
+from ..config import Config
 from .plan import BASELINE, bench_plan
 from .plot import PLOT_HINT
-from .report import evaluate_targets, format_report, format_targets, run_bench
+from .report import Target, evaluate_targets, format_report, format_targets, run_bench
 from .runs import BenchRunner, BenchSettings
+
+
+def run_and_print(config: Config, names: Sequence[str], settings: BenchSettings, out: Path,
+                  targets_heading: str) -> tuple[list[Path], list[Target]]:
+    """The in-process bench as ``me-local bench`` runs it: a progress bar on stderr, bench.json (and
+    bench.png) in ``out``, then the table, the targets under ``targets_heading`` and the files written.
+    Returns the files written and the targets."""
+    runner = BenchRunner(config, names, settings)
+    with click.progressbar(length=runner.total_steps, label="bench", file=sys.stderr,
+                           item_show_func=lambda item: item) as bar:
+        result, written = run_bench(runner, out, progress=lambda label: bar.update(1, label))
+    click.echo(format_report(result))
+    targets = evaluate_targets(result)
+    if targets:
+        click.echo(f"\n{targets_heading}")
+        click.echo(format_targets(targets))
+    for path in written:
+        click.echo(f"wrote {path}")
+    return written, targets
 
 
 @click.command()
@@ -72,16 +93,6 @@ def bench(config_path: str | None, ensemble: str | None, tokens: int, repeats: i
     config, names = bench_plan(config_path, ensemble, prompt_tokens, tokens, kv_cache_type)
     settings = BenchSettings(tokens=tokens, repeats=repeats, prompt_tokens=prompt_tokens,
                              baseline=not no_baseline, memory=not no_memory)
-    runner = BenchRunner(config, names, settings)
-    with click.progressbar(length=runner.total_steps, label="bench", file=sys.stderr,
-                           item_show_func=lambda item: item) as bar:
-        result, written = run_bench(runner, out, progress=lambda label: bar.update(1, label))
-    click.echo(format_report(result))
-    targets = evaluate_targets(result)
-    if targets:
-        click.echo("\ntargets (this machine):")
-        click.echo(format_targets(targets))
-    for path in written:
-        click.echo(f"wrote {path}")
+    written, _ = run_and_print(config, names, settings, out, "targets (this machine):")
     if not any(p.suffix == ".png" for p in written):
         click.echo(f"no chart: matplotlib is not installed ({PLOT_HINT})")
