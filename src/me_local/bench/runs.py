@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,10 +43,6 @@ class BenchSettings:
 
 
 def machine_info() -> dict[str, Any]:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cores = os.cpu_count() or 1
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -58,10 +53,10 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     from ..backends.cpu import cpu_flags, flags_that_matter
-    from ..backends.llama import default_threads, llama_cpp_version, supports_gpu_offload
+    from ..backends.llama import available_cpus, default_threads, llama_cpp_version, supports_gpu_offload
 
     return {
-        "cores": cores,
+        "cores": available_cpus(),
         "cpu": cpu,
         "cpu_flags": flags_that_matter(cpu_flags()),
         "platform": platform.platform(),
