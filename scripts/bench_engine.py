@@ -18,15 +18,7 @@ from pathlib import Path
 
 import click
 
-from me_local.bench import (
-    BenchRunner,
-    BenchSettings,
-    bench_plan,
-    evaluate_targets,
-    format_report,
-    format_targets,
-    run_bench,
-)
+from me_local.bench import BenchSettings, bench_plan, run_and_print
 
 
 @click.command()
@@ -39,16 +31,7 @@ def main(tokens: int, repeats: int, prompt_tokens: int, out_dir: str, memory: bo
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     config, names = bench_plan(None, None, prompt_tokens, tokens)
     settings = BenchSettings(tokens=tokens, repeats=repeats, prompt_tokens=prompt_tokens, memory=memory)
-    runner = BenchRunner(config, names, settings)
-    with click.progressbar(length=runner.total_steps, label="bench", file=sys.stderr,
-                           item_show_func=lambda item: item) as bar:
-        result, written = run_bench(runner, Path(out_dir), progress=lambda label: bar.update(1, label))
-    click.echo(format_report(result))
-    targets = evaluate_targets(result)
-    click.echo("\nspeed targets (issue 2; memory: issue 5):")
-    click.echo(format_targets(targets))
-    for path in written:
-        click.echo(f"wrote {path}")
+    _, targets = run_and_print(config, names, settings, Path(out_dir), "speed targets (issue 2; memory: issue 5):")
     sys.exit(0 if all(t.passed for t in targets) else 1)
 
 

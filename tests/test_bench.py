@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from me_local import loadrun
 from me_local.backends.llama import CpuShare
 from me_local.bench import (
     BASELINE,
@@ -31,6 +30,7 @@ from me_local.bench import (
     ensemble_report,
     evaluate_targets,
     interleave,
+    loadrun,
     median,
     mixture_speed,
     paired_ratio,
@@ -41,9 +41,9 @@ from me_local.bench import (
     run_bench,
     write_chart,
 )
+from me_local.bench.loadrun import LoadSettings, SSEDecoder, run_load
 from me_local.cli import cli
 from me_local.config import load_config
-from me_local.loadrun import LoadSettings, SSEDecoder, run_load
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 

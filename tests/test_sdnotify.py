@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from me_local import sdnotify
-from me_local.sdnotify import Notifier, SystemdHooks, Watchdog, watchdog_interval
+from me_local.service import sdnotify
+from me_local.service.sdnotify import Notifier, SystemdHooks, Watchdog, watchdog_interval
 
 
 class Listener:

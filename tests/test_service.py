@@ -62,7 +62,11 @@ def machine(tmp_path: Path, runner: FakeRunner) -> Host:
     home.mkdir()
     root = tmp_path / "root"
     (root / "run/systemd/system").mkdir(parents=True)
-    return Host(platform="linux", home=home, environ={}, uid=1000, runner=runner, root=root,
+    runtime = tmp_path / "session-runtime"  # a login session's XDG_RUNTIME_DIR, with the user manager's socket
+    (runtime / "systemd").mkdir(parents=True)
+    (runtime / "systemd/private").touch()
+    return Host(platform="linux", home=home, environ={"XDG_RUNTIME_DIR": str(runtime)}, uid=1000, runner=runner,
+                root=root,
                 which=lambda name: f"/usr/bin/{name}", executable=find_me_local())
 
 
@@ -201,8 +205,8 @@ def test_templates_ship_as_package_data() -> None:
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["me_local"]
-    assert "service_templates/*" in patterns, (
-        'add "service_templates/*" to [tool.setuptools.package-data] me_local in pyproject.toml, '
+    assert "service/templates/*" in patterns, (
+        'add "service/templates/*" to [tool.setuptools.package-data] me_local in pyproject.toml, '
         "or a wheel ships without the unit templates"
     )
 
@@ -357,11 +361,28 @@ def test_failed_start_names_the_command_and_the_logs(machine: Host, runner: Fake
 
 
 def test_unreachable_user_manager_says_how_to_fix_it(machine: Host, runner: FakeRunner, config: Path) -> None:
+    machine.environ = {}  # as under sudo: no XDG_RUNTIME_DIR, so systemctl --user finds no manager
     runner.results[("systemctl", "--user", "daemon-reload")] = CommandResult(
         1, "", "Failed to connect to bus: No medium found\n")
     result = invoke(machine, "install", "--config", str(config))
     assert result.exit_code == 1 and "cannot reach your systemd user manager" in result.output
     assert runner.calls == [["systemctl", "--user", "daemon-reload"]]
+
+
+def test_no_user_manager_is_told_by_the_machine_not_by_the_message(machine: Host, runner: FakeRunner,
+                                                                   tmp_path: Path) -> None:
+    """XDG_RUNTIME_DIR names a directory where no user manager listens (as under `su`: the first user's);
+    the hint follows from that, whatever systemctl printed."""
+    other = tmp_path / "other-runtime"
+    other.mkdir()
+    machine.environ = {"XDG_RUNTIME_DIR": str(other)}
+    runner.results[("systemctl", "--user", "show")] = CommandResult(1)
+    user_unit(machine).parent.mkdir(parents=True)
+    user_unit(machine).write_text("[Unit]\n")
+    result = invoke(machine, "status")
+    assert result.exit_code == 1
+    assert "`systemctl --user show me-local.service" in result.output and "failed: exit status 1" in result.output
+    assert "cannot reach your systemd user manager: run this from a regular login session" in result.output
 
 
 def test_sandbox_follows_user_namespaces(machine: Host, config: Path) -> None:

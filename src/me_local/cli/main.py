@@ -26,8 +26,8 @@ MEMBER_COLOURS = ["cyan", "magenta", "yellow", "green", "blue", "red", "bright_c
 #: Commands that live in their own modules, imported only when used (keeps `generate` fast to start).
 LAZY_COMMANDS = {
     "serve": "me_local.server.command:serve",
-    "service": "me_local.service:service",
-    "bench": "me_local.bench:bench",
+    "service": "me_local.service.command:service",
+    "bench": "me_local.bench.command:bench",
 }
 
 

@@ -51,7 +51,7 @@ def serve(config_path: str | None, host: str, port: int, api_key: str | None, al
     SIGHUP re-reads models.yaml (a broken file is logged and the old models keep serving).
     """
     from ..logs import enable_crash_traces, setup_logging
-    from ..sdnotify import SystemdHooks
+    from ..service.sdnotify import SystemdHooks
 
     setup_logging(secrets=[api_key] if api_key else ())  # one line per event; the key never appears
     enable_crash_traces()  # stderr is the service's log: a native crash leaves every thread's stack there

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("me_local.sdnotify")  # its name before it moved into service/
 
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_WATCHDOG_USEC = "WATCHDOG_USEC"

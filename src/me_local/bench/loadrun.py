@@ -22,8 +22,9 @@ from typing import Any
 
 import aiohttp
 
-from .bench import STORY, Summary, percentile
-from .server.wire import SSEDecoder
+from ..server.wire import SSEDecoder
+from .prompts import prompt_text
+from .stats import Summary, percentile
 
 
 @dataclass
@@ -74,15 +75,6 @@ class RequestResult:
         return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
 
 
-def prompt_text(index: int, prompt_tokens: int, run: str = "") -> str:
-    """About ``prompt_tokens`` tokens of English (three words make about four tokens),
-    numbered (request and run) so that no request reuses another's cached prompt, in this
-    load run or an earlier one."""
-    words = STORY.split()
-    n = max(1, prompt_tokens * 3 // 4)
-    while len(words) < n:
-        words = words + STORY.split()
-    return f"Request {index}. Run {run}. Continue this story:\n" + " ".join(words[:n])
 
 
 def request_body(settings: LoadSettings, index: int, model: str) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""The bench's output: bench.json, the table on stdout, and the speed targets.
+
+:func:`run_bench` runs a :class:`~me_local.bench.runs.BenchRunner` and writes
+bench.json (and bench.png where matplotlib is installed);
+:func:`format_report` prints the result as a table of medians and quartiles with
+the ratios under it; :func:`evaluate_targets` checks the speed and memory
+targets of the engine and bench issues that an in-process run can check, and
+:func:`format_targets` lists them with PASS or MISS.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .plan import BASELINE
+from .plot import write_chart
+from .runs import BenchRunner, ProgressFn
+
+
+@dataclass
+class Target:
+    name: str
+    value: float | None
+    op: str  # ">=" | "<="
+    threshold: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "op": self.op, "threshold": self.threshold,
+                "passed": self.passed, "note": self.note}
+
+
+def evaluate_targets(result: Mapping[str, Any]) -> list[Target]:
+    """The speed targets of the engine and bench issues that an in-process run can check."""
+    targets: list[Target] = []
+    prompt = result.get("settings", {}).get("prompt_tokens", 0)
+    seen_baseline: set[tuple[str, str]] = set()
+    for name, ens in result.get("ensembles", {}).items():
+        r = ens["ratios"]
+        for member, value in r.get("single/" + BASELINE, {}).items():
+            pair = (ens["cases"]["single"][member], ens["cases"]["baseline"][member])
+            if pair in seen_baseline:
+                continue
+            seen_baseline.add(pair)
+            targets.append(Target(f"single ({member}) vs {BASELINE} create_completion", value, ">=", 0.95))
+        n = len(ens["members"])
+        if r.get("me/ce") is not None and n in (2, 3):
+            targets.append(Target(f"{name}: me vs ce tokens/s, {n} members", r["me/ce"], ">=", 1.35 if n == 2 else 1.5))
+        if r.get("me/single") is not None and n == 2:
+            targets.append(Target(f"{name}: me vs single tokens/s, 2 members", r["me/single"], ">=", 0.75))
+        if r.get("ce_ttft/me_ttft") and n == 2:
+            note = "" if prompt >= 500 else f"measured with a {prompt}-token prompt; the target names 500"
+            targets.append(Target(f"{name}: me TTFT vs ce TTFT, 2 members", 1.0 / r["ce_ttft/me_ttft"], "<=", 0.6,
+                                  note))
+    mem = result.get("memory") or {}
+    if mem.get("ratio_2_to_1") is not None:
+        label = f"resident memory, 2 members sharing {mem['model']} vs 1 (n_ctx {mem['n_ctx']}, " \
+                f"KV {mem.get('kv_cache_type', 'f16')})"
+        targets.append(Target(label,
+                              mem["ratio_2_to_1"], "<=", 1.3))
+    return targets
+
+
+def format_targets(targets: Sequence[Target]) -> str:
+    lines = []
+    for t in targets:
+        status = {True: "PASS", False: "MISS", None: "n/a "}[t.passed]
+        value = f"{t.value:.2f}x" if t.value is not None else "-"
+        line = f"  [{status}] {t.name}: {value} (target {t.op} {t.threshold:g}x)"
+        if t.note:
+            line += f"  ({t.note})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _fmt_ratio(v: float | None) -> str:
+    return f"{v:.2f}x" if v is not None else "-"
+
+
+def format_report(result: Mapping[str, Any]) -> str:
+    m = result["machine"]
+    s = result["settings"]
+    models = ", ".join(result.get("models", {}))
+    lines = [
+        f"me-local bench  {m['date']}  {m['cores']} cores ({m['cpu']})  llama-cpp-python {m['llama_cpp_python']}",
+        f"model {models}; prompt ~{s['prompt_tokens']} tokens, {s['tokens']} generated, {s['repeats']} repeats "
+        f"(interleaved); median [q1-q3]",
+        "",
+        f"  {'case':<40} {'tokens/s (warm prompt)':>24} {'TTFT ms (cold prompt)':>26} {'tokens/s cold':>14}",
+    ]
+    for case in result["cases"].values():
+        if "tokens_per_s" not in case:
+            continue
+        t, f = case["tokens_per_s"], case["ttft_ms"]
+        lines.append(
+            f"  {case['label']:<40} {t['median']:>8.1f} [{t['q1']:>6.1f}-{t['q3']:<6.1f}] "
+            f"{f['median']:>9.1f} [{f['q1']:>6.1f}-{f['q3']:<6.1f}]"
+            + (f" {case['cold_tokens_per_s']['median']:>12.1f}" if "cold_tokens_per_s" in case else "")
+        )
+    for ens in result["ensembles"].values():
+        r, p = ens["ratios"], ens["paired_ratios"]
+        lines.append("")
+        if ens["cases"]["me"] not in result["cases"]:  # one member: nothing to ensemble
+            lines.append(f"  {ens['label']}:")
+        else:
+            lines.append(f"  {ens['label']}: me/ce {_fmt_ratio(r['me/ce'])} (paired {_fmt_ratio(p.get('me/ce'))})  "
+                         f"me/single {_fmt_ratio(r['me/single'])} (paired {_fmt_ratio(p.get('me/single'))})  "
+                         f"ce-TTFT/me-TTFT {_fmt_ratio(r['ce_ttft/me_ttft'])}  "
+                         f"me/ce on a cold prompt {_fmt_ratio(r.get('me/ce_cold_prompt'))}")
+        if ens.get("ce_mixture_ms_per_token") is not None:
+            lines.append(f"    ce spends {ens['ce_mixture_ms_per_token']:.2f} ms a token on its numpy mixture; "
+                         f"against a ce with a free mixture me/ce would be {_fmt_ratio(ens.get('me/ce_decode_only'))}")
+        for member, v in r["single/" + BASELINE].items():
+            lines.append(f"    single {member} / {BASELINE}: {_fmt_ratio(v)} "
+                         f"(paired {_fmt_ratio(p['single/' + BASELINE].get(member))})")
+        me_case = result["cases"].get(ens["cases"]["me"], {})
+        if me_case.get("members"):
+            per = "  ".join(f"{x['name']} selected {x['selected']:.1f}, catch-up {x['catchup_tokens']:.1f}"
+                            for x in me_case["members"])
+            lines.append(f"    me per run: {per}")
+    mem = result.get("memory")
+    if mem and "rss_mib" in mem:
+        lines.append("")
+        lines.append(f"  resident memory ({mem['model']}, n_ctx {mem['n_ctx']}): libraries {mem['rss_mib']['0']} MiB, "
+                     f"1 member {mem['rss_mib']['1']} MiB, 2 members {mem['rss_mib']['2']} MiB "
+                     f"({_fmt_ratio(mem['ratio_2_to_1'])}; file-backed {mem['file_backed_mib']['1']} -> "
+                     f"{mem['file_backed_mib']['2']} MiB)")
+    return "\n".join(lines)
+
+
+def run_bench(
+    runner: BenchRunner,
+    out_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Run the bench and write bench.json (and bench.png when matplotlib is importable)."""
+    result = runner.run(progress)
+    result["targets"] = [t.to_dict() for t in evaluate_targets(result)]
+    written: list[Path] = []
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "bench.json"
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        written.append(path)
+        png = out_dir / "bench.png"
+        if write_chart(result, png):
+            written.append(png)
+    return result, written
+

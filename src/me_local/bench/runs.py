@@ -1,0 +1,385 @@
+"""The in-process bench: run the planned cases, interleaved, and summarise them.
+
+:class:`BenchRunner` loads the ensembles, warms every case up, then runs the
+interleaved schedule; each run is a cold generation on a new prompt (time to
+first token) followed by a warm one on the same prompt and seed (tokens/s).
+The result is a dict (what bench.json holds): the machine, the settings, the
+models, a summary per case (:func:`summarize_case`), ratios per ensemble
+(:func:`ensemble_report`, :func:`ce_mixture_cost`) and, optionally, the
+resident-memory measurement.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import __version__
+from ..config import Config, EnsembleConfig
+from .memory import measure_shared_memory
+from .plan import BASELINE, Case, EnsemblePlan, interleave, plan_cases
+from .prompts import PromptMaker
+from .stats import Summary, median, mixture_speed, paired_ratio, ratio
+
+log = logging.getLogger("me_local.bench")
+
+SPREAD = "iqr"
+"""How spread is reported: the interquartile range q1..q3 (min and max are kept too)."""
+
+
+@dataclass
+class BenchSettings:
+    tokens: int = 128
+    repeats: int = 5
+    prompt_tokens: int = 500
+    warmup: bool = True
+    baseline: bool = True
+    memory: bool = True
+    seed: int = 1234
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    from ..backends.cpu import cpu_flags, flags_that_matter
+    from ..backends.llama import available_cpus, default_threads, llama_cpp_version, supports_gpu_offload
+
+    return {
+        "cores": available_cpus(),
+        "cpu": cpu,
+        "cpu_flags": flags_that_matter(cpu_flags()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "llama_cpp_python": llama_cpp_version(),
+        "me_local": __version__,
+        "gpu_offload": supports_gpu_offload(),
+        "default_threads": default_threads(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+ProgressFn = Callable[[str], None]
+
+
+class BenchRunner:
+    """Runs a plan: warm-up, the interleaved schedule, then summaries, ratios and memory."""
+
+    def __init__(
+        self,
+        config: Config,
+        ensembles: Sequence[str],
+        settings: BenchSettings,
+        engine_factory: Callable[[Config], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.cases, self.plans = plan_cases(config, ensembles, baseline=settings.baseline)
+        self._engine_factory = engine_factory
+        self._baselines: dict[str, Any] = {}
+        self._prompts: dict[str, PromptMaker] = {}
+        self._run_index = 0
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.cases) * (self.settings.repeats + (1 if self.settings.warmup else 0))
+
+    def run(self, progress: ProgressFn | None = None) -> dict[str, Any]:
+        from ..engine import Engine
+
+        step = progress or (lambda _label: None)
+        engine = (self._engine_factory or Engine)(self.config)
+        try:
+            return self._run(engine, step)
+        finally:
+            for b in self._baselines.values():
+                b.close()
+            self._baselines.clear()
+            engine.close()
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _prompt(self, engine: Any, ensemble: str) -> PromptMaker:
+        maker = self._prompts.get(ensemble)
+        if maker is None:
+            first = engine.ensemble(ensemble).members[0]
+            maker = self._prompts[ensemble] = PromptMaker(first.raw_prompt, self.settings.prompt_tokens)
+        return maker
+
+    def _baseline(self, case: Case) -> Any:
+        from ..backends.llama import BaselineCompletion, ContextSettings, LoadSettings
+
+        b = self._baselines.get(case.key)
+        if b is None:
+            ens = self.config.get(case.ensemble)
+            assert case.member is not None
+            mc = ens.get_member(case.member)
+            settings = ContextSettings(n_ctx=ens.n_ctx, n_batch=ens.n_batch, n_threads=mc.n_threads,
+                                       kv_cache_type=ens.kv_cache_type)
+            load = LoadSettings.resolve(mc.repack, mmap=mc.mmap, n_gpu_layers=mc.n_gpu_layers)
+            b = self._baselines[case.key] = BaselineCompletion(mc.resolve_path(), settings, load)
+        return b
+
+    def _generate(self, engine: Any, case: Case, index: int, n_tokens: int, seed: int) -> dict[str, Any]:
+        """One timed generation of ``case`` on prompt number ``index``."""
+        from ..engine import Request, collect, sampling_params
+
+        ens = self.config.get(case.ensemble)
+        maker = self._prompt(engine, case.ensemble)
+        params = sampling_params(ens.sampling, max_tokens=n_tokens, seed=seed)
+        if case.kind == "baseline":
+            timing = self._baseline(case).run(maker.tokens(index), n_tokens, params, seed)
+            return {
+                "tokens_per_s": timing.tokens_per_s,
+                "ttft_s": timing.ttft_s,
+                "total_s": timing.total_s,
+                "generated_tokens": timing.generated_tokens,
+                "prompt_tokens": timing.prompt_tokens,
+                "finish_reason": timing.finish_reason,
+            }
+        request = Request(
+            ensemble=case.ensemble,
+            prompt=maker.text(index),
+            params=params,
+            mode=case.mode,
+            member=case.member if case.mode == "single" else None,
+        )
+        _, done = collect(engine.generate(request))
+        s = done.stats
+        return {
+            "tokens_per_s": s.tokens_per_s,
+            "ttft_s": s.ttft_s if s.ttft_s is not None else s.total_s,
+            "total_s": s.total_s,
+            "generated_tokens": s.generated_tokens,
+            "prompt_tokens": s.prompt_tokens,
+            "finish_reason": done.finish_reason,
+            "members": [
+                {"name": m.name, "selected": m.selected, "catchup_tokens": m.catchup_tokens,
+                 "prompt_tokens": m.prompt_tokens}
+                for m in s.members
+            ],
+        }
+
+    def _run_case(self, engine: Any, case: Case, n_tokens: int, seed: int) -> dict[str, Any]:
+        """A cold run on a fresh prompt (time to first token: every member's prompt is new),
+        then a warm run on the same prompt and seed (every member that ran has the prompt
+        cached, so tokens/s is pure generation: in ``me`` the deferred prefill of members first
+        drawn after the first token would otherwise count against it)."""
+        self._run_index += 1
+        cold = self._generate(engine, case, self._run_index, n_tokens, seed)
+        warm = self._generate(engine, case, self._run_index, n_tokens, seed)
+        record = dict(warm)
+        record["ttft_s"] = cold["ttft_s"]
+        record["warm_ttft_s"] = warm["ttft_s"]
+        record["cold_tokens_per_s"] = cold["tokens_per_s"]
+        record["cold_total_s"] = cold["total_s"]
+        record["cold_generated_tokens"] = cold["generated_tokens"]
+        record["prompt_tokens"] = cold["prompt_tokens"]
+        if "members" in cold:
+            for m_cold, m_warm in zip(cold["members"], record["members"]):
+                m_warm["prompt_tokens"] = m_cold["prompt_tokens"]
+        return record
+
+    def _run(self, engine: Any, step: ProgressFn) -> dict[str, Any]:
+        st = self.settings
+        for name in dict.fromkeys(c.ensemble for c in self.cases):
+            engine.ensemble(name)  # load (and check) before anything is timed
+        by_key = {c.key: c for c in self.cases}
+        if st.warmup:
+            for case in self.cases:
+                self._run_index += 1
+                self._generate(engine, case, self._run_index, min(8, st.tokens), st.seed)
+                step(f"warm-up {case.label}")
+        runs: dict[str, list[dict[str, Any]]] = {c.key: [] for c in self.cases}
+        for repeat, key in interleave([c.key for c in self.cases], st.repeats):
+            case = by_key[key]
+            record = self._run_case(engine, case, st.tokens, st.seed + repeat)
+            record["repeat"] = repeat
+            runs[key].append(record)
+            log.debug("%s repeat %d: %.1f tokens/s, TTFT %.1f ms", key, repeat,
+                      record["tokens_per_s"], record["ttft_s"] * 1000)
+            step(case.label)
+        result: dict[str, Any] = {
+            "version": 1,
+            "machine": machine_info(),
+            "settings": {
+                "tokens": st.tokens,
+                "repeats": st.repeats,
+                "prompt_tokens": st.prompt_tokens,
+                "warmup": st.warmup,
+                "seed": st.seed,
+                "spread": SPREAD,
+                "schedule": "rotated interleaving: every repeat runs every case once, starting one case later",
+                "runs": "each run is a cold generation on a new prompt (ttft) then a warm one on the same "
+                        "prompt and seed (tokens_per_s); cold_tokens_per_s includes me's deferred prefill",
+            },
+            "models": self._models(),
+            "cases": {c.key: summarize_case(c, runs[c.key]) for c in self.cases},
+            "ensembles": {},
+        }
+        for plan in self.plans:
+            report = ensemble_report(plan, result["cases"], self.config.get(plan.name))
+            if plan.ce in result["cases"]:
+                report.update(ce_mixture_cost(engine, self.config.get(plan.name), st.tokens,
+                                              result["cases"][plan.ce], result["cases"][plan.me]))
+            result["ensembles"][plan.name] = report
+        if st.memory:
+            result["memory"] = self._memory()
+        return result
+
+    def _models(self) -> dict[str, Any]:
+        from ..backends.llama import LoadSettings
+
+        out: dict[str, Any] = {}
+        for plan in self.plans:
+            ens = self.config.get(plan.name)
+            for mc in ens.members:
+                path = mc.resolve_path()
+                load = LoadSettings.resolve(mc.repack, mmap=mc.mmap, n_gpu_layers=mc.n_gpu_layers)
+                out.setdefault(path.name, {"path": str(path), "size_mib": round(path.stat().st_size / 2**20, 1),
+                                           "repack": load.repack, "repack_reason": load.repack_reason,
+                                           "mmap": load.mmap})
+        return out
+
+    def _memory(self) -> dict[str, Any]:
+        plan = self.plans[0]
+        ens = self.config.get(plan.name)
+        mc = ens.members[0]
+        return measure_shared_memory(mc.resolve_path(), n_ctx=ens.n_ctx, n_batch=ens.n_batch,
+                                     n_threads=mc.n_threads, n_gpu_layers=mc.n_gpu_layers,
+                                     kv_cache_type=ens.kv_cache_type, repack=mc.repack, mmap=mc.mmap)
+
+
+def summarize_case(case: Case, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "label": case.label,
+        "kind": case.kind,
+        "ensemble": case.ensemble,
+        "mode": case.mode,
+        "member": case.member,
+        "runs": [dict(r) for r in runs],
+    }
+    if not runs:
+        return out
+    out["tokens_per_s"] = Summary.of(r["tokens_per_s"] for r in runs).to_dict(3)
+    out["ttft_ms"] = Summary.of(r["ttft_s"] * 1000.0 for r in runs).to_dict(3)
+    if all("cold_tokens_per_s" in r for r in runs):
+        out["cold_tokens_per_s"] = Summary.of(r["cold_tokens_per_s"] for r in runs).to_dict(3)
+    out["generated_tokens"] = median([r["generated_tokens"] for r in runs])
+    out["prompt_tokens"] = median([r["prompt_tokens"] for r in runs])
+    if runs[0].get("members"):
+        n = len(runs)
+        members = []
+        for i, m in enumerate(runs[0]["members"]):
+            members.append({
+                "name": m["name"],
+                "selected": sum(r["members"][i]["selected"] for r in runs) / n,
+                "catchup_tokens": sum(r["members"][i]["catchup_tokens"] for r in runs) / n,
+                "prompt_tokens": sum(r["members"][i]["prompt_tokens"] for r in runs) / n,
+            })
+        out["members"] = members
+    return out
+
+
+def _by_repeat(case: Mapping[str, Any], metric: str) -> dict[int, float]:
+    return {int(r["repeat"]): float(r[metric]) for r in case.get("runs", [])}
+
+
+def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleConfig) -> dict[str, Any]:
+    """Ratios for one ensemble from the case summaries (ratios of medians, and paired)."""
+
+    def med(key: str | None, metric: str) -> float | None:
+        if key is None or key not in cases or metric not in cases[key]:
+            return None
+        return float(cases[key][metric]["median"])
+
+    single_keys = [plan.single[m] for m in plan.members]
+    single_speed = mixture_speed([med(k, "tokens_per_s") or 0.0 for k in single_keys], plan.weights)
+    has_ens = plan.me in cases
+    ratios: dict[str, Any] = {
+        "me/ce": ratio(med(plan.me, "tokens_per_s"), med(plan.ce, "tokens_per_s")) if has_ens else None,
+        "me/single": ratio(med(plan.me, "tokens_per_s"), single_speed) if has_ens else None,
+        "ce_ttft/me_ttft": ratio(med(plan.ce, "ttft_ms"), med(plan.me, "ttft_ms")) if has_ens else None,
+        "me/ce_cold_prompt": ratio(med(plan.me, "cold_tokens_per_s"), med(plan.ce, "cold_tokens_per_s"))
+        if has_ens else None,
+        "single/" + BASELINE: {
+            m: ratio(med(plan.single[m], "tokens_per_s"), med(plan.baseline.get(m), "tokens_per_s"))
+            for m in plan.members
+            if m in plan.baseline
+        },
+    }
+    # paired: per repeat, then the median over repeats
+    paired: dict[str, Any] = {}
+    if has_ens:
+        me_s, ce_s = _by_repeat(cases[plan.me], "tokens_per_s"), _by_repeat(cases[plan.ce], "tokens_per_s")
+        me_t, ce_t = _by_repeat(cases[plan.me], "ttft_s"), _by_repeat(cases[plan.ce], "ttft_s")
+        singles = [_by_repeat(cases[k], "tokens_per_s") for k in single_keys]
+        reps = sorted(me_s)
+        mix = [mixture_speed([s.get(r, 0.0) for s in singles], plan.weights) for r in reps]
+        paired["me/ce"] = paired_ratio([me_s[r] for r in reps], [ce_s.get(r) for r in reps])
+        paired["me/single"] = paired_ratio([me_s[r] for r in reps], mix)
+        paired["ce_ttft/me_ttft"] = paired_ratio([ce_t.get(r) for r in reps], [me_t.get(r) for r in reps])
+    base = {}
+    for m in plan.members:
+        if m in plan.baseline:
+            s = _by_repeat(cases[plan.single[m]], "tokens_per_s")
+            b = _by_repeat(cases[plan.baseline[m]], "tokens_per_s")
+            base[m] = paired_ratio([s[r] for r in sorted(s)], [b.get(r) for r in sorted(s)])
+    paired["single/" + BASELINE] = base
+    return {
+        "label": plan.label,
+        "members": plan.members,
+        "weights": [round(w, 6) for w in plan.weights],
+        "n_ctx": ens.n_ctx,
+        "cases": {"me": plan.me, "ce": plan.ce, "single": plan.single, "baseline": plan.baseline},
+        "single_mixture_tokens_per_s": single_speed,
+        "ratios": ratios,
+        "paired_ratios": paired,
+    }
+
+
+def ce_mixture_cost(engine: Any, ens: EnsembleConfig, n_tokens: int, ce_case: Mapping[str, Any],
+                    me_case: Mapping[str, Any], repeats: int = 30) -> dict[str, Any]:
+    """How much of a ``ce`` step is its numpy work over the vocabulary (softmax of every
+    member, the mixture, truncation, the draw), timed on random logits of the model's
+    vocabulary size with the ensemble's default sampling; and me/ce against a ``ce``
+    whose mixture cost nothing (decode time alone)."""
+    import time
+
+    import numpy as np
+
+    from ..core import sampling
+    from ..engine import sampling_params
+
+    members = engine.ensemble(ens.name).members
+    params = sampling_params(ens.sampling, max_tokens=n_tokens)
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(0.0, 3.0, members[0].n_vocab).astype(np.float32) for _ in members]
+    weights = [m.weight for m in ens.members]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        probs, _mix = sampling.ce_distribution(rows, weights, params)
+        sampling.draw(probs, rng)
+        times.append(time.perf_counter() - t0)
+    mix_s = median(times)
+    ce_tps = float(ce_case["tokens_per_s"]["median"]) if "tokens_per_s" in ce_case else 0.0
+    me_tps = float(me_case["tokens_per_s"]["median"]) if "tokens_per_s" in me_case else 0.0
+    decode_only = None
+    if ce_tps > 0 and 1.0 / ce_tps > mix_s:
+        decode_only = 1.0 / (1.0 / ce_tps - mix_s)
+    return {
+        "ce_mixture_ms_per_token": round(mix_s * 1000.0, 3),
+        "ce_decode_only_tokens_per_s": decode_only,
+        "me/ce_decode_only": ratio(me_tps, decode_only),
+    }
+
