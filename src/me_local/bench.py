@@ -37,6 +37,7 @@ import click
 
 from . import __version__
 from .config import Config, EnsembleConfig, MemberConfig, load_config, packaged_config_path, parse_config
+from .settings import KV_CACHE_TYPE, N_BATCH, N_CTX
 
 log = logging.getLogger("me_local.bench")
 
@@ -186,7 +187,8 @@ class EnsemblePlan:
     """member name -> key of the llama-cpp-python case on its file."""
 
 
-def default_config(n_ctx: int = 4096, model: str = DEFAULT_MODEL, kv_cache_type: str = "f16") -> Config:
+def default_config(n_ctx: int = N_CTX.default, model: str = DEFAULT_MODEL,
+                   kv_cache_type: str = KV_CACHE_TYPE.default) -> Config:
     """The default model as two and as three members sharing its weights (ensembles x2 and x3)."""
 
     def members(k: int) -> str:
@@ -696,8 +698,8 @@ def _memory_probe(args: Mapping[str, Any]) -> dict[str, Any]:
     return _rss()
 
 
-def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
-                          n_gpu_layers: int = 0, kv_cache_type: str = "f16", repack: str = "auto",
+def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = N_BATCH.default, n_threads: int | None = None,
+                          n_gpu_layers: int = 0, kv_cache_type: str = KV_CACHE_TYPE.default, repack: str = "auto",
                           mmap: bool = False) -> dict[str, Any]:
     """Resident memory of fresh processes holding 0 (libraries only), 1 and 2 members on one file."""
     env = dict(os.environ)
@@ -937,7 +939,7 @@ def bench_plan(
               help="Directory for bench.json and bench.png.")
 @click.option("--no-baseline", is_flag=True, help=f"Skip the {BASELINE} create_completion reference.")
 @click.option("--no-memory", is_flag=True, help="Skip the resident-memory measurement.")
-@click.option("--kv-cache-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
+@click.option("--kv-cache-type", type=click.Choice(KV_CACHE_TYPE.choices), default=None,
               help="KV cache type of the default-model ensembles (default: the shipped default ensemble's, "
                    "like its n_ctx; a config's ensembles set their own).")
 @click.option("--server", "server_url", default=None, metavar="URL",
