@@ -122,10 +122,11 @@ SEED: Setting[int | None] = Setting(
     "seed", int, None, "Fixes member schedule and sampling.", "sampling", lo=0, hi=2**63 - 1,
     flag="--seed", openai="seed", ollama="options.seed", chat="seed", default_text="random")
 STOP: Setting[tuple[str, ...]] = Setting(
-    "stop", tuple, (), "Stop string (repeatable); never printed.", "sampling", hi=16,
+    "stop", tuple, (), "Stop string; never part of the output.", "sampling", hi=16,
     flag="--stop", openai="stop", ollama="options.stop")
 TOP_LOGPROBS: Setting[int] = Setting(
-    "top_logprobs", int, 0, "Most likely alternatives listed with each token's logprob.", "sampling",
+    "top_logprobs", int, 0, "Alternatives listed with each token's logprob (completions: the integer `logprobs`).",
+    "sampling",
     lo=0, hi=20, openai="top_logprobs", ollama="top_logprobs",
     openai_also=("logprobs",))
 
@@ -175,7 +176,8 @@ MMAP: Setting[bool] = Setting(
 # --------------------------------------------------------------------------- server
 
 PORT: Setting[int] = Setting(
-    "port", int, 11435, "Port to listen on (0: any free port, printed at start-up).", "server",
+    "port", int, 11435, "Port `serve` listens on (0: any free port, printed at start-up); `service` passes it on.",
+    "server",
     lo=0, hi=65535, flag="--port")
 """The default is one above Ollama's 11434, so both daemons can run side by side.
 ``me-local service --port`` passes it on to ``serve``."""

@@ -101,7 +101,7 @@ def _engine(config_path: str | None):
 @cli.command()
 @click.argument("prompt")
 @sampling_options
-@setting_option(S.STOP)
+@setting_option(S.STOP, help="Stop string (repeatable); never printed.")
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is the text to continue.")
 @click.option("--show-members", is_flag=True, help="Colour each token by the member that produced it.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print timings and per-member figures on stderr.")

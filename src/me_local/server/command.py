@@ -24,7 +24,8 @@ SECONDS = click.FloatRange(*TIMEOUT_RANGE)
                    "~/.config/me-local/models.yaml, then the packaged one).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --api-key (or --insecure).")
-@setting_option(PORT, default=DEFAULT_PORT, show_default=True)
+@setting_option(PORT, default=DEFAULT_PORT, show_default=True,
+                help="Port to listen on (0: any free port, printed at start-up).")
 @click.option("--api-key", envvar="ME_LOCAL_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: ME_LOCAL_API_KEY].")
 @click.option("--allow-origin", multiple=True,
