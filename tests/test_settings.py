@@ -240,3 +240,11 @@ def test_stop_strings_are_bounded_on_the_command_line_as_in_the_apis():
     assert result.exit_code == 2 and f"17 given; at most {S.STOP.hi} are allowed" in result.output
     with pytest.raises(ApiError, match=f"at most {S.STOP.hi} are allowed"):
         sampling_overrides({"stop": ["x"] * (S.STOP.hi + 1)})
+
+
+def test_a_null_integer_in_models_yaml_means_the_default():
+    text = json.dumps({"ensembles": {"e": {"n_ctx": None, "max_queue": None, "sampling": {"top_k": None,
+                                           "max_tokens": None}, "members": [dict(MEMBERS[0], n_threads=None)]}}})
+    ens = parse_config(text, Path("/nowhere/models.yaml")).get("e")
+    assert (ens.n_ctx, ens.max_queue, ens.sampling.top_k, ens.sampling.max_tokens, ens.members[0].n_threads) == (
+        S.N_CTX.default, S.MAX_QUEUE.default, S.TOP_K.default, S.MAX_TOKENS.default, S.N_THREADS.default)
