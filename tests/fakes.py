@@ -117,11 +117,13 @@ class EngineMember(FakeMember):
 
 
 class FakeFactory:
-    """An engine member factory of EngineMembers. ``tokenized`` lists the texts tokenized
-    so far; while ``gate`` is set to an unset Event, tokenizing waits for it (only for the
-    texts in ``held``, when that is set)."""
+    """An engine member factory of EngineMembers (the seam the real llama.cpp factory plugs
+    into, as simonw/llm's MockModel stands in for a model). Each member's context is ``n_ctx``
+    tokens, or its ensemble's ``n_ctx`` when that is None. ``tokenized`` lists the texts
+    tokenized so far; while ``gate`` is set to an unset Event, tokenizing waits for it (only
+    for the texts in ``held``, when that is set)."""
 
-    def __init__(self, n_ctx: int = 256) -> None:
+    def __init__(self, n_ctx: int | None = 256) -> None:
         self.n_ctx = n_ctx
         self.gate: threading.Event | None = None
         self.held: set[str] | None = None
@@ -129,7 +131,7 @@ class FakeFactory:
         self._lock = threading.Lock()
 
     def __call__(self, mc: Any, ens: Any) -> EngineMember:
-        return EngineMember(mc.name, self, n_ctx=self.n_ctx)
+        return EngineMember(mc.name, self, n_ctx=self.n_ctx or ens.n_ctx)
 
     def tokenizing(self, text: str) -> None:
         with self._lock:

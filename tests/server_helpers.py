@@ -1,4 +1,5 @@
-"""Helpers for the server tests: configs of tiny models, an engine whose members
+"""Helpers for the server tests: configs of tiny models, an engine of fake members
+(for tests of the HTTP layer that need no real model), an engine whose members
 can be held back at will (to make concurrency deterministic), a real server
 running in a background thread, and parsers for SSE, NDJSON and Prometheus text."""
 
@@ -18,6 +19,8 @@ from typing import Any
 from me_local.config import load_config
 from me_local.engine import Engine, llama_member_factory
 from me_local.server import Server, ServerSettings
+
+from .fakes import FakeFactory
 
 # n_threads: 1 keeps tiny models fast on a loaded 2-core machine (ggml's thread
 # pool spins; two threads fighting other processes is a thousand times slower).
@@ -56,10 +59,20 @@ ensembles:
 """
 
 
+FAKE_MODELS = {name: Path(f"/nowhere/{name}.gguf") for name in ("a1", "a2", "a3")}
+"""Model paths for a config served by fake members (never opened)."""
+
+
 def write_tiny_config(directory: Path, models: dict[str, Path], *, max_queue: int = 16) -> Path:
     path = directory / "models.yaml"
     path.write_text(textwrap.dedent(TINY_CONFIG.format(max_queue=max_queue, **{k: str(v) for k, v in models.items()})))
     return path
+
+
+def fake_engine_loader(config: Path) -> Callable[[], Engine]:
+    """An engine whose members are fakes (tests/fakes.py) with each ensemble's n_ctx: the HTTP
+    layer's parsing, framing and errors without llama.cpp, in milliseconds."""
+    return engine_loader(config, FakeFactory(n_ctx=None))
 
 
 # --------------------------------------------------------------------------- held-back members

@@ -1,5 +1,6 @@
 """Both APIs end to end on a real app (aiohttp's test server on a free loopback
-port) with real tiny GGUF models: exact frames, texts, usage and logprobs."""
+port) with real tiny GGUF models: exact frames, texts, usage and logprobs. Tests
+that generate nothing (health, model lists) run on fake members instead."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from me_local.server import ServerState, create_app
 from .server_helpers import (
     async_wait_until,
     engine_loader,
+    fake_engine_loader,
     metric,
     ndjson_lines,
     parse_metrics,
@@ -49,6 +51,12 @@ async def server(make_server):
     return await make_server()
 
 
+@pytest.fixture
+async def fake_server(make_server, config):
+    """The same ensembles on fake members: for tests that generate nothing."""
+    return await make_server(loader=fake_engine_loader(config))
+
+
 async def post(client, path, body):
     resp = await client.post(path, json=body)
     return resp.status, await resp.read()
@@ -62,8 +70,8 @@ def prompt_len(state, ensemble, messages=None, prompt=None):
 # --------------------------------------------------------------------------- health and model lists
 
 
-async def test_health_root_and_version(server):
-    client, _ = server
+async def test_health_root_and_version(fake_server):
+    client, _ = fake_server
     resp = await client.get("/health")
     assert resp.status == 200
     body = await resp.json()
@@ -76,7 +84,7 @@ async def test_health_root_and_version(server):
 
 async def test_health_is_503_while_loading_and_requests_wait_for_nothing(make_server, config):
     gate = threading.Event()
-    load = engine_loader(config)
+    load = fake_engine_loader(config)
 
     def slow_load():
         gate.wait(30)
@@ -107,8 +115,8 @@ async def test_a_failed_load_is_reported_by_health(make_server):
     assert resp.status == 503 and "x.gguf" in (await resp.json())["error"]["message"]
 
 
-async def test_models_lists_ensembles_and_members(server):
-    client, _ = server
+async def test_models_lists_ensembles_and_members(fake_server):
+    client, _ = fake_server
     body = await (await client.get("/v1/models")).json()
     ids = [m["id"] for m in body["data"]]
     assert ids == ["tiny", "tiny/one", "tiny/two", "tiny/three", "pair", "pair/one", "pair/two", "solo", "solo/one",
@@ -122,8 +130,8 @@ async def test_models_lists_ensembles_and_members(server):
     assert (await client.get("/v1/models/pair/zz")).status == 404
 
 
-async def test_ollama_tags_show_ps(server, tiny_models):
-    client, _ = server
+async def test_ollama_tags_show_ps(fake_server, tiny_models):
+    client, _ = fake_server
     tags = await (await client.get("/api/tags")).json()
     names = [m["name"] for m in tags["models"]]
     assert names[:4] == ["tiny", "tiny/one", "tiny/two", "tiny/three"]

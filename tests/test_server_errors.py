@@ -1,5 +1,6 @@
 """Bad input and access control: each case gets its status and the API's own
-error shape, and the server keeps serving."""
+error shape, and the server keeps serving. The engine's members are fakes
+(tests/fakes.py, through the engine's factory seam), so each case takes milliseconds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from me_local.server import ServerState, create_app
 from me_local.server.security import make_policy
 
-from .server_helpers import engine_loader, write_tiny_config
+from .server_helpers import FAKE_MODELS, fake_engine_loader, write_tiny_config
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 CHAT = "/v1/chat/completions"
@@ -18,14 +19,16 @@ COMP = "/v1/completions"
 
 
 @pytest.fixture
-def config(tmp_path, tiny_models):
-    return write_tiny_config(tmp_path, tiny_models)
+def config(tmp_path):
+    return write_tiny_config(tmp_path, FAKE_MODELS)
 
 
 @pytest.fixture
 def make_server(aiohttp_client, config):
+    """The app on fake members: these tests are about the HTTP layer, not the models."""
+
     async def make(**policy):
-        state = ServerState(engine_loader(config), make_policy(api_key=policy.pop("api_key", None), **policy))
+        state = ServerState(fake_engine_loader(config), make_policy(api_key=policy.pop("api_key", None), **policy))
         client = await aiohttp_client(create_app(state))
         await state.wait_loaded()
         return client, state

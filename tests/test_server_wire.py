@@ -300,3 +300,38 @@ def test_numbers_are_typed_and_bounded():
         stop_strings([1])
     with pytest.raises(ApiError):
         stop_strings(["x"] * 17)
+
+
+def test_messages_are_checked_once_on_their_way_to_the_engine(monkeypatch):
+    """Both APIs hand the engine checked Messages; the engine checks plain lists once per
+    request (not once per member prompt) and takes Messages as they are."""
+    from me_local import engine as engine_module
+    from me_local.core import SamplingParams
+    from me_local.engine import Engine, Messages, Request, collect, normalize_messages
+    from me_local.server import ollama, openai
+
+    from .fakes import FakeFactory
+
+    config = parse_config(json.dumps({"ensembles": {"main": {"members": [
+        {"name": "a", "path": "a.gguf", "system": "A."}, {"name": "b", "path": "b.gguf", "system": "B."},
+        {"name": "c", "path": "c.gguf"}]}}}), Path("/nowhere/models.yaml"))
+    engine = Engine(config, FakeFactory())
+    raw = [{"role": "developer", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": " brief."}]},
+           {"role": "user", "content": "Hi"}]
+    checked = normalize_messages(raw)
+    assert isinstance(checked, Messages) and normalize_messages(checked) is checked
+    assert checked == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for request in (openai.parse_chat({"model": "main", "messages": raw}, engine).request,
+                    ollama.parse_chat({"model": "main", "messages": raw}, engine)[1],
+                    ollama.parse_generate({"model": "main", "prompt": "Hi", "system": "Be brief."}, engine)[1]):
+        assert isinstance(request.messages, Messages)
+        assert request.messages[-1] == {"role": "user", "content": "Hi"}
+
+    calls = []
+    monkeypatch.setattr(engine_module, "normalize_messages",
+                        lambda m: calls.append(isinstance(m, Messages)) or normalize_messages(m))
+    params = SamplingParams(max_tokens=2, seed=1)
+    collect(engine.generate(Request("main", messages=raw, params=params)))
+    collect(engine.generate(Request("main", messages=checked, params=params)))
+    assert calls == [False, True]  # once per request, though three members render their own prompts
+    engine.close()

@@ -1,8 +1,9 @@
 """models.yaml -> typed, validated dataclasses.
 
-Every setting is described and bounded here, once; the command line and the
-HTTP server validate their overrides through the same functions. Errors are
-:class:`~me_local.errors.ConfigError` naming the file, the key and the fix.
+Every setting's default and bounds come from :mod:`me_local.settings`, the
+table the command line, both HTTP APIs and chat's ``/set`` check against too.
+Errors are :class:`~me_local.errors.ConfigError` naming the file, the key and
+the fix.
 """
 
 from __future__ import annotations
@@ -17,30 +18,35 @@ from typing import Any
 
 import yaml
 
+from . import settings as S
 from .errors import ConfigError, RequestError
+from .settings import Setting, show_number
 
-MODES = ("me", "ce", "single")
+MODES = S.MODE.choices
 PKG_SCHEME = "pkg://"
 ENV_CONFIG = "ME_LOCAL_CONFIG"
 
-_ENSEMBLE_KEYS = {"mode", "n_ctx", "members", "parallel", "max_queue", "n_batch", "member", "sampling", "kv_cache_type"}
-KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
-_MEMBER_KEYS = {"name", "path", "weight", "system", "n_gpu_layers", "n_threads", "repack", "mmap"}
-REPACK_SETTINGS = ("auto", "on", "off")
+_ENSEMBLE_KEYS = S.yaml_keys("ensemble") | {"members", "sampling"}
+KV_CACHE_TYPES = S.KV_CACHE_TYPE.choices
+_MEMBER_KEYS = S.yaml_keys("member") | {"name", "path"}
+REPACK_SETTINGS = S.REPACK.choices
 """A member's ``repack``: whether llama.cpp may repack its weights for faster CPU kernels
 (llama_model_params.use_extra_bufts). ``auto``: off on CPUs with AMX (llama.cpp#20824), on elsewhere."""
-_SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p", "max_tokens"}
+_SAMPLING_KEYS = S.yaml_keys("sampling")
+assert S.WEIGHT.lo is not None and S.WEIGHT.hi is not None
+_MIN_WEIGHT, _MAX_WEIGHT = S.WEIGHT.lo, S.WEIGHT.hi
+_MAX_WEIGHT_TEXT = show_number(_MAX_WEIGHT)
 
 
 @dataclass(frozen=True)
 class SamplingDefaults:
     """Per-ensemble defaults for requests that do not set these themselves."""
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    max_tokens: int = 512
+    temperature: float = S.TEMPERATURE.default
+    top_k: int = S.TOP_K.default
+    top_p: float = S.TOP_P.default
+    min_p: float = S.MIN_P.default
+    max_tokens: int = S.MAX_TOKENS.default
 
 
 @dataclass(frozen=True)
@@ -50,13 +56,13 @@ class MemberConfig:
     """The path as written in the file (a file path or pkg://PACKAGE/FILE)."""
     base_dir: Path
     """Directory relative paths are resolved against (the YAML file's)."""
-    weight: float = 1.0
-    system: str | None = None
-    n_gpu_layers: int = 0
-    n_threads: int | None = None
-    repack: str = "auto"
+    weight: float = S.WEIGHT.default
+    system: str | None = S.SYSTEM.default
+    n_gpu_layers: int = S.N_GPU_LAYERS.default
+    n_threads: int | None = S.N_THREADS.default
+    repack: str = S.REPACK.default
     """auto | on | off: see REPACK_SETTINGS."""
-    mmap: bool = False
+    mmap: bool = S.MMAP.default
     """Map the file instead of reading the weights into memory. Then the file must be replaced
     with ``mv`` (a new inode), never written in place: a write or truncation under the mapping
     kills the process with SIGBUS."""
@@ -88,15 +94,15 @@ class MemberConfig:
 class EnsembleConfig:
     name: str
     members: tuple[MemberConfig, ...]
-    mode: str = "me"
-    n_ctx: int = 4096
-    parallel: int = 1
-    max_queue: int = 16
-    n_batch: int = 512
-    member: str | None = None
+    mode: str = S.MODE.default
+    n_ctx: int = S.N_CTX.default
+    parallel: int = S.PARALLEL.default
+    max_queue: int = S.MAX_QUEUE.default
+    n_batch: int = S.N_BATCH.default
+    member: str | None = S.MEMBER.default
     """The member `single` mode uses when none is named (default: the first)."""
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
-    kv_cache_type: str = "f16"
+    kv_cache_type: str = S.KV_CACHE_TYPE.default
     """Element type of each context's KV cache: f16, or q8_0 / q4_0 to halve / quarter its memory."""
     file: str = ""
 
@@ -257,32 +263,52 @@ def _unknown_keys(raw: Mapping[str, Any], allowed: set[str], *, file: str, key: 
         )
 
 
-def _int(raw: Mapping[str, Any], name: str, default: int | None, *, lo: int, file: str, key: str) -> int | None:
-    value = raw.get(name, default)
+def _opt_int(raw: Mapping[str, Any], s: Setting[Any], *, file: str, key: str) -> int | None:
+    """The integer setting ``s`` of ``raw`` (its default when absent or null), within its bounds."""
+    value = raw.get(s.name)
     if value is None:
-        return None
+        default: int | None = s.default
+        return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"must be an integer, got {value!r}", file=file, key=f"{key}.{name}")
-    if value < lo:
-        raise ConfigError(f"must be at least {lo}, got {value}", file=file, key=f"{key}.{name}")
+        raise ConfigError(f"must be an integer, got {value!r}", file=file, key=f"{key}.{s.name}")
+    if s.lo is not None and value < s.lo:
+        raise ConfigError(f"must be at least {s.lo}, got {value}", file=file, key=f"{key}.{s.name}")
+    if s.hi is not None and value > s.hi:
+        raise ConfigError(f"must be at most {show_number(s.hi)}, got {value}", file=file, key=f"{key}.{s.name}")
     return value
 
 
-def _float(
-    raw: Mapping[str, Any], name: str, default: float, *, lo: float, hi: float, file: str, key: str
-) -> float:
-    value = raw.get(name, default)
+def _int(raw: Mapping[str, Any], s: Setting[int], *, file: str, key: str) -> int:
+    value = _opt_int(raw, s, file=file, key=key)
+    assert value is not None  # s has a default
+    return value
+
+
+def _float(raw: Mapping[str, Any], s: Setting[float], *, file: str, key: str) -> float:
+    """The number setting ``s`` of ``raw`` (its default when absent), within its bounds."""
+    value = raw.get(s.name, s.default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"must be a number, got {value!r}", file=file, key=f"{key}.{name}")
-    if not lo <= value <= hi:
-        raise ConfigError(f"must be between {lo} and {hi}, got {value}", file=file, key=f"{key}.{name}")
+        raise ConfigError(f"must be a number, got {value!r}", file=file, key=f"{key}.{s.name}")
+    assert s.lo is not None and s.hi is not None
+    if not s.lo <= value <= s.hi:
+        raise ConfigError(f"must be between {s.lo} and {s.hi}, got {value}", file=file, key=f"{key}.{s.name}")
     return float(value)
+
+
+def _choice(value: Any, s: Setting[str], *, file: str, key: str) -> str:
+    if value not in s.choices:
+        raise ConfigError(f"must be one of {', '.join(s.choices)}, got {value!r}", file=file, key=f"{key}.{s.name}")
+    return str(value)
 
 
 def _check_weights(weights: list[float], *, file: str | None, key: str, names: list[str]) -> None:
     for name, w in zip(names, weights):
-        if w < 0 or not math.isfinite(w):
-            raise ConfigError(f"weight of member {name!r} is {w}; weights must be >= 0", file=file, key=key)
+        if w < _MIN_WEIGHT or not math.isfinite(w):
+            raise ConfigError(f"weight of member {name!r} is {w}; weights must be >= {_MIN_WEIGHT}", file=file,
+                              key=key)
+        if w > _MAX_WEIGHT:
+            raise ConfigError(f"weight of member {name!r} is {w}; weights must be at most {_MAX_WEIGHT_TEXT}",
+                              file=file, key=key)
     if sum(weights) <= 0:
         raise ConfigError("all weights are zero; give at least one member a positive weight", file=file, key=key)
 
@@ -292,9 +318,7 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
     if not isinstance(raw, dict):
         raise ConfigError("must be a mapping with a `members:` list", file=fname, key=key)
     _unknown_keys(raw, _ENSEMBLE_KEYS, file=fname, key=key)
-    mode = raw.get("mode", "me")
-    if mode not in MODES:
-        raise ConfigError(f"must be one of {', '.join(MODES)}, got {mode!r}", file=fname, key=f"{key}.mode")
+    mode = _choice(raw.get("mode", S.MODE.default), S.MODE, file=fname, key=key)
     members_raw = raw.get("members")
     if not isinstance(members_raw, list) or not members_raw:
         raise ConfigError("must be a non-empty list of members", file=fname, key=f"{key}.members")
@@ -319,20 +343,15 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         raise ConfigError("must be a mapping", file=fname, key=f"{key}.sampling")
     skey = f"{key}.sampling"
     _unknown_keys(sampling_raw, _SAMPLING_KEYS, file=fname, key=skey)
-    d = SamplingDefaults()
     sampling = SamplingDefaults(
-        temperature=_float(sampling_raw, "temperature", d.temperature, lo=0, hi=100, file=fname, key=skey),
-        top_k=_int(sampling_raw, "top_k", d.top_k, lo=0, file=fname, key=skey) or 0,
-        top_p=_float(sampling_raw, "top_p", d.top_p, lo=0, hi=1, file=fname, key=skey),
-        min_p=_float(sampling_raw, "min_p", d.min_p, lo=0, hi=1, file=fname, key=skey),
-        max_tokens=_int(sampling_raw, "max_tokens", d.max_tokens, lo=1, file=fname, key=skey) or 1,
+        temperature=_float(sampling_raw, S.TEMPERATURE, file=fname, key=skey),
+        top_k=_int(sampling_raw, S.TOP_K, file=fname, key=skey),
+        top_p=_float(sampling_raw, S.TOP_P, file=fname, key=skey),
+        min_p=_float(sampling_raw, S.MIN_P, file=fname, key=skey),
+        max_tokens=_int(sampling_raw, S.MAX_TOKENS, file=fname, key=skey),
     )
-    kv_cache_type = raw.get("kv_cache_type", "f16")
-    if kv_cache_type not in KV_CACHE_TYPES:
-        raise ConfigError(
-            f"must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}", file=fname, key=f"{key}.kv_cache_type"
-        )
-    default_member = raw.get("member")
+    kv_cache_type = _choice(raw.get("kv_cache_type", S.KV_CACHE_TYPE.default), S.KV_CACHE_TYPE, file=fname, key=key)
+    default_member = raw.get("member", S.MEMBER.default)
     if default_member is not None and default_member not in seen:
         raise ConfigError(
             f"names no member ({default_member!r}); choose one of: {', '.join(m.name for m in members)}",
@@ -343,10 +362,10 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         name=name,
         members=tuple(members),
         mode=mode,
-        n_ctx=_int(raw, "n_ctx", 4096, lo=16, file=fname, key=key) or 4096,
-        parallel=_int(raw, "parallel", 1, lo=1, file=fname, key=key) or 1,
-        max_queue=_int(raw, "max_queue", 16, lo=0, file=fname, key=key) or 0,
-        n_batch=_int(raw, "n_batch", 512, lo=1, file=fname, key=key) or 512,
+        n_ctx=_int(raw, S.N_CTX, file=fname, key=key),
+        parallel=_int(raw, S.PARALLEL, file=fname, key=key),
+        max_queue=_int(raw, S.MAX_QUEUE, file=fname, key=key),
+        n_batch=_int(raw, S.N_BATCH, file=fname, key=key),
         member=default_member,
         sampling=sampling,
         kv_cache_type=kv_cache_type,
@@ -368,30 +387,31 @@ def _parse_member(raw: Any, base_dir: Path, fname: str, key: str) -> MemberConfi
         raise ConfigError(
             "missing; give a GGUF file path or pkg://PACKAGE/FILE", file=fname, key=f"{key}.path"
         )
-    weight = raw.get("weight", 1.0)
+    weight = raw.get("weight", S.WEIGHT.default)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ConfigError(f"must be a number, got {weight!r}", file=fname, key=f"{key}.weight")
-    if weight < 0:
-        raise ConfigError(f"must be >= 0, got {weight}", file=fname, key=f"{key}.weight")
-    system = raw.get("system")
+    if weight < _MIN_WEIGHT:
+        raise ConfigError(f"must be >= {_MIN_WEIGHT}, got {weight}", file=fname, key=f"{key}.weight")
+    if weight > _MAX_WEIGHT:
+        raise ConfigError(f"must be at most {_MAX_WEIGHT_TEXT}, got {weight}", file=fname, key=f"{key}.weight")
+    system = raw.get("system", S.SYSTEM.default)
     if system is not None and not isinstance(system, str):
         raise ConfigError(f"must be a string, got {system!r}", file=fname, key=f"{key}.system")
-    n_gpu_layers = raw.get("n_gpu_layers", 0)
-    if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+    n_gpu_layers = raw.get("n_gpu_layers", S.N_GPU_LAYERS.default)
+    lowest = S.N_GPU_LAYERS.lo
+    assert lowest is not None
+    if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or n_gpu_layers < lowest:
         raise ConfigError(
-            f"must be an integer >= -1 (0 CPU, -1 all layers), got {n_gpu_layers!r}",
+            f"must be an integer >= {lowest} (0 CPU, -1 all layers), got {n_gpu_layers!r}",
             file=fname,
             key=f"{key}.n_gpu_layers",
         )
-    n_threads = _int(raw, "n_threads", None, lo=1, file=fname, key=key)
-    repack = raw.get("repack", "auto")
+    n_threads = _opt_int(raw, S.N_THREADS, file=fname, key=key)
+    repack = raw.get("repack", S.REPACK.default)
     if isinstance(repack, bool):  # YAML 1.1 reads a bare on/off as true/false
         repack = "on" if repack else "off"
-    if repack not in REPACK_SETTINGS:
-        raise ConfigError(
-            f"must be one of {', '.join(REPACK_SETTINGS)}, got {repack!r}", file=fname, key=f"{key}.repack"
-        )
-    mmap = raw.get("mmap", False)
+    repack = _choice(repack, S.REPACK, file=fname, key=key)
+    mmap = raw.get("mmap", S.MMAP.default)
     if not isinstance(mmap, bool):
         raise ConfigError(f"must be true or false, got {mmap!r}", file=fname, key=f"{key}.mmap")
     return MemberConfig(
@@ -425,8 +445,12 @@ def parse_weights(text: str) -> dict[str, float]:
             raise RequestError(
                 f"cannot read weights {text!r}; write them as name=0.7,name=0.3", param="weights"
             ) from None
-        if w < 0 or not math.isfinite(w):
-            raise RequestError(f"weight of {name.strip()!r} is {value}; weights must be >= 0", param="weights")
+        if w < _MIN_WEIGHT or not math.isfinite(w):
+            raise RequestError(f"weight of {name.strip()!r} is {value}; weights must be >= {_MIN_WEIGHT}",
+                               param="weights")
+        if w > _MAX_WEIGHT:
+            raise RequestError(f"weight of {name.strip()!r} is {value}; weights must be at most {_MAX_WEIGHT_TEXT}",
+                               param="weights")
         weights[name.strip()] = w
     if not weights:
         raise RequestError(f"cannot read weights {text!r}; write them as name=0.7,name=0.3", param="weights")

@@ -24,6 +24,7 @@ from .config import Config, EnsembleConfig
 from .core import DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, common_prefix, generate
 from .core.ensemble import check_fits
 from .errors import ConfigError, MeLocalError, RequestError, VocabMismatchError
+from .settings import MODES, SAMPLING_DEFAULTS
 
 log = logging.getLogger("me_local.engine")
 
@@ -45,8 +46,15 @@ class Request:
     member: str | None = None
 
 
-def normalize_messages(messages: Any) -> list[dict[str, str]]:
+class Messages(list[dict[str, str]]):
+    """Chat messages :func:`normalize_messages` has checked: ``{role, content}`` with a known
+    role and text content. The servers hand these to the engine, which does not check them again."""
+
+
+def normalize_messages(messages: Any) -> Messages:
     """Validate chat messages; content may be a string or OpenAI-style text parts."""
+    if isinstance(messages, Messages):
+        return messages
     if not isinstance(messages, list) or not messages:
         raise RequestError("`messages` must be a non-empty list of {role, content} objects", param="messages")
     out = []
@@ -74,7 +82,7 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
         out.append({"role": "system" if role == "developer" else role, "content": content})
-    return out
+    return Messages(out)
 
 
 class Slot:
@@ -376,8 +384,8 @@ class Engine:
             except ConfigError as exc:
                 raise RequestError(str(exc), param="weights") from None
         mode = request.mode or cfg.mode
-        if mode not in ("me", "ce", "single"):
-            raise RequestError(f"unknown mode {mode!r}; choose one of me, ce, single", param="mode")
+        if mode not in MODES:
+            raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param="mode")
         single = 0
         if request.member is not None or mode == "single":
             name = request.member or cfg.member or cfg.members[0].name
@@ -388,6 +396,7 @@ class Engine:
         active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
         if (request.messages is None) == (request.prompt is None):
             raise RequestError("give either chat messages or a raw prompt", param="messages")
+        messages = normalize_messages(request.messages) if request.messages is not None else None
         members = loaded.members
         prompts: list[list[int]] = [[] for _ in members]
         cache: dict[tuple[int, str | None], list[int]] = {}
@@ -395,8 +404,8 @@ class Engine:
             m = members[i]
             key = (id(m.model), m.system)
             if key not in cache:
-                if request.messages is not None:
-                    cache[key] = m.chat_prompt(normalize_messages(request.messages))
+                if messages is not None:
+                    cache[key] = m.chat_prompt(messages)
                 else:
                     cache[key] = m.raw_prompt(request.prompt or "")
             prompts[i] = cache[key]
@@ -490,11 +499,5 @@ def collect(events: Iterator[Event]) -> tuple[str, DoneEvent]:
 
 def sampling_params(defaults: Any, **overrides: Any) -> SamplingParams:
     """SamplingParams from an ensemble's defaults and the non-None overrides."""
-    base = SamplingParams(
-        temperature=defaults.temperature,
-        top_k=defaults.top_k,
-        top_p=defaults.top_p,
-        min_p=defaults.min_p,
-        max_tokens=defaults.max_tokens,
-    )
+    base = SamplingParams(**{s.name: getattr(defaults, s.name) for s in SAMPLING_DEFAULTS})
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})

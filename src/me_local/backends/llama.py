@@ -61,6 +61,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
 from ..core.types import Cancelled, SamplingParams  # noqa: E402
 from ..errors import BackendError, ConfigError, ModelLoadError, RequestError  # noqa: E402
+from ..settings import KV_CACHE_TYPE, N_BATCH, N_CTX  # noqa: E402
 from .cpu import cpu_flags, decide_repack  # noqa: E402
 from .gguf_check import read_gguf_header  # noqa: E402
 
@@ -532,10 +533,10 @@ _KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TY
 
 @dataclass(frozen=True)
 class ContextSettings:
-    n_ctx: int = 4096
-    n_batch: int = 512
+    n_ctx: int = N_CTX.default
+    n_batch: int = N_BATCH.default
     n_threads: int | None = None
-    kv_cache_type: str = "f16"
+    kv_cache_type: str = KV_CACHE_TYPE.default
     """f16, q8_0 or q4_0 for both K and V; a quantized V cache needs flash attention, which is then forced on."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from ..config import Config
+from ..settings import KV_CACHE_TYPE
 from .plan import BASELINE, bench_plan
 from .plot import PLOT_HINT
 from .report import Target, evaluate_targets, format_report, format_targets, run_bench
@@ -55,7 +56,7 @@ def run_and_print(config: Config, names: Sequence[str], settings: BenchSettings,
               help="Directory for bench.json and bench.png.")
 @click.option("--no-baseline", is_flag=True, help=f"Skip the {BASELINE} create_completion reference.")
 @click.option("--no-memory", is_flag=True, help="Skip the resident-memory measurement.")
-@click.option("--kv-cache-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None,
+@click.option("--kv-cache-type", type=click.Choice(KV_CACHE_TYPE.choices), default=None,
               help="KV cache type of the default-model ensembles (default: the shipped default ensemble's, "
                    "like its n_ctx; a config's ensembles set their own).")
 @click.option("--server", "server_url", default=None, metavar="URL",

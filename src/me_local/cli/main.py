@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +15,10 @@ from typing import Any
 import click
 
 from .. import __version__
-from ..config import MODES, load_config, parse_weights
+from .. import settings as S
+from ..config import load_config, parse_weights
 from ..errors import MeLocalError
+from .options import setting_option
 from .report import format_stats
 
 MEMBER_COLOURS = ["cyan", "magenta", "yellow", "green", "blue", "red", "bright_cyan", "bright_magenta"]
@@ -69,14 +70,9 @@ def cli(log_level: str) -> None:
                         stream=sys.stderr)
 
 
-class FiniteFloat(click.FloatRange):
-    """A float in a range that also refuses nan and inf (which compare false to any bound)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        v = super().convert(value, param, ctx)
-        if not math.isfinite(v):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return v
+SAMPLING_FLAGS = (S.MAX_TOKENS, S.TEMPERATURE, S.TOP_K, S.TOP_P, S.MIN_P, S.SEED)
+"""The sampling settings generate and chat take as flags, in the order --help lists them
+(their flag, type, bounds and help come from :mod:`me_local.settings`)."""
 
 
 def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -86,15 +82,10 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="models.yaml to use (default: $ME_LOCAL_CONFIG, ./models.yaml, "
                           "~/.config/me-local/models.yaml, then the packaged one)."),
         click.option("--ensemble", "-e", default=None, help="Ensemble name (default: `default`)."),
-        click.option("--mode", type=click.Choice(MODES), default=None, help="Decoding mode (default: the ensemble's)."),
-        click.option("--member", default=None, help="The member `single` mode uses (default: the first)."),
-        click.option("--weights", default=None, help="Override weights: name=0.7,name=0.3."),
-        click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=None, help="Most tokens to generate."),
-        click.option("--temperature", "-t", type=FiniteFloat(min=0), default=None),
-        click.option("--top-k", type=click.IntRange(min=0), default=None, help="0 turns it off."),
-        click.option("--top-p", type=FiniteFloat(0, 1), default=None, help="1 turns it off."),
-        click.option("--min-p", type=FiniteFloat(0, 1), default=None, help="0 turns it off."),
-        click.option("--seed", type=click.IntRange(min=0), default=None, help="Fixes member schedule and sampling."),
+        setting_option(S.MODE, help="Decoding mode (default: the ensemble's)."),
+        setting_option(S.MEMBER),
+        setting_option(S.WEIGHT, dest="weights", type=click.STRING, help="Override weights: name=0.7,name=0.3."),
+        *(setting_option(s) for s in SAMPLING_FLAGS),
     ]
     for option in reversed(options):
         f = option(f)
@@ -110,7 +101,7 @@ def _engine(config_path: str | None):
 @cli.command()
 @click.argument("prompt")
 @sampling_options
-@click.option("--stop", multiple=True, help="Stop string (repeatable); never printed.")
+@setting_option(S.STOP, help="Stop string (repeatable); never printed.")
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is the text to continue.")
 @click.option("--show-members", is_flag=True, help="Colour each token by the member that produced it.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print timings and per-member figures on stderr.")

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from .. import settings as S
 from ..core import DoneEvent, Event, GenerationStats, MemberStats, TokenEvent
 from ..errors import MeLocalError, RequestError
 from ..server.wire import SSEDecoder
@@ -178,10 +179,15 @@ class Remote:
             "stream_options": {"include_usage": True},
             "logprobs": True,
         }
-        for key in ("temperature", "top_k", "top_p", "min_p", "max_tokens", "seed"):
-            if settings.get(key) is not None:
-                body[key] = settings[key]
-        ext = {k: settings[k] for k in ("mode", "weights", "member") if settings.get(k) is not None}
+        ext: dict[str, Any] = {}
+        for key, setting in S.CHAT_SETTINGS.items():
+            if settings.get(key) is None or setting.openai is None:
+                continue
+            where, _, field = setting.openai.rpartition(".")
+            if where == "ensemble":
+                ext[field] = settings[key]
+            else:
+                body[field] = settings[key]
         if ext:
             body["ensemble"] = ext
         events = RemoteEvents(self, body)

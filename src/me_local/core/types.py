@@ -1,6 +1,7 @@
 """Plain data the ensemble core speaks: requests' sampling parameters, the
 events a generation yields, its statistics, and the Member protocol a backend
-implements. No llama_cpp, aiohttp or click here."""
+implements. No llama_cpp, aiohttp or click here; the defaults come from
+:mod:`me_local.settings`, which imports nothing outside the standard library."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-MODES = ("me", "ce", "single")
+from .. import settings as S
+
+MODES = S.MODES
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
@@ -23,15 +26,15 @@ class SamplingParams:
     """How to pick tokens. Truncation applies per member in ``me`` mode and to the
     mixture in ``ce`` mode; the order is temperature, top-k, top-p, min-p."""
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    max_tokens: int = 512
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    temperature: float = S.TEMPERATURE.default
+    top_k: int = S.TOP_K.default
+    top_p: float = S.TOP_P.default
+    min_p: float = S.MIN_P.default
+    max_tokens: int = S.MAX_TOKENS.default
+    seed: int | None = S.SEED.default
+    stop: tuple[str, ...] = S.STOP.default
     logprobs: bool = False
-    top_logprobs: int = 0
+    top_logprobs: int = S.TOP_LOGPROBS.default
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,9 @@ import sys
 
 import click
 
+from ..cli.options import setting_option
 from ..config import load_config
+from ..settings import PORT
 from .resources import raise_open_file_limit
 from .runner import DEFAULT_PORT, TIMEOUT_RANGE, Server, ServerSettings, config_loader
 
@@ -22,8 +24,8 @@ SECONDS = click.FloatRange(*TIMEOUT_RANGE)
                    "~/.config/me-local/models.yaml, then the packaged one).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --api-key (or --insecure).")
-@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
-              help="Port to listen on (0: any free port, printed at start-up).")
+@setting_option(PORT, default=DEFAULT_PORT, show_default=True,
+                help="Port to listen on (0: any free port, printed at start-up).")
 @click.option("--api-key", envvar="ME_LOCAL_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: ME_LOCAL_API_KEY].")
 @click.option("--allow-origin", multiple=True,

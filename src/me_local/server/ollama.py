@@ -18,24 +18,27 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from .. import settings as S
 from ..config import EnsembleConfig
 from ..core import DoneEvent, TokenEvent
-from ..engine import Engine, Request, normalize_messages, sampling_params
+from ..engine import Engine, Request
 from . import wire
 from .errors import ApiError, bad_request
 from .params import (
-    MAX_SEED,
-    MAX_TOP_K,
-    MAX_TOP_LOGPROBS,
     ModelRef,
+    chat_messages,
+    engine_request,
     ensemble_extension,
+    logprob_options,
     opt_bool,
     opt_number,
     opt_object,
     opt_str,
     read_json,
     resolve_model,
+    sampling_fields,
     stop_strings,
+    token_bytes,
 )
 from .respond import collect, joined_text, stream_response
 from .state import NOTE, STATE
@@ -46,34 +49,26 @@ OLLAMA_API_VERSION = "0.9.0"
 
 def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, Any]:
     opts = opt_object(body, "options")
-    seed = opt_number(opts, "seed", -MAX_SEED, MAX_SEED, integer=True, param="options.seed")
+    # a negative seed means a random one; num_predict -1 or -2 means until the context is full
+    assert S.SEED.hi is not None
+    seed = opt_number(opts, "seed", -S.SEED.hi, S.SEED.hi, integer=True, param="options.seed")
     n = opt_number(opts, "num_predict", -2, integer=True, param="options.num_predict")
     if n == 0:
         raise bad_request("`options.num_predict` must be positive (or -1 for no limit)", "options.num_predict")
     return {
-        "temperature": opt_number(opts, "temperature", 0, 100, param="options.temperature"),
-        "top_p": opt_number(opts, "top_p", 0, 1, param="options.top_p"),
-        "top_k": opt_number(opts, "top_k", 0, MAX_TOP_K, integer=True, param="options.top_k"),
-        "min_p": opt_number(opts, "min_p", 0, 1, param="options.min_p"),
+        **sampling_fields(opts, "ollama"),
         "seed": None if seed is None or seed < 0 else seed,
-        "max_tokens": ens.n_ctx if n is not None and n < 0 else n,  # -1/-2: until the context is full
+        "max_tokens": ens.n_ctx if n is not None and n < 0 else n,
         "stop": stop_strings(opts.get("stop"), "options.stop"),
     }
 
 
-def _logprob_options(body: dict[str, Any]) -> tuple[bool, int]:
-    logprobs = opt_bool(body, "logprobs")
-    top = opt_number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
-    return logprobs, top
-
-
 def _request(ref: ModelRef, body: dict[str, Any], **kw: Any) -> Request:
     choice = ensemble_extension(body, ref)
-    logprobs, top = _logprob_options(body)
+    logprobs, top = logprob_options(body)
     overrides = dict(options_overrides(body, ref.ensemble), logprobs=logprobs or None,
                      top_logprobs=top if logprobs else None)
-    return Request(ensemble=ref.ensemble.name, params=sampling_params(ref.ensemble.sampling, **overrides),
-                   mode=choice.mode, weights=choice.weights, member=choice.member, **kw)
+    return engine_request(ref, choice, overrides, **kw)
 
 
 def _reject_images(obj: dict[str, Any], where: str) -> None:
@@ -92,7 +87,7 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request 
         for i, m in enumerate(raw):
             if isinstance(m, dict):
                 _reject_images(m, f"messages[{i}]")
-    messages = normalize_messages(raw)
+    messages = chat_messages(raw)
     return ref, _request(ref, body, messages=messages)
 
 
@@ -110,7 +105,8 @@ def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Requ
         return ref, None
     if raw:
         return ref, _request(ref, body, prompt=prompt)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages = chat_messages(([{"role": "system", "content": system}] if system else [])
+                             + [{"role": "user", "content": prompt}])
     return ref, _request(ref, body, messages=messages)
 
 
@@ -146,7 +142,7 @@ async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request |
     try:
         first = await state.first_event(stream)
         logprobs = req.params.logprobs
-        tb = stream.engine.ensemble(ref.ensemble.name).members[0].token_bytes if logprobs else None
+        tb = token_bytes(stream.engine, ref.ensemble.name) if logprobs else None
 
         def lp(tokens: Iterable[TokenEvent]) -> list[dict[str, Any]] | None:
             return [wire.ollama_logprob(t, tb) for t in tokens] if tb is not None else None

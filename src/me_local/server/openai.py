@@ -14,22 +14,26 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import settings as S
 from ..core import DoneEvent, TokenEvent
-from ..engine import Engine, Request, normalize_messages, sampling_params
+from ..engine import Engine, Request
 from . import wire
 from .errors import ApiError, bad_request
 from .params import (
-    MAX_SEED,
-    MAX_TOP_K,
-    MAX_TOP_LOGPROBS,
     ModelRef,
+    chat_messages,
+    engine_request,
     ensemble_extension,
+    logprob_options,
     opt_bool,
     opt_number,
     opt_object,
+    opt_setting,
     read_json,
     resolve_model,
+    sampling_fields,
     stop_strings,
+    token_bytes,
 )
 from .respond import collect, joined_text, stream_response
 from .state import NOTE, STATE, ServerState
@@ -52,16 +56,15 @@ class Call:
 
 
 def sampling_overrides(body: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAI sampling fields, type- and range-checked."""
-    max_tokens = opt_number(body, "max_completion_tokens", 1, integer=True)
-    if max_tokens is None:
-        max_tokens = opt_number(body, "max_tokens", 1, integer=True)
+    """The OpenAI sampling fields, type- and range-checked (``max_completion_tokens`` wins over
+    ``max_tokens``)."""
+    max_tokens = None
+    for key in (*S.MAX_TOKENS.openai_also, S.MAX_TOKENS.openai):
+        if max_tokens is None:
+            max_tokens = opt_setting(body, S.MAX_TOKENS, key)
     return {
-        "temperature": opt_number(body, "temperature", 0, 100),
-        "top_p": opt_number(body, "top_p", 0, 1),
-        "top_k": opt_number(body, "top_k", 0, MAX_TOP_K, integer=True),
-        "min_p": opt_number(body, "min_p", 0, 1),
-        "seed": opt_number(body, "seed", 0, MAX_SEED, integer=True),
+        **sampling_fields(body, "openai"),
+        "seed": opt_setting(body, S.SEED),
         "max_tokens": max_tokens,
         "stop": stop_strings(body.get("stop")),
     }
@@ -80,22 +83,13 @@ def _common(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, dict[str, A
 
 
 def _request(ref: ModelRef, body: dict[str, Any], overrides: dict[str, Any], **kw: Any) -> Request:
-    choice = ensemble_extension(body, ref)
-    return Request(
-        ensemble=ref.ensemble.name,
-        params=sampling_params(ref.ensemble.sampling, **overrides),
-        mode=choice.mode,
-        weights=choice.weights,
-        member=choice.member,
-        **kw,
-    )
+    return engine_request(ref, ensemble_extension(body, ref), overrides, **kw)
 
 
 def parse_chat(body: dict[str, Any], engine: Engine) -> Call:
     ref, overrides, stream, include_usage = _common(body, engine)
-    messages = normalize_messages(body.get("messages"))
-    logprobs = opt_bool(body, "logprobs")
-    top = opt_number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True) or 0
+    messages = chat_messages(body.get("messages"))
+    logprobs, top = logprob_options(body)
     if top and not logprobs:
         raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
     request = _request(ref, body, dict(overrides, logprobs=logprobs, top_logprobs=top), messages=messages)
@@ -116,15 +110,10 @@ def parse_completion(body: dict[str, Any], engine: Engine) -> Call:
     best_of = opt_number(body, "best_of", 1, integer=True)
     if best_of not in (None, 1):
         raise bad_request("only best_of=1 is supported", "best_of")
-    logprobs = opt_number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    logprobs = opt_setting(body, S.TOP_LOGPROBS, "logprobs")  # completions: an integer, the top count
     want = logprobs is not None
     request = _request(ref, body, dict(overrides, logprobs=want, top_logprobs=logprobs or 0), prompt=prompt)
     return Call(ref, request, stream, include_usage, want, logprobs or 0)
-
-
-def _token_bytes(engine: Engine, ensemble: str) -> wire.TokenBytes:
-    member = engine.ensemble(ensemble).members[0]
-    return member.token_bytes
 
 
 def _error_frame(err: ApiError) -> bytes:
@@ -151,7 +140,7 @@ async def _run(request: web.Request, state: ServerState, call: Call, *, chat: bo
     stream = state.open_stream(call.request, call.ref.ensemble.name, note)
     try:
         first = await state.first_event(stream)
-        tb = _token_bytes(stream.engine, call.ref.ensemble.name) if call.logprobs else _no_bytes
+        tb = token_bytes(stream.engine, call.ref.ensemble.name) if call.logprobs else _no_bytes
         cid, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now_unix()
         if not call.stream:
             tokens, done = await collect(stream, first)

@@ -1,7 +1,10 @@
-"""Reading request bodies: JSON parsing, typed and bounded fields, model names.
+"""Reading request bodies: JSON parsing, typed and bounded fields, model names,
+and what the OpenAI and Ollama routes read alike (sampling fields, logprob
+options, chat messages, the ``ensemble`` extension, the engine request).
 
-Every function raises :class:`ApiError` (400 or 404) naming the field and the
-fix; nothing a client sends gets past here as a surprise for the engine.
+Bounds come from :mod:`me_local.settings`. Every function raises
+:class:`ApiError` (400 or 404) naming the field and the fix; nothing a client
+sends gets past here as a surprise for the engine.
 """
 
 from __future__ import annotations
@@ -10,18 +13,19 @@ import asyncio
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
-from ..config import MODES, Config, EnsembleConfig
+from .. import settings as S
+from ..config import Config, EnsembleConfig
+from ..engine import Engine, Messages, Request, normalize_messages, sampling_params
+from ..settings import Setting
+from . import wire
 from .errors import ApiError, bad_request
 from .state import STATE
 
-MAX_SEED = 2**63 - 1
-MAX_TOP_K = 2**31 - 1
-MAX_STOP = 16
-MAX_TOP_LOGPROBS = 20
+Api = Literal["openai", "ollama"]
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -103,7 +107,7 @@ def _type_name(v: Any) -> str:
     return "object"
 
 
-def opt_number(body: dict[str, Any], key: str, lo: float, hi: float | None = None, *,
+def opt_number(body: dict[str, Any], key: str, lo: float | None, hi: float | None = None, *,
                integer: bool = False, param: str | None = None) -> Any:
     """body[key] if present and not null, checked to be a number (an integer) in [lo, hi]."""
     v = body.get(key)
@@ -120,10 +124,19 @@ def opt_number(body: dict[str, Any], key: str, lo: float, hi: float | None = Non
             raise bad_request(f"`{param}` must be an integer, got {v!r}", param)
     if not isinstance(v, int) and not math.isfinite(v):
         raise bad_request(f"`{param}` must be a finite number", param)
-    if v < lo or (hi is not None and v > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else \
+            f"at least {lo}" if lo is not None else f"at most {hi}"
         raise bad_request(f"`{param}` must be {bounds}, got {v}", param)
     return v
+
+
+def opt_setting(body: dict[str, Any], setting: Setting[Any], key: str | None = None, *,
+                param: str | None = None) -> Any:
+    """body[key] (default: the setting's name) if present and not null, checked against the setting's
+    type and bounds."""
+    return opt_number(body, key or setting.name, setting.lo, setting.hi, integer=setting.type is int,
+                      param=param)
 
 
 def opt_bool(body: dict[str, Any], key: str, default: bool = False, *, param: str | None = None) -> bool:
@@ -160,10 +173,54 @@ def stop_strings(value: Any, param: str = "stop") -> tuple[str, ...] | None:
     if isinstance(value, str):
         return (value,) if value else ()
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        if len(value) > MAX_STOP:
-            raise bad_request(f"`{param}` has {len(value)} strings; at most {MAX_STOP} are allowed", param)
+        if S.STOP.hi is not None and len(value) > S.STOP.hi:
+            raise bad_request(f"`{param}` has {len(value)} strings; at most {S.STOP.hi} are allowed", param)
         return tuple(s for s in value if s)
     raise bad_request(f"`{param}` must be a string or a list of strings", param)
+
+
+# --------------------------------------------------------------------------- what both APIs read
+
+PLAIN_SAMPLING = (S.TEMPERATURE, S.TOP_P, S.TOP_K, S.MIN_P)
+"""The sampling settings both APIs take as plain bounded numbers (seed, the token limit and stop
+strings each API spells its own way)."""
+
+
+def sampling_fields(obj: dict[str, Any], api: Api) -> dict[str, Any]:
+    """temperature, top_p, top_k and min_p from the request (OpenAI: its body; Ollama: its
+    ``options``), typed and bounded; None where absent."""
+    out = {}
+    for setting in PLAIN_SAMPLING:
+        path = setting.openai if api == "openai" else setting.ollama
+        assert path is not None
+        out[setting.name] = opt_setting(obj, setting, path.rpartition(".")[2], param=path)
+    return out
+
+
+def logprob_options(body: dict[str, Any]) -> tuple[bool, int]:
+    """``logprobs`` (true or false) and ``top_logprobs`` (0..20), as chat completions and
+    Ollama's routes take them."""
+    logprobs = opt_bool(body, "logprobs")
+    top = opt_setting(body, S.TOP_LOGPROBS) or 0
+    return logprobs, top
+
+
+def chat_messages(value: Any) -> Messages:
+    """A request's ``messages``, checked and normalised once: the engine takes them as they are."""
+    return normalize_messages(value)
+
+
+def token_bytes(engine: Engine, ensemble: str) -> wire.TokenBytes:
+    """A token's bytes, for logprobs: the ensemble's members share one vocabulary, so the first one's."""
+    tb: wire.TokenBytes = engine.ensemble(ensemble).members[0].token_bytes
+    return tb
+
+
+def engine_request(ref: ModelRef, choice: EnsembleChoice, overrides: dict[str, Any], **kw: Any) -> Request:
+    """The engine's request: the ensemble's sampling defaults under the request's overrides (None
+    keeps the default), and its ``ensemble`` extension."""
+    return Request(ensemble=ref.ensemble.name, params=sampling_params(ref.ensemble.sampling, **overrides),
+                   mode=choice.mode, weights=choice.weights, member=choice.member, **kw)
 
 
 # --------------------------------------------------------------------------- models
@@ -221,8 +278,8 @@ def ensemble_extension(body: dict[str, Any], ref: ModelRef) -> EnsembleChoice:
         raise bad_request(f"`ensemble.{unknown[0]}` is not a setting; use mode, weights or member", "ensemble")
     names = ref.ensemble.member_names
     mode = opt_str(ext, "mode", param="ensemble.mode")
-    if mode is not None and mode not in MODES:
-        raise bad_request(f"`ensemble.mode` must be one of {', '.join(MODES)}, got {mode!r}", "ensemble.mode")
+    if mode is not None and mode not in S.MODES:
+        raise bad_request(f"`ensemble.mode` must be one of {', '.join(S.MODES)}, got {mode!r}", "ensemble.mode")
     member = opt_str(ext, "member", param="ensemble.member")
     if member is not None and member not in names:
         raise bad_request(f"ensemble {ref.ensemble.name!r} has no member {member!r}; members: {', '.join(names)}",
@@ -237,7 +294,7 @@ def ensemble_extension(body: dict[str, Any], ref: ModelRef) -> EnsembleChoice:
             if k not in names:
                 raise bad_request(f"ensemble {ref.ensemble.name!r} has no member {k!r}; members: {', '.join(names)}",
                                   "ensemble.weights", code="member_not_found")
-            w = opt_number(raw_w, k, 0, 1e6, param=f"ensemble.weights.{k}")
+            w = opt_setting(raw_w, S.WEIGHT, k, param=f"ensemble.weights.{k}")
             if w is None:
                 raise bad_request(f"`ensemble.weights.{k}` must be a number, got null", f"ensemble.weights.{k}")
             weights[k] = float(w)

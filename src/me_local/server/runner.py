@@ -33,6 +33,7 @@ from ..config import load_config
 from ..engine import Engine
 from ..errors import ConfigError
 from ..logs import AccessLog
+from ..settings import PORT
 from .app import create_app
 from .connection import Runner, abort
 from .resources import AcceptErrors
@@ -41,7 +42,7 @@ from .state import Loader, ServerState
 
 log = logging.getLogger("me_local.server")
 
-DEFAULT_PORT = 11435
+DEFAULT_PORT = PORT.default
 """One above Ollama's 11434, so both daemons can run side by side."""
 
 Callback = Callable[["Server"], Any]
@@ -81,8 +82,8 @@ class ServerSettings:
     cancelled (``write_timeout`` in the cancellation metric) and the connection aborted."""
 
     def check(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port must be between 0 and 65535, got {self.port}")
+        if not PORT.within(self.port):
+            raise ConfigError(f"--port must be between {PORT.lo} and {PORT.hi}, got {self.port}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"the body size limit must be at least 1024 bytes, got {self.max_body_bytes}")
         for name in ("header_timeout", "body_timeout", "write_timeout"):

@@ -16,8 +16,10 @@ from typing import IO, Any
 
 import click
 
+from ..cli.options import setting_option
 from ..errors import ConfigError
 from ..logs import LEVELS
+from ..settings import PORT
 from .host import Host, Manager, Scope
 from .plan import InstallOptions, Plan, build_spec, describe, execute, plan_install, plan_uninstall
 from .render import ENV_NAME, render
@@ -63,7 +65,7 @@ def _render_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--config", "config_path", type=click.Path(dir_okay=False),
                      help="models.yaml the service serves (default: the one `me-local serve` would find now)."),
         click.option("--host", "listen_host", default=None, help="Address to listen on (default: serve's)."),
-        click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default: serve's)."),
+        setting_option(PORT, help="Port (default: serve's)."),
         click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True,
                      help="The daemon's log level (info includes the access log)."),
         click.option("--run-as", default=None,
