@@ -27,6 +27,7 @@ from me_local.bench import (
     format_targets,
     run_bench,
 )
+from me_local.runtime import prepare
 
 
 @click.command()
@@ -36,6 +37,7 @@ from me_local.bench import (
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True)
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Also measure resident memory.")
 def main(tokens: int, repeats: int, prompt_tokens: int, out_dir: str, memory: bool) -> None:
+    prepare()  # before the bench loads llama_cpp, as `me-local bench` does
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     config, names = bench_plan(None, None, prompt_tokens, tokens)
     settings = BenchSettings(tokens=tokens, repeats=repeats, prompt_tokens=prompt_tokens, memory=memory)

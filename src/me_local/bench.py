@@ -646,6 +646,7 @@ def ce_mixture_cost(engine: Any, ens: EnsembleConfig, n_tokens: int, ce_case: Ma
 _PROBE = textwrap.dedent(
     """
     import json, sys
+    from me_local.runtime import prepare; prepare()
     from me_local.bench import _memory_probe
     print(json.dumps(_memory_probe(json.loads(sys.argv[1]))))
     """

@@ -209,6 +209,7 @@ def models(config_path: str | None) -> None:
 
 
 def main() -> None:
+    __import__("me_local.runtime").runtime.prepare()  # me_local.runtime.prepare(), before llama_cpp loads
     from .logs import enable_crash_traces
 
     enable_crash_traces()  # a native crash in llama.cpp leaves a Python stack on stderr, never silence
