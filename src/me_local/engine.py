@@ -23,7 +23,7 @@ from typing import Any
 from .config import Config, EnsembleConfig
 from .core import DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, common_prefix, generate
 from .core.ensemble import check_fits
-from .errors import ConfigError, MeLocalError, RequestError, VocabMismatchError
+from .errors import ConfigError, MeLocalError, QueueFullError, RequestError, VocabMismatchError
 
 log = logging.getLogger("me_local.engine")
 
@@ -265,11 +265,6 @@ class LoadedEnsemble:
         for s in self._slots:
             s.close()
         self._slots.clear()
-
-
-class QueueFullError(RequestError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="queue_full")
 
 
 MemberFactory = Callable[[Any, EnsembleConfig], Any]
