@@ -18,7 +18,7 @@ It talks to members only through the backend seam (:mod:`me_local.backends.types
 
 from ..backends.types import MemberContext, MemberFactory
 from ..errors import QueueFullError
-from .engine import Engine, Request, Run, collect, sampling_params
+from .engine import Engine, Request, Run, SamplingOverrides, collect, sampling_params
 from .ensemble import CANCEL_POLL_S, LoadedEnsemble, Slot, Ticket, check_vocabularies
 from .factory import LlamaMemberFactory, llama_member_factory
 from .messages import ROLES, normalize_messages
@@ -34,6 +34,7 @@ __all__ = [
     "QueueFullError",
     "Request",
     "Run",
+    "SamplingOverrides",
     "Slot",
     "Ticket",
     "check_vocabularies",

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..backends.types import MemberFactory
 from ..config import Config, SamplingDefaults
@@ -18,6 +18,9 @@ from ..errors import ConfigError, MeLocalError, RequestError
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
 from .messages import normalize_messages
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger("me_local.engine")
 
@@ -192,7 +195,21 @@ def collect(events: Iterator[Event]) -> tuple[str, DoneEvent]:
     raise RuntimeError("generation ended without a done event")
 
 
-def sampling_params(defaults: SamplingDefaults, **overrides: Any) -> SamplingParams:
+class SamplingOverrides(TypedDict, total=False):
+    """What a request may set over an ensemble's sampling defaults (None: keep the default)."""
+
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    max_tokens: int | None
+    seed: int | None
+    stop: tuple[str, ...] | None
+    logprobs: bool | None
+    top_logprobs: int | None
+
+
+def sampling_params(defaults: SamplingDefaults, **overrides: Unpack[SamplingOverrides]) -> SamplingParams:
     """SamplingParams from an ensemble's defaults and the non-None overrides."""
     base = SamplingParams(
         temperature=defaults.temperature,
@@ -201,4 +218,5 @@ def sampling_params(defaults: SamplingDefaults, **overrides: Any) -> SamplingPar
         min_p=defaults.min_p,
         max_tokens=defaults.max_tokens,
     )
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}  # each typed above
+    return replace(base, **given)

@@ -75,18 +75,18 @@ def _llama_build(load: LoadSettings) -> Iterator[_Build]:
     me = threading.get_ident()
 
     def defaults() -> L.llama_model_params:
-        params = original_defaults()
+        params: L.llama_model_params = original_defaults()
         load.apply(params)
         return params
 
     def load_from_file(path_model: bytes, params: L.llama_model_params, /) -> L.llama_model_p | None:
-        ptr = original_load(path_model, params)
+        ptr: L.llama_model_p | None = original_load(path_model, params)
         if threading.get_ident() == me:
             build.model_loaded = bool(ptr)
         return ptr
 
     def init_from_model(model: L.llama_model_p, params: L.llama_context_params, /) -> L.llama_context_p | None:
-        ctx = original_init(model, params)
+        ctx: L.llama_context_p | None = original_init(model, params)
         if threading.get_ident() == me:
             build.context_created = bool(ctx)
         return ctx
