@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,9 @@ from .config import MODES, parse_weights
 from .core import DoneEvent, Event, TokenEvent
 from .errors import MeLocalError, RequestError
 from .report import format_stats
+
+if TYPE_CHECKING:
+    from me_local.engine import Engine
 
 HELP = """Commands:
   /set temperature|top_p|top_k|min_p|max_tokens|seed|mode|weights|member VALUE
@@ -38,7 +41,7 @@ Ctrl+C stops the current answer."""
 class InProcess:
     """Chat on an Engine in this process; generation runs on a worker thread."""
 
-    def __init__(self, engine: Any, ensemble: str) -> None:
+    def __init__(self, engine: Engine, ensemble: str) -> None:
         self.engine = engine
         self.ensemble = ensemble
 
@@ -66,7 +69,7 @@ class InProcess:
             weights=settings.get("weights"),
             member=settings.get("member"),
         )
-        q: queue.Queue[Any] = queue.Queue()
+        q: queue.Queue[Event | BaseException] = queue.Queue()
         run = self.engine.start(request, q.put)
         stop.append(run.cancel)
         return EventQueue(q)
@@ -78,7 +81,7 @@ class EventQueue:
     Unlike a generator, it survives a KeyboardInterrupt raised while waiting,
     so the caller can cancel the run and keep reading to its DoneEvent."""
 
-    def __init__(self, q: queue.Queue[Any]) -> None:
+    def __init__(self, q: queue.Queue[Event | BaseException]) -> None:
         self._q = q
         self._done = False
 

@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,9 @@ from . import __version__
 from .config import MODES, load_config, parse_weights
 from .errors import MeLocalError
 from .report import format_stats
+
+if TYPE_CHECKING:
+    from me_local.engine import Engine
 
 MEMBER_COLOURS = ["cyan", "magenta", "yellow", "green", "blue", "red", "bright_cyan", "bright_magenta"]
 
@@ -48,7 +51,8 @@ class Cli(click.Group):
                 if exc.name and module.startswith(exc.name):
                     return None  # that part of me-local is not built yet
                 raise
-            return getattr(mod, attr)
+            command: click.Command = getattr(mod, attr)
+            return command
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -101,7 +105,7 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _engine(config_path: str | None):
+def _engine(config_path: str | None) -> Engine:
     from .engine import Engine
 
     return Engine(load_config(config_path))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -116,7 +116,7 @@ class Engine:
         cancel: Callable[[], bool] | None = None,
         *,
         queue_timeout: float | None = None,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Run one request on the calling thread, yielding core events.
 
         The request counts against the ensemble's queue from here, before its prompt
