@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from me_local.bench import BenchSettings, bench_plan, run_and_print
+from me_local.runtime import prepare
 
 
 @click.command()
@@ -28,6 +29,7 @@ from me_local.bench import BenchSettings, bench_plan, run_and_print
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-out", show_default=True)
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Also measure resident memory.")
 def main(tokens: int, repeats: int, prompt_tokens: int, out_dir: str, memory: bool) -> None:
+    prepare()  # before the bench loads llama_cpp, as `me-local bench` does
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     config, names = bench_plan(None, None, prompt_tokens, tokens)
     settings = BenchSettings(tokens=tokens, repeats=repeats, prompt_tokens=prompt_tokens, memory=memory)

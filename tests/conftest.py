@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from me_local.runtime import prepare
+
+# as `me-local` does before llama_cpp loads (a short OpenMP spin keeps the suite fast on a shared CPU)
+prepare()
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -519,7 +519,8 @@ def test_a_short_openmp_spin_is_the_default_and_a_users_setting_wins() -> None:
     import subprocess
     import sys
 
-    code = "import os, me_local.backends.llama as B; print(os.environ['GOMP_SPINCOUNT'], B.GOMP_SPINCOUNT)"
+    code = ("import os, me_local.runtime as R; R.prepare(); import me_local.backends.llama as B; "
+            "print(os.environ['GOMP_SPINCOUNT'], B.GOMP_SPINCOUNT)")
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["300", "300"]

@@ -331,6 +331,30 @@ def test_the_core_imports_no_llama_cpp_aiohttp_or_click():
     assert proc.returncode == 0, f"core imported: {proc.stdout} {proc.stderr}"
 
 
+def test_only_backends_llama_imports_llama_cpp():
+    import ast
+    from pathlib import Path
+
+    import me_local
+
+    root = Path(me_local.__file__).parent
+    importers = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "llama_cpp" or n.startswith("llama_cpp.") for n in names):
+                importers.append(path.relative_to(root).as_posix())
+    assert importers, "the scan found no importer at all: it is broken"
+    assert {p for p in importers if not p.startswith("backends/llama/")} == set()
+    # and the layers above it import it only when they load a model
+    code = ("import sys, me_local.engine, me_local.server, me_local.backends.types, me_local.runtime;"
+            "print('llama_cpp' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
 def _reference_truncate(p, top_k, top_p, min_p):
     """The textbook definition: full sorts over the whole vocabulary."""
     p = np.array(p, dtype=np.float64)

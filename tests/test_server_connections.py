@@ -246,11 +246,11 @@ def test_malformed_requests_get_400_and_one_log_line_without_a_traceback(live, c
 
 
 def test_the_settings_are_bounded():
-    from me_local.errors import ConfigError
+    from me_local.errors import UsageError
 
     for field in ("header_timeout", "body_timeout", "write_timeout"):
         for bad in (0, -1, 0.01, 1e9):
-            with pytest.raises(ConfigError, match=field.replace("_", "-")):
+            with pytest.raises(UsageError, match=field.replace("_", "-")):
                 ServerSettings(**{field: bad}).check()
         ServerSettings(**{field: 5}).check()
 

@@ -12,7 +12,7 @@ import pytest
 from me_local.config import parse_config
 from me_local.core import DoneEvent, GenerationStats, MemberStats, TokenEvent
 from me_local.engine import QueueFullError
-from me_local.errors import ConfigError, ContextOverflowError, ModelLoadError, RequestError
+from me_local.errors import ConfigError, ContextOverflowError, ModelLoadError, RequestError, UsageError
 from me_local.server import metrics as prom
 from me_local.server import wire
 from me_local.server.errors import ApiError, from_exception
@@ -236,9 +236,9 @@ def test_binding_beyond_loopback_needs_a_key_or_insecure():
     check_bind("localhost", None, False)
     check_bind("0.0.0.0", "key", False)
     check_bind("0.0.0.0", None, True)
-    with pytest.raises(ConfigError, match="--api-key"):
+    with pytest.raises(UsageError, match="--api-key"):
         check_bind("0.0.0.0", None, False)
-    with pytest.raises(ConfigError, match="without an API key"):
+    with pytest.raises(UsageError, match="without an API key"):
         check_bind("192.168.1.5", "", False)
 
 
@@ -305,7 +305,7 @@ def test_numbers_are_typed_and_bounded():
 def test_messages_are_checked_once_on_their_way_to_the_engine(monkeypatch):
     """Both APIs hand the engine checked Messages; the engine checks plain lists once per
     request (not once per member prompt) and takes Messages as they are."""
-    from me_local import engine as engine_module
+    from me_local.engine import engine as engine_module
     from me_local.core import SamplingParams
     from me_local.engine import Engine, Messages, Request, collect, normalize_messages
     from me_local.server import ollama, openai

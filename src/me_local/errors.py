@@ -6,11 +6,17 @@ with the API's own error shape); nothing below them prints or exits.
 
     MeLocalError
     ├── ConfigError          models.yaml is missing, malformed or inconsistent   (exit 2)
-    │   └── VocabMismatchError   two members of one ensemble disagree on their vocabulary
+    │   ├── VocabMismatchError   two members of one ensemble disagree on their vocabulary
+    │   └── SettingError         a setting's value does not suit a model (names the setting)
+    ├── UsageError           command-line options that cannot be used as given   (exit 2)
+    ├── ServiceError         the system refuses what me-local needs (port taken, platform)  (exit 2)
     ├── RequestError         a generation request is invalid (bad parameter, unknown member...)
-    │   └── ContextOverflowError the prompt does not fit the context window
-    ├── ModelLoadError       llama.cpp could not load a model file
+    │   ├── ContextOverflowError the prompt does not fit the context window
+    │   └── QueueFullError       the ensemble's slots and queue are full: retry later
+    ├── ModelLoadError       llama.cpp could not load a model file              (exit 2)
     └── BackendError         llama.cpp failed while evaluating (decode error, KV cache full)
+
+The HTTP status each one becomes is one table: ``me_local.server.errors.STATUSES``.
 """
 
 from __future__ import annotations
@@ -46,12 +52,38 @@ class ConfigError(MeLocalError):
         elif key:
             where = f"{key}: "
         super().__init__(where + message)
+        self.reason = message
+        """The message without the file and key."""
         self.file = file
         self.key = key
 
 
 class VocabMismatchError(ConfigError):
     """Members of one ensemble do not share a vocabulary."""
+
+
+class SettingError(ConfigError):
+    """A setting's value cannot be used with this model file (e.g. a quantized KV cache with
+    a head size that is not a multiple of 32). ``setting`` names it (``kv_cache_type``), so
+    the caller that knows where it was set can say so (file and key)."""
+
+    def __init__(self, message: str, *, setting: str, file: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, file=file, key=key)
+        self.setting = setting
+
+
+class UsageError(MeLocalError):
+    """Command-line options that cannot be used as given: a value out of range (``--port``),
+    or a combination me-local refuses (listening beyond this machine without an API key)."""
+
+    exit_code = 2
+
+
+class ServiceError(MeLocalError):
+    """The system refuses what me-local needs to run: the port is taken, or the platform
+    has no service manager me-local knows."""
+
+    exit_code = 2
 
 
 class RequestError(MeLocalError):
@@ -70,6 +102,14 @@ class ContextOverflowError(RequestError):
 
     def __init__(self, message: str, *, param: str | None = "prompt") -> None:
         super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class QueueFullError(RequestError):
+    """An ensemble's ``parallel`` slots are busy and ``max_queue`` requests wait already
+    (or a request waited past its queue timeout): retry shortly."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="queue_full")
 
 
 class ModelLoadError(MeLocalError):

@@ -1,7 +1,7 @@
 """What the CPU can do, and the load-time choices that depend on it.
 
 Pure Python (no llama_cpp import), so the decision is tested with given flag sets
-on any machine; ``backends/llama.py`` applies it when it loads a model.
+on any machine; ``backends/llama/model.py`` (``LoadSettings``) applies it when it loads a model.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ log = logging.getLogger("me_local.bench")
 _PROBE = textwrap.dedent(
     """
     import json, sys
+    from me_local.runtime import prepare; prepare()
     from me_local.bench.memory import _memory_probe
     print(json.dumps(_memory_probe(json.loads(sys.argv[1]))))
     """

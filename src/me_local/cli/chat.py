@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +24,9 @@ from ..config import parse_weights
 from ..core import DoneEvent, Event
 from ..errors import MeLocalError, RequestError
 from .report import format_stats
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 SAMPLING = [name for name, s in S.CHAT_SETTINGS.items() if s.group == "sampling"]
 """The /set names that are sampling parameters (the others choose the mode, member and weights)."""
@@ -42,7 +45,7 @@ Ctrl+C stops the current answer."""
 class InProcess:
     """Chat on an Engine in this process; generation runs on a worker thread."""
 
-    def __init__(self, engine: Any, ensemble: str) -> None:
+    def __init__(self, engine: Engine, ensemble: str) -> None:
         self.engine = engine
         self.ensemble = ensemble
 
@@ -70,7 +73,7 @@ class InProcess:
             weights=settings.get("weights"),
             member=settings.get("member"),
         )
-        q: queue.Queue[Any] = queue.Queue()
+        q: queue.Queue[Event | BaseException] = queue.Queue()
         run = self.engine.start(request, q.put)
         stop.append(run.cancel)
         return EventQueue(q)
@@ -82,7 +85,7 @@ class EventQueue:
     Unlike a generator, it survives a KeyboardInterrupt raised while waiting,
     so the caller can cancel the run and keep reading to its DoneEvent."""
 
-    def __init__(self, q: queue.Queue[Any]) -> None:
+    def __init__(self, q: queue.Queue[Event | BaseException]) -> None:
         self._q = q
         self._done = False
 

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from ..config import load_config, parse_weights
 from ..errors import MeLocalError
 from .options import setting_option
 from .report import format_stats
+
+if TYPE_CHECKING:
+    from me_local.engine import Engine
 
 MEMBER_COLOURS = ["cyan", "magenta", "yellow", "green", "blue", "red", "bright_cyan", "bright_magenta"]
 
@@ -49,7 +52,8 @@ class Cli(click.Group):
                 if exc.name and module.startswith(exc.name):
                     return None  # that part of me-local is not built yet
                 raise
-            return getattr(mod, attr)
+            command: click.Command = getattr(mod, attr)
+            return command
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -92,7 +96,7 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _engine(config_path: str | None):
+def _engine(config_path: str | None) -> Engine:
     from ..engine import Engine
 
     return Engine(load_config(config_path))
@@ -204,6 +208,9 @@ def models(config_path: str | None) -> None:
 
 def main() -> None:
     from ..logs import enable_crash_traces
+    from ..runtime import prepare
+
+    prepare()  # before llama_cpp loads: libgomp and ggml read their settings once
 
     enable_crash_traces()  # a native crash in llama.cpp leaves a Python stack on stderr, never silence
     cli(prog_name="me-local")

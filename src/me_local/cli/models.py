@@ -11,11 +11,11 @@ def _size(n: int) -> str:
 
 
 def describe(config: Config) -> tuple[str, bool]:
-    from ..backends.llama import LoadSettings, inspect_model
+    from ..backends.llama import LoadedModel, LoadSettings, inspect_model
 
     lines = [f"config: {config.path}"]
     ok = True
-    cache: dict[str, object] = {}
+    cache: dict[str, LoadedModel] = {}
     for ens in config.ensembles.values():
         weights = ens.normalized_weights()
         lines.append(f"\n{ens.name}  (mode {ens.mode}, n_ctx {ens.n_ctx}, parallel {ens.parallel})")
@@ -34,8 +34,8 @@ def describe(config: Config) -> tuple[str, bool]:
                 first_by_load.setdefault((key, load), mc.name)
                 note = f"  shares weights with {shared}" if shared else ""
                 lines.append(
-                    f"  {mc.name:<14} weight {w:.2f}  {path.name}  {_size(info.size_bytes)}  "  # type: ignore[attr-defined]
-                    f"vocab {info.n_vocab}  mmap {'on' if load.mmap else 'off'}  "  # type: ignore[attr-defined]
+                    f"  {mc.name:<14} weight {w:.2f}  {path.name}  {_size(info.size_bytes)}  "
+                    f"vocab {info.n_vocab}  mmap {'on' if load.mmap else 'off'}  "
                     f"repack {'on' if load.repack else 'off'} ({load.repack_reason}){note}"
                 )
                 infos.append((mc.name, info))
@@ -43,7 +43,7 @@ def describe(config: Config) -> tuple[str, bool]:
                 lines.append(f"  {mc.name:<14} weight {w:.2f}  ERROR: {exc}")
                 problems.append(str(exc))
         for name, info in infos[1:]:
-            if info.fingerprint != infos[0][1].fingerprint:  # type: ignore[attr-defined]
+            if info.fingerprint != infos[0][1].fingerprint:
                 problems.append(
                     f"members {infos[0][0]!r} and {name!r} do not share a vocabulary; "
                     "ensemble only models with the same tokenizer"

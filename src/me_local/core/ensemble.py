@@ -24,8 +24,10 @@ from .types import (
     Cancelled,
     DoneEvent,
     GenerationStats,
+    Logits,
     Member,
     MemberStats,
+    Probs,
     SamplingParams,
     TokenEvent,
     TokenSampler,
@@ -128,7 +130,8 @@ def generate(
         ms.prompt_tokens += max(0, n_prompt - have)
         ms.catchup_tokens += len(todo) - max(0, n_prompt - have)
 
-    def logprob_info(logits_row: np.ndarray | None, mix: np.ndarray | None, token: int):
+    def logprob_info(logits_row: Logits | None, mix: Probs | None,
+                     token: int) -> tuple[float | None, list[tuple[int, float]] | None]:
         if not params.logprobs:
             return None, None
         if mix is not None:

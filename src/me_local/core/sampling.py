@@ -8,27 +8,29 @@ define what that chain must match and serve ``ce`` mode and fake members.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .types import SamplingParams
+from .types import Logits, Probs, SamplingParams
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def softmax(logits: Logits, temperature: float = 1.0) -> Probs:
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = z - z.max()
     e = np.exp(z)
-    return e / e.sum()
+    probs: Probs = e / e.sum()
+    return probs
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: Logits) -> Probs:
     z = np.asarray(logits, dtype=np.float64)
     m = z.max()
-    return z - (m + np.log(np.exp(z - m).sum()))
+    out: Probs = z - (m + np.log(np.exp(z - m).sum()))
+    return out
 
 
-def truncate(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+def truncate(probs: Probs, top_k: int, top_p: float, min_p: float) -> Probs:
     """Apply top-k, then top-p, then min-p to a probability vector; renormalised.
 
     Always keeps at least the most probable token. After top-k only its k
@@ -37,7 +39,7 @@ def truncate(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.nd
     p = np.asarray(probs, dtype=np.float64)
     n = p.shape[0]
     idx = np.argpartition(-p, top_k - 1)[:top_k] if 0 < top_k < n else None
-    cand = p.copy() if idx is None else p[idx]
+    cand: Probs = p.copy() if idx is None else p[idx]
     cand /= cand.sum()
     if top_p < 1.0:
         order = np.argsort(-cand, kind="stable")
@@ -56,7 +58,7 @@ def truncate(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.nd
     return out
 
 
-def transform(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+def transform(logits: Logits, params: SamplingParams) -> Probs:
     """softmax(l / T) then truncation: one member's sampling distribution."""
     if params.greedy:
         out = np.zeros(np.asarray(logits).shape[0], dtype=np.float64)
@@ -65,7 +67,7 @@ def transform(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return truncate(softmax(logits, params.temperature), params.top_k, params.top_p, params.min_p)
 
 
-def mixture(prob_rows: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+def mixture(prob_rows: Sequence[Probs], weights: Sequence[float]) -> Probs:
     """Σ λ_i p_i with λ normalised."""
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
@@ -77,8 +79,8 @@ def mixture(prob_rows: Sequence[np.ndarray], weights: Sequence[float]) -> np.nda
 
 
 def ce_distribution(
-    logit_rows: Sequence[np.ndarray], weights: Sequence[float], params: SamplingParams, *, want_raw: bool = False
-) -> tuple[np.ndarray, np.ndarray | None]:
+    logit_rows: Sequence[Logits], weights: Sequence[float], params: SamplingParams, *, want_raw: bool = False
+) -> tuple[Probs, Probs | None]:
     """``ce`` mode: trunc(Σ λ_i softmax(l_i / T)), and, when ``want_raw`` (logprobs were
     asked for), the untransformed mixture Σ λ_i softmax(l_i) (else None).
 
@@ -99,18 +101,18 @@ def ce_distribution(
     return truncate(tempered, params.top_k, params.top_p, params.min_p), raw if want_raw else None
 
 
-def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+def draw(probs: Probs, rng: np.random.Generator) -> int:
     """Inverse-CDF draw from a probability vector."""
     cum = np.cumsum(probs)
     u = rng.random() * cum[-1]
     idx = int(np.searchsorted(cum, u, side="right"))
-    idx = min(idx, probs.shape[0] - 1)
+    idx = min(idx, len(probs) - 1)
     while probs[idx] <= 0.0 and idx > 0:  # float edge: never return a zero-probability token
         idx -= 1
     return idx
 
 
-def top_logprobs(logprobs: np.ndarray, n: int) -> list[tuple[int, float]]:
+def top_logprobs(logprobs: Probs, n: int) -> list[tuple[int, float]]:
     """The n most probable tokens as (id, logprob), best first."""
     if n <= 0:
         return []
@@ -124,7 +126,7 @@ class NumpySampler:
     """A TokenSampler over a logits callable, with the reference semantics.
     Used by fake members in tests and by backends without a native chain."""
 
-    def __init__(self, get_logits, params: SamplingParams, seed: int) -> None:
+    def __init__(self, get_logits: Callable[[], Logits], params: SamplingParams, seed: int) -> None:
         self._get_logits = get_logits
         self._params = params
         self._rng = np.random.default_rng(seed)

@@ -10,8 +10,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import settings as S
+
+Logits = npt.NDArray[np.floating[Any]]
+"""A vector of raw next-token logits over the vocabulary (float32 from llama.cpp, any float precision)."""
+Probs = npt.NDArray[np.float64]
+"""A probability vector over the vocabulary."""
 
 MODES = S.MODES
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -76,7 +82,7 @@ class Member(Protocol):
         between chunks, leaving ``cached`` true to what was evaluated."""
         ...
 
-    def logits(self) -> np.ndarray:
+    def logits(self) -> Logits:
         """Raw next-token logits after the last evaluated token (valid until the next evaluate)."""
         ...
 

@@ -8,8 +8,17 @@ failure inside me-local itself (a bug, llama.cpp failing) is a 5xx.
 
 from __future__ import annotations
 
-from ..engine import QueueFullError
-from ..errors import BackendError, ConfigError, ContextOverflowError, MeLocalError, ModelLoadError, RequestError
+from dataclasses import dataclass
+
+from ..errors import (
+    BackendError,
+    ConfigError,
+    ContextOverflowError,
+    MeLocalError,
+    ModelLoadError,
+    QueueFullError,
+    RequestError,
+)
 
 
 class ApiError(Exception):
@@ -58,24 +67,51 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return ApiError(400, message, code=code, param=param)
 
 
+@dataclass(frozen=True)
+class Status:
+    """How one class of me-local's exceptions reaches a client."""
+
+    status: int
+    code: str | None = None
+    """The error code; None: the exception's own ``code`` (a RequestError's)."""
+    param: str | None = None
+    """The ``param`` when the exception names none."""
+    retry: bool = False
+    """Send ``Retry-After`` (the ensemble is busy, or a model is not available yet)."""
+
+
+STATUSES: dict[type[MeLocalError], Status] = {
+    QueueFullError: Status(503, retry=True),
+    ContextOverflowError: Status(400, param="messages"),
+    RequestError: Status(400),
+    # in a request this can only be an unknown ensemble (the config itself loaded at start-up)
+    ConfigError: Status(404, "model_not_found", param="model"),
+    ModelLoadError: Status(503, "model_unavailable", retry=True),
+    BackendError: Status(500, "backend_error"),
+    MeLocalError: Status(500, "internal_error"),
+}
+"""Every exception of the tree (:mod:`me_local.errors`) a request can raise, and its answer.
+An exception takes the row of its nearest class (its own, else its parent's...)."""
+
+
+def status_of(exc: MeLocalError) -> Status:
+    for cls in type(exc).__mro__:
+        row = STATUSES.get(cls)
+        if row is not None:
+            return row
+    raise AssertionError("MeLocalError has a row")  # unreachable: MeLocalError is in the table
+
+
 def from_exception(exc: BaseException, *, retry_after: int = 1) -> ApiError:
-    """Translate an engine-side exception into the response a client gets."""
+    """Translate an engine-side exception into the response a client gets: ``STATUSES``;
+    anything else is a bug, answered 500 without its details (they go to the log)."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, QueueFullError):
-        return ApiError(503, exc.message, code=exc.code, headers={"Retry-After": str(retry_after)})
-    if isinstance(exc, ContextOverflowError):
-        return ApiError(400, exc.message, code=exc.code, param=exc.param or "messages")
-    if isinstance(exc, RequestError):
-        status = 404 if exc.code in ("model_not_found",) else 400
-        return ApiError(status, exc.message, code=exc.code, param=exc.param)
-    if isinstance(exc, ConfigError):
-        # in a request this can only be an unknown ensemble (the config itself loaded at start-up)
-        return ApiError(404, exc.message, code="model_not_found", param="model")
-    if isinstance(exc, ModelLoadError):
-        return ApiError(503, exc.message, code="model_unavailable", headers={"Retry-After": str(retry_after)})
-    if isinstance(exc, BackendError):
-        return ApiError(500, exc.message, code="backend_error")
-    if isinstance(exc, MeLocalError):
-        return ApiError(500, exc.message, code="internal_error")
-    return ApiError(500, "internal error in me-local; see its log", code="internal_error")
+    if not isinstance(exc, MeLocalError):
+        return ApiError(500, "internal error in me-local; see its log", code="internal_error")
+    row = status_of(exc)
+    request = exc if isinstance(exc, RequestError) else None
+    code = row.code or (request.code if request is not None else None)
+    param = (request.param if request is not None else None) or row.param
+    headers = {"Retry-After": str(retry_after)} if row.retry else None
+    return ApiError(row.status, exc.message, code=code, param=param, headers=headers)

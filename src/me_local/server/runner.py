@@ -31,7 +31,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..config import load_config
 from ..engine import Engine
-from ..errors import ConfigError
+from ..errors import ServiceError, UsageError
 from ..logs import AccessLog
 from ..settings import PORT
 from .app import create_app
@@ -83,15 +83,15 @@ class ServerSettings:
 
     def check(self) -> None:
         if not PORT.within(self.port):
-            raise ConfigError(f"--port must be between {PORT.lo} and {PORT.hi}, got {self.port}")
+            raise UsageError(f"--port must be between {PORT.lo} and {PORT.hi}, got {self.port}")
         if self.max_body_bytes < 1024:
-            raise ConfigError(f"the body size limit must be at least 1024 bytes, got {self.max_body_bytes}")
+            raise UsageError(f"the body size limit must be at least 1024 bytes, got {self.max_body_bytes}")
         for name in ("header_timeout", "body_timeout", "write_timeout"):
             value = getattr(self, name)
             if not TIMEOUT_RANGE[0] <= value <= TIMEOUT_RANGE[1]:
                 flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} must be between {TIMEOUT_RANGE[0]} and {TIMEOUT_RANGE[1]} seconds, "
-                                  f"got {value}")
+                raise UsageError(f"{flag} must be between {TIMEOUT_RANGE[0]} and {TIMEOUT_RANGE[1]} seconds, "
+                                 f"got {value}")
         check_bind(self.host, self.api_key, self.insecure)
 
     def policy(self) -> AccessPolicy:
@@ -161,7 +161,7 @@ class Server:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise ConfigError(
+            raise ServiceError(
                 f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror or exc}); "
                 "choose another --port or stop the program using it"
             ) from None

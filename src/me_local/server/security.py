@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from ..errors import ConfigError
+from ..errors import UsageError
 from .errors import ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,7 +71,7 @@ def is_wildcard(host: str) -> bool:
 def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
     """Refuse to listen beyond this machine without an API key (unless --insecure)."""
     if not is_loopback(host) and not api_key and not insecure:
-        raise ConfigError(
+        raise UsageError(
             f"refusing to listen on {host!r} (reachable from other machines) without an API key; "
             "set --api-key or ME_LOCAL_API_KEY, or pass --insecure to allow it anyway"
         )

@@ -1,0 +1,248 @@
+"""One member in one slot (:class:`LlamaMember`): a llama context over a shared model,
+batched decode with logits only at the last position, and llama.cpp's native sampler
+chain (:class:`NativeSampler`) for single-member steps."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+from llama_cpp import llama_cpp as L
+
+from ...core.types import Cancelled, SamplingParams
+from ...errors import BackendError, ModelLoadError, SettingError
+from ...settings import KV_CACHE_TYPE, N_BATCH, N_CTX
+from ..types import ChatMessage
+from .model import LoadedModel
+from .threads import default_threads
+
+if TYPE_CHECKING:
+    from .store import ModelStore
+
+
+class NativeSampler:
+    """llama.cpp's sampler chain, in the core's order: temperature, top-k, top-p, min-p, draw.
+    It reads its context's last logits inside llama.cpp: nothing vocabulary-sized crosses into Python."""
+
+    def __init__(self, ctx: L.llama_context_p, params: SamplingParams, seed: int) -> None:
+        self._ctx = ctx
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if params.greedy:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            if params.temperature != 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+            if params.top_k > 0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self._chain: L.llama_sampler_p | None = chain
+
+    def sample(self) -> int:
+        return int(L.llama_sampler_sample(self._chain, self._ctx, -1))
+
+    def close(self) -> None:
+        if self._chain:
+            L.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    n_ctx: int = N_CTX.default
+    n_batch: int = N_BATCH.default
+    n_threads: int | None = None
+    kv_cache_type: str = KV_CACHE_TYPE.default
+    """f16, q8_0 or q4_0 for both K and V; a quantized V cache needs flash attention, which is then forced on."""
+
+
+class LlamaMember:
+    """One member in one slot: a llama context over a shared model.
+
+    Given the ``store`` its model was acquired from, :meth:`close` gives the model back
+    to it (:meth:`ModelStore.open_member` makes such owned members); without one, the
+    caller releases the model itself."""
+
+    def __init__(
+        self,
+        name: str,
+        model: LoadedModel,
+        settings: ContextSettings,
+        system: str | None = None,
+        gate: threading.BoundedSemaphore | None = None,
+        *,
+        store: ModelStore | None = None,
+    ):
+        self.name = name
+        self._gate = gate
+        self.model = model
+        self.system = system
+        self._store = store
+        n_threads = settings.n_threads or default_threads()
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = settings.n_ctx
+        cparams.n_batch = settings.n_batch
+        cparams.n_ubatch = min(settings.n_batch, 512)
+        cparams.n_seq_max = 1
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        if settings.kv_cache_type != "f16":
+            head = model.n_embd // max(1, model.n_head)
+            if head % 32:  # q8_0 and q4_0 pack 32 values per block
+                raise SettingError(
+                    f"kv_cache_type {settings.kv_cache_type} needs an attention head size that is a multiple "
+                    f"of 32, and {model.path.name} has {head}; set kv_cache_type: f16 for this ensemble",
+                    setting="kv_cache_type",
+                )
+            cparams.type_k = cparams.type_v = KV_TYPES[settings.kv_cache_type]
+            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        ctx = L.llama_init_from_model(model.ptr, cparams) if model.ptr else None
+        if not ctx:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {settings.n_ctx} tokens for member {name!r}; "
+                "lower n_ctx in models.yaml or free some memory"
+            )
+        self._ctx: L.llama_context_p | None = ctx
+        self._n_threads = n_threads
+        self._threads_now = n_threads
+        self._mem = L.llama_get_memory(ctx)
+        # llama.cpp may pad the context (to 256 cells); the configured n_ctx is the limit users asked for
+        self._n_ctx = min(settings.n_ctx, int(L.llama_n_ctx(ctx)))
+        self._n_batch = max(1, min(settings.n_batch, int(L.llama_n_batch(ctx))))
+        self._batch = L.llama_batch_init(self._n_batch, 0, 1)
+        self._cached: list[int] = []
+        self._has_logits = False
+
+    def _context(self) -> L.llama_context_p:
+        if self._ctx is None:
+            raise BackendError(f"member {self.name!r} is closed")
+        return self._ctx
+
+    # -- the Member protocol -------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def cached(self) -> Sequence[int]:
+        return self._cached
+
+    def truncate(self, n: int) -> None:
+        if n < len(self._cached):
+            if L.llama_memory_seq_rm(self._mem, 0, n, -1):
+                del self._cached[n:]
+            else:  # recurrent/hybrid memories cannot drop a tail: start over rather than lie
+                L.llama_memory_clear(self._mem, True)
+                self._cached.clear()
+            self._has_logits = False
+
+    def evaluate(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None) -> None:
+        tokens = list(tokens)
+        if len(self._cached) + len(tokens) > self._n_ctx:
+            raise BackendError(
+                f"member {self.name!r}: {len(self._cached) + len(tokens)} tokens do not fit its context "
+                f"of {self._n_ctx}"
+            )
+        ctx = self._context()
+        batch = self._batch
+        for start in range(0, len(tokens), self._n_batch):
+            if start and cancel is not None and cancel():
+                raise Cancelled
+            chunk = tokens[start : start + self._n_batch]
+            last_chunk = start + self._n_batch >= len(tokens)
+            n_past = len(self._cached)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 0
+            if last_chunk:
+                batch.logits[len(chunk) - 1] = 1
+            batch.n_tokens = len(chunk)
+            self._share_cpu(ctx)
+            if self._gate is not None:
+                with self._gate:
+                    rc = L.llama_decode(ctx, batch)
+            else:
+                rc = L.llama_decode(ctx, batch)
+            if rc != 0:
+                self._resync()
+                raise BackendError(f"llama.cpp failed to evaluate {len(chunk)} tokens for {self.name!r} (code {rc})")
+            self._cached.extend(chunk)
+        self._has_logits = True
+
+    def _share_cpu(self, ctx: L.llama_context_p) -> None:
+        cpu = self.model.cpu
+        if cpu is None:
+            return
+        n = cpu.threads_for(self._n_threads)
+        if n != self._threads_now:
+            L.llama_set_n_threads(ctx, n, n)
+            self._threads_now = n
+
+    def _resync(self) -> None:
+        """After a failed decode, trust llama.cpp's memory for how much of the cache is valid."""
+        pos_max = int(L.llama_memory_seq_pos_max(self._mem, 0))
+        del self._cached[pos_max + 1 :]
+        self._has_logits = False
+
+    def logits(self) -> npt.NDArray[np.float32]:
+        if not self._has_logits:
+            raise BackendError(f"member {self.name!r} has no logits yet")
+        ptr = L.llama_get_logits_ith(self._context(), -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def make_sampler(self, params: SamplingParams, seed: int) -> NativeSampler:
+        return NativeSampler(self._context(), params, seed)
+
+    def is_eog(self, token: int) -> bool:
+        return self.model.is_eog(token)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.model.pieces[token]
+
+    # -- prompts ---------------------------------------------------------------
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Format messages with this member's own template (its system prompt first).
+        Message content is tokenized as text: see :meth:`LoadedModel.chat_tokens`."""
+        msgs = [dict(m) for m in messages]
+        labels = [f"messages[{i}]" for i in range(len(msgs))]
+        if self.system:
+            if msgs and msgs[0].get("role") == "system":
+                msgs[0]["content"] = f"{self.system}\n\n{msgs[0].get('content') or ''}"
+                labels[0] = f"messages[0] (with the system prompt of member {self.name!r})"
+            else:
+                msgs.insert(0, {"role": "system", "content": self.system})
+                labels.insert(0, f"the system prompt of member {self.name!r}")
+        return self.model.chat_tokens(msgs, labels)
+
+    def raw_prompt(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=True)
+
+    def close(self) -> None:
+        """Free the context, then give the model back to the store it came from (if any)."""
+        if self._ctx:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self._ctx)
+            self._ctx = None
+        store, self._store = self._store, None
+        if store is not None:
+            store.release(self.model)

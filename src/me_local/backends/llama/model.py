@@ -1,0 +1,232 @@
+"""A GGUF file loaded once (:class:`LoadedModel`): how it is loaded (:class:`LoadSettings`),
+its vocabulary, pieces, special tokens and metadata, tokenizing, and chat prompts whose
+message content stays text."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+from llama_cpp import llama_cpp as L
+
+from ...errors import RequestError
+from ..cpu import cpu_flags, decide_repack
+from ..gguf_check import read_gguf_header
+from ..types import ChatMessage
+from . import chat_template
+from ._lib import capture_errors, init_backend, load_failure, log
+
+if TYPE_CHECKING:
+    from .threads import CpuShare
+
+
+def _meta_str(model: L.llama_model_p, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = L.llama_model_meta_val_str(model, key.encode(), buf, ctypes.sizeof(buf))
+    if n < 0:
+        return None
+    if n >= ctypes.sizeof(buf):  # long template: retry with the exact size
+        buf = ctypes.create_string_buffer(n + 1)
+        L.llama_model_meta_val_str(model, key.encode(), buf, ctypes.sizeof(buf))
+    return buf.value.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How a model file is loaded; members whose settings are equal share one load."""
+
+    n_gpu_layers: int = 0
+    repack: bool = True
+    """llama_model_params.use_extra_bufts: let llama.cpp repack weights for its faster CPU kernels."""
+    mmap: bool = False
+    """Map the file (False: read the weights into memory, so the file may change under a running model)."""
+    repack_reason: str = field(default="", compare=False)
+    """Why ``repack`` is what it is (for the load-time log line)."""
+
+    @classmethod
+    def resolve(cls, repack: str = "auto", *, mmap: bool = False, n_gpu_layers: int = 0,
+                flags: frozenset[str] | None = None) -> LoadSettings:
+        """From a member's settings (repack auto | on | off) and this CPU's flags."""
+        on, reason = decide_repack(repack, cpu_flags() if flags is None else flags)
+        return cls(n_gpu_layers=n_gpu_layers, repack=on, mmap=mmap, repack_reason=reason)
+
+    def apply(self, params: L.llama_model_params) -> None:
+        """Set these on a llama_model_params."""
+        params.n_gpu_layers = self.n_gpu_layers if self.n_gpu_layers >= 0 else 1_000_000
+        params.use_extra_bufts = self.repack
+        if self.mmap:
+            params.load_mode = L.LLAMA_LOAD_MODE_MMAP
+        else:
+            # read every tensor now; lazy reading maps the file even without mmap
+            params.load_mode = L.LLAMA_LOAD_MODE_NONE
+            params.lazy_mode = L.LLAMA_LAZY_MODE_OFF
+
+    def describe(self, name: str) -> str:
+        weights = ("mapped from the file (mmap: true; replace it with mv, never in place)" if self.mmap
+                   else "read into memory (mmap: false)")
+        return f"repack {'on' if self.repack else 'off'} for {name}: {self.repack_reason}; weights {weights}"
+
+
+class LoadedModel:
+    """One GGUF file loaded once: weights, vocabulary, pieces and metadata."""
+
+    def __init__(self, path: Path, load: LoadSettings | None = None, *, vocab_only: bool = False) -> None:
+        init_backend()
+        load = load or LoadSettings.resolve()
+        self.path = path
+        self.load = load
+        self.n_gpu_layers = load.n_gpu_layers
+        header = read_gguf_header(path)  # a damaged file gets its own message, before llama.cpp reads it
+        params = L.llama_model_default_params()
+        load.apply(params)
+        params.vocab_only = vocab_only
+        if not vocab_only:
+            log.info("%s", load.describe(path.name))
+        with capture_errors() as errors:
+            ptr = L.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise load_failure(path, header.architecture, errors)
+        self.ptr: L.llama_model_p | None = ptr
+        self.vocab = L.llama_model_get_vocab(ptr)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(L.llama_model_n_ctx_train(ptr))
+        # layer shapes are not read in a vocabulary-only load (llama.cpp aborts if asked)
+        self.n_embd = 0 if vocab_only else int(L.llama_model_n_embd(ptr))
+        self.n_head = 0 if vocab_only else int(L.llama_model_n_head(ptr))
+        self.size_bytes = path.stat().st_size
+        self.chat_template = _meta_str(ptr, "tokenizer.chat_template")
+        self.bos = int(L.llama_vocab_bos(self.vocab))
+        self.eos = int(L.llama_vocab_eos(self.vocab))
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self._eog: npt.NDArray[np.bool_] = np.array(
+            [bool(L.llama_vocab_is_eog(self.vocab, t)) for t in range(self.n_vocab)])
+        self.pieces = [self._piece(t, special=False) for t in range(self.n_vocab)]
+        texts: list[bytes] = [L.llama_vocab_get_text(self.vocab, t) or b"" for t in range(self.n_vocab)]
+        # what llama.cpp's speculative decoding checks between draft and target: vocabulary
+        # type, size, BOS/EOS and every token's text
+        h = hashlib.sha256()
+        h.update(f"{L.llama_vocab_type(self.vocab)}:{self.n_vocab}:".encode())
+        h.update(f"{L.llama_vocab_bos(self.vocab)}:{L.llama_vocab_eos(self.vocab)}:".encode())
+        for t in texts:
+            h.update(t + b"\x00")
+        self.token_texts = texts
+        self.fingerprint = h.hexdigest()
+        self.bos_text = self._piece(self.bos, special=True).decode("utf-8", "replace") if self.bos >= 0 else ""
+        self.eos_text = self._piece(self.eos, special=True).decode("utf-8", "replace") if self.eos >= 0 else ""
+        self.refs = 0
+        self.store_key: tuple[str, LoadSettings] | None = None
+        """Set by the ModelStore that shares this model: its key there."""
+        self.cpu: CpuShare | None = None
+        """Set by the ModelStore that shares this model: the CPU threads its contexts share."""
+
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._eog[token])
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        arr = (L.llama_token * n_max)()
+        n = L.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_special, parse_special)
+        if n < 0:
+            arr = (L.llama_token * -n)()
+            n = L.llama_tokenize(self.vocab, data, len(data), arr, -n, add_special, parse_special)
+        if n < 0:
+            raise RequestError("the prompt could not be tokenized", param="prompt")
+        return list(arr[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.pieces[t] for t in tokens).decode("utf-8", "replace")
+
+    def format_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return chat_template.render(self.chat_template, messages, eos_text=self.eos_text, bos_text=self.bos_text,
+                                    file_name=self.path.name)
+
+    def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None) -> list[int]:
+        """The prompt for chat messages. Only the template's own markup may produce special
+        tokens: text in a message's content that reads as a control token (``<|im_end|>``)
+        is tokenized as plain text, so a user cannot forge turns. ``labels`` name the
+        messages in errors (default ``messages[i]``)."""
+        marked = {}
+        for i, m in enumerate(messages):
+            found = self._control_texts(m.get("content") or "")
+            if found is not None:
+                marked[i] = found
+        if not marked:  # nothing at stake: the rendered text as one piece, exactly as always
+            text = self.format_chat(messages)
+            starts_with_bos = bool(self.bos_text) and text.startswith(self.bos_text)
+            return self.tokenize(text, add_special=self.add_bos and not starts_with_bos)
+        return self._chat_tokens_with_text_content(messages, marked, labels)
+
+    _control_pattern: re.Pattern[str] | None = None
+
+    def _control_texts(self, text: str) -> list[str] | None:
+        """None when ``text`` tokenizes the same with and without special-token parsing;
+        otherwise the control-token texts it contains."""
+        if self._control_pattern is None:
+            # the texts that parse_special adds to the split: control and unknown tokens
+            kinds = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN
+            texts = {self.token_texts[t].decode("utf-8", "replace") for t in range(self.n_vocab)
+                     if L.llama_vocab_get_attr(self.vocab, t) & kinds}
+            alternatives = sorted((re.escape(t) for t in texts if t), key=len, reverse=True)
+            self._control_pattern = re.compile("|".join(alternatives) or "(?!)")
+        if not text or not self._control_pattern.search(text):  # a quick scan, then the exact test
+            return None
+        special = self.tokenize(text, add_special=False, parse_special=True)
+        if special == self.tokenize(text, add_special=False, parse_special=False):
+            return None
+        kinds = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN
+        found = [self._piece(t, special=True).decode("utf-8", "replace") for t in special
+                 if L.llama_vocab_get_attr(self.vocab, t) & kinds]
+        return list(dict.fromkeys(found))
+
+    def _chat_tokens_with_text_content(self, messages: Sequence[ChatMessage], marked: dict[int, list[str]],
+                                       labels: Sequence[str] | None) -> list[int]:
+        """Tokenize the template's pieces with special-token parsing and the contents
+        without (:func:`chat_template.split_at_contents`). The pieces' boundaries may
+        tokenize a little differently from one whole text, so this path is taken only when
+        it is needed."""
+
+        def refuse(i: int) -> RequestError:
+            label = labels[i] if labels is not None else f"messages[{i}]"
+            found = ", ".join(marked[i]) or "control-token text"
+            return RequestError(
+                f"{label} contains {found}, which is markup for {self.path.name}; its chat template "
+                "rewrites message content, so that text cannot be kept as plain text: remove it from the message",
+                param="messages",
+            )
+
+        pieces = chat_template.split_at_contents(self.format_chat, messages, marked, refuse)
+        # BOS as for the whole text: added unless the template's text starts with it
+        starts_with_bos = bool(self.bos_text) and pieces[0][0].startswith(self.bos_text)
+        tokens = [self.bos] if self.add_bos and self.bos >= 0 and not starts_with_bos else []
+        for piece, is_content in pieces:
+            if piece:
+                tokens += self.tokenize(piece, add_special=False, parse_special=not is_content)
+        return tokens
+
+    def close(self) -> None:
+        if self.ptr:
+            L.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+def inspect_model(path: Path) -> LoadedModel:
+    """Vocabulary and metadata only (no weights): for `me-local models` and validation."""
+    model = LoadedModel(path, LoadSettings(repack=False, mmap=False), vocab_only=True)
+    model.close()
+    return model

@@ -1,0 +1,117 @@
+"""The backend seam: what the engine needs of a backend, as typed protocols.
+
+The core sees a member through :class:`me_local.core.types.Member` (evaluate, logits,
+sampler, cache). The engine needs a little more, and only this:
+
+- :class:`ModelHandle`, a loaded model file: its vocabulary (size, special tokens, the
+  fingerprint that says whether two files share one), tokenizing and the chat template;
+- :class:`MemberContext`, one member in one slot: the core's Member, plus its model, its
+  prompts (its own system prompt and chat template) and ``close()``, which frees the
+  context and gives back the member's hold on its model;
+- :class:`MemberFactory`, which makes a member context from a member's configuration.
+  The context it returns is owned by the caller: closing it releases everything the
+  factory took for it.
+
+``me_local.backends.llama`` implements them with llama.cpp; tests implement them with
+fakes (tests/fakes.py). Nothing here imports a backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from ..core.types import Member
+
+if TYPE_CHECKING:
+    from ..config import EnsembleConfig, MemberConfig
+
+ChatMessage = Mapping[str, str]
+"""One chat message as the backends render it: ``role`` and ``content`` (already
+validated by :func:`me_local.engine.normalize_messages`)."""
+
+
+class ModelHandle(Protocol):
+    """A loaded model file, shared by the member contexts over it."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def bos(self) -> int:
+        """The beginning-of-sequence token (-1: none)."""
+        ...
+
+    @property
+    def eos(self) -> int:
+        """The end-of-sequence token (-1: none)."""
+        ...
+
+    @property
+    def bos_text(self) -> str: ...
+
+    @property
+    def eos_text(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str:
+        """Equal for two files exactly when they share a vocabulary (type, size, BOS/EOS and
+        every token's text): members of one ensemble must."""
+        ...
+
+    @property
+    def token_texts(self) -> Sequence[bytes]:
+        """Every token's text, by id (to say where two vocabularies differ)."""
+        ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The file's own chat template (None: it has none, and a default is used)."""
+        ...
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends a generation (EOS, end of turn...)."""
+        ...
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+    def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None) -> list[int]:
+        """The prompt the chat template makes of ``messages``, with message content
+        tokenized as text (never as control tokens). ``labels`` name the messages in errors."""
+        ...
+
+
+class MemberContext(Member, Protocol):
+    """One member in one slot: the core's :class:`Member` over a model, with its prompts."""
+
+    @property
+    def model(self) -> ModelHandle: ...
+
+    @property
+    def system(self) -> str | None:
+        """The member's own system prompt (put before the messages by :meth:`chat_prompt`)."""
+        ...
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt for chat messages: this member's system prompt first, its own template."""
+        ...
+
+    def raw_prompt(self, text: str) -> list[int]:
+        """The prompt for a raw text, tokenized as written (markup included)."""
+        ...
+
+    def close(self) -> None:
+        """Free the context and release the member's hold on its model. Idempotent."""
+        ...
+
+
+class MemberFactory(Protocol):
+    """Makes the member context for one member of an ensemble (one per slot)."""
+
+    def __call__(self, member: MemberConfig, ensemble: EnsembleConfig, /) -> MemberContext: ...

@@ -1,0 +1,46 @@
+"""The engine: the one object both ``me-local chat`` (in-process) and
+``me-local serve`` drive.
+
+It loads ensembles (sharing weights through the backend's ModelStore),
+checks that members share a vocabulary, keeps ``parallel`` slots per ensemble
+(each with its own context per member, created on first use), serves waiting
+requests in arrival order, gives each the free slot with the longest cached
+prefix, and runs the pure core's generation loop.
+
+    engine.py    Engine, Request, Run, collect, sampling_params
+    ensemble.py  LoadedEnsemble (slots and the line of waiting requests), Slot, Ticket,
+                 check_vocabularies
+    messages.py  ROLES, normalize_messages
+    factory.py   the default member factory (llama.cpp), which prepares the runtime first
+
+It talks to members only through the backend seam (:mod:`me_local.backends.types`).
+"""
+
+from ..backends.types import MemberContext, MemberFactory
+from ..errors import QueueFullError
+from .engine import Engine, Request, Run, SamplingOverrides, collect, sampling_params
+from .ensemble import CANCEL_POLL_S, LoadedEnsemble, Slot, Ticket, check_vocabularies
+from .factory import LlamaMemberFactory, llama_member_factory
+from .messages import ROLES, Messages, normalize_messages
+
+__all__ = [
+    "CANCEL_POLL_S",
+    "ROLES",
+    "Engine",
+    "LlamaMemberFactory",
+    "LoadedEnsemble",
+    "MemberContext",
+    "MemberFactory",
+    "Messages",
+    "QueueFullError",
+    "Request",
+    "Run",
+    "SamplingOverrides",
+    "Slot",
+    "Ticket",
+    "check_vocabularies",
+    "collect",
+    "llama_member_factory",
+    "normalize_messages",
+    "sampling_params",
+]

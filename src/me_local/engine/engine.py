@@ -1,0 +1,218 @@
+"""The :class:`Engine`: requests planned (ensemble, mode, per-member prompts), queued for a
+slot and run through the core's generation loop, on the caller's thread (``generate``) or
+on a worker thread (``start``), with a cancel flag checked between decode calls."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from ..backends.types import MemberFactory
+from ..config import Config, SamplingDefaults
+from ..core import DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
+from ..core.ensemble import check_fits
+from ..errors import ConfigError, MeLocalError, RequestError
+from ..settings import MODES, SAMPLING_DEFAULTS
+from .ensemble import LoadedEnsemble
+from .factory import llama_member_factory
+from .messages import normalize_messages
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+log = logging.getLogger("me_local.engine")
+
+
+@dataclass
+class Request:
+    """One generation. Exactly one of ``messages`` (chat) and ``prompt`` (raw text) is set."""
+
+    ensemble: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    """As the client sent them (JSON): checked by :func:`normalize_messages` when planned."""
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    mode: str | None = None
+    weights: Mapping[str, float] | None = None
+    member: str | None = None
+
+
+class Engine:
+    def __init__(self, config: Config, factory: MemberFactory | None = None) -> None:
+        self.config = config
+        self._factory: MemberFactory = llama_member_factory() if factory is None else factory
+        self._loaded: dict[str, LoadedEnsemble] = {}
+        self._lock = threading.Lock()
+
+    # -- loading -----------------------------------------------------------------
+    def ensemble(self, name: str | None = None) -> LoadedEnsemble:
+        cfg = self.config.get(name)
+        with self._lock:
+            loaded = self._loaded.get(cfg.name)
+            if loaded is None:
+                loaded = self._loaded[cfg.name] = LoadedEnsemble(cfg, self._factory)
+            return loaded
+
+    def load_all(self) -> None:
+        for name in self.config.ensembles:
+            self.ensemble(name)
+
+    @property
+    def loaded(self) -> dict[str, LoadedEnsemble]:
+        return dict(self._loaded)
+
+    def close(self) -> None:
+        with self._lock:
+            for e in self._loaded.values():
+                e.close()
+            self._loaded.clear()
+
+    # -- requests ----------------------------------------------------------------
+    def plan(self, request: Request) -> tuple[LoadedEnsemble, str, int, list[float], list[list[int]]]:
+        """Resolve a request: ensemble, mode, single-member index, weights, per-member prompts."""
+        loaded = self.ensemble(request.ensemble)
+        return (loaded, *self._plan(loaded, request))
+
+    def _plan(self, loaded: LoadedEnsemble, request: Request) -> tuple[str, int, list[float], list[list[int]]]:
+        cfg = loaded.config
+        if request.weights:
+            try:
+                cfg = cfg.with_weights(request.weights)
+            except ConfigError as exc:
+                raise RequestError(str(exc), param="weights") from None
+        mode = request.mode or cfg.mode
+        if mode not in MODES:
+            raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param="mode")
+        single = 0
+        if request.member is not None or mode == "single":
+            name = request.member or cfg.member or cfg.members[0].name
+            single = cfg.member_names.index(cfg.get_member(name).name)
+            if request.member is not None and request.mode is None:
+                mode = "single"
+        weights = [m.weight for m in cfg.members]
+        active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
+        if (request.messages is None) == (request.prompt is None):
+            raise RequestError("give either chat messages or a raw prompt", param="messages")
+        messages = normalize_messages(request.messages) if request.messages is not None else None
+        members = loaded.members
+        prompts: list[list[int]] = [[] for _ in members]
+        cache: dict[tuple[int, str | None], list[int]] = {}
+        for i in active:
+            m = members[i]
+            key = (id(m.model), m.system)
+            if key not in cache:
+                if messages is not None:
+                    cache[key] = m.chat_prompt(messages)
+                else:
+                    cache[key] = m.raw_prompt(request.prompt or "")
+            prompts[i] = cache[key]
+        check_fits([prompts[i] for i in active], [members[i] for i in active])
+        return mode, single, weights, prompts
+
+    def generate(
+        self,
+        request: Request,
+        cancel: Callable[[], bool] | None = None,
+        *,
+        queue_timeout: float | None = None,
+    ) -> Generator[Event, None, None]:
+        """Run one request on the calling thread, yielding core events.
+
+        The request counts against the ensemble's queue from here, before its prompt
+        is tokenized, so a flood beyond ``parallel + max_queue`` is refused at once
+        (QueueFullError) rather than tokenized."""
+        loaded = self.ensemble(request.ensemble)
+        ticket = loaded.admit()
+        try:
+            mode, single, weights, prompts = self._plan(loaded, request)
+            slot = loaded.acquire(ticket, prompts, timeout=queue_timeout, cancel=cancel)
+            if slot is None:  # cancelled while queued: nothing was evaluated
+                stats = GenerationStats(mode=mode, seed=request.params.seed or 0,
+                                        members=[MemberStats(name=m.name) for m in loaded.members])
+                yield DoneEvent("cancelled", stats)
+                return
+            yield from generate(
+                slot.members,
+                weights,
+                prompts,
+                request.params,
+                mode=mode,
+                single=single,
+                cancel=cancel or (lambda: False),
+            )
+        finally:
+            loaded.leave(ticket)
+
+    def start(
+        self,
+        request: Request,
+        on_event: Callable[[Event | BaseException], None],
+        *,
+        on_finish: Callable[[], None] | None = None,
+        name: str = "me-local-generate",
+    ) -> Run:
+        """Run a request on a worker thread; events (or the error) go to on_event.
+        ``on_finish`` runs on that thread once it has left the engine (its slot is free)."""
+        run = Run()
+
+        def work() -> None:
+            try:
+                for ev in self.generate(request, cancel=run.cancelled.is_set):
+                    on_event(ev)
+            except BaseException as exc:  # delivered to the caller, never lost
+                if not isinstance(exc, MeLocalError):
+                    log.exception("generation failed")
+                on_event(exc)
+            finally:
+                run.finished.set()
+                if on_finish is not None:
+                    on_finish()
+
+        run.thread = threading.Thread(target=work, name=name, daemon=True)
+        run.thread.start()
+        return run
+
+
+class Run:
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def collect(events: Iterator[Event]) -> tuple[str, DoneEvent]:
+    """Run a generation to its end: (text, done event)."""
+    parts = []
+    for ev in events:
+        if isinstance(ev, DoneEvent):
+            parts.append(ev.text)
+            return "".join(parts), ev
+        parts.append(ev.text)
+    raise RuntimeError("generation ended without a done event")
+
+
+class SamplingOverrides(TypedDict, total=False):
+    """What a request may set over an ensemble's sampling defaults (None: keep the default)."""
+
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    max_tokens: int | None
+    seed: int | None
+    stop: tuple[str, ...] | None
+    logprobs: bool | None
+    top_logprobs: int | None
+
+
+def sampling_params(defaults: SamplingDefaults, **overrides: Unpack[SamplingOverrides]) -> SamplingParams:
+    """SamplingParams from an ensemble's defaults and the non-None overrides."""
+    base = SamplingParams(**{s.name: getattr(defaults, s.name) for s in SAMPLING_DEFAULTS})
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}  # each typed above
+    return replace(base, **given)
