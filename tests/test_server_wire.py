@@ -305,9 +305,9 @@ def test_numbers_are_typed_and_bounded():
 def test_messages_are_checked_once_on_their_way_to_the_engine(monkeypatch):
     """Both APIs hand the engine checked Messages; the engine checks plain lists once per
     request (not once per member prompt) and takes Messages as they are."""
-    from me_local.engine import engine as engine_module
     from me_local.core import SamplingParams
     from me_local.engine import Engine, Messages, Request, collect, normalize_messages
+    from me_local.engine import engine as engine_module
     from me_local.server import ollama, openai
 
     from .fakes import FakeFactory

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from ..core.types import tokens_per_second
 from ..server.wire import SSEDecoder
 from .prompts import prompt_text
 from .stats import Summary, percentile
@@ -227,7 +228,7 @@ def summarize_load(
     ttfts = [r.ttft_s for r in completed if r.ttft_s is not None]
     gaps = [g for r in completed for g in r.gaps_s]
     per_request = [
-        (len(r.arrivals) - 1) / (r.arrivals[-1] - r.arrivals[0])
+        tokens_per_second(len(r.arrivals), r.arrivals[-1] - r.arrivals[0])
         for r in completed
         if len(r.arrivals) >= 2 and r.arrivals[-1] > r.arrivals[0]
     ]

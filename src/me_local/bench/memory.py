@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..config import parse_config
 from ..settings import KV_CACHE_TYPE, N_BATCH
 from .stats import ratio
@@ -63,15 +65,14 @@ def _memory_probe(args: Mapping[str, Any]) -> dict[str, Any]:
 
     k = int(args["members"])
     if k > 0:
-        members = "".join(
-            f"\n      - {{name: m{i}, path: {json.dumps(args['path'])}"
-            + (f", n_threads: {args['n_threads']}" if args.get("n_threads") else "")
-            + f", n_gpu_layers: {int(args.get('n_gpu_layers', 0))}"
-            + f", repack: {args.get('repack', 'auto')}, mmap: {json.dumps(bool(args.get('mmap', False)))}}}"
-            for i in range(k)
-        )
-        text = (f"ensembles:\n  e:\n    n_ctx: {args['n_ctx']}\n    n_batch: {args['n_batch']}\n"
-                f"    kv_cache_type: {args.get('kv_cache_type', 'f16')}\n    members:{members}\n")
+        member: dict[str, Any] = {"path": args["path"], "n_gpu_layers": int(args.get("n_gpu_layers", 0)),
+                                  "repack": args.get("repack", "auto"), "mmap": bool(args.get("mmap", False))}
+        if args.get("n_threads"):
+            member["n_threads"] = args["n_threads"]
+        ensemble = {"n_ctx": args["n_ctx"], "n_batch": args["n_batch"],
+                    "kv_cache_type": args.get("kv_cache_type", KV_CACHE_TYPE.default),
+                    "members": [{"name": f"m{i}", **member} for i in range(k)]}
+        text = yaml.safe_dump({"ensembles": {"e": ensemble}}, sort_keys=False)
         engine = Engine(parse_config(text, Path.cwd() / "<memory probe>"))
         mode = "ce" if k > 1 else "single"
         collect(engine.generate(Request(ensemble="e", prompt="Hello there, how are you?", mode=mode,

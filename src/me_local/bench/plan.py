@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..config import Config, EnsembleConfig, MemberConfig, load_config, packaged_config_path, parse_config
 from ..settings import KV_CACHE_TYPE, N_CTX
 
@@ -68,14 +70,11 @@ def default_config(n_ctx: int = N_CTX.default, model: str = DEFAULT_MODEL,
                    kv_cache_type: str = KV_CACHE_TYPE.default) -> Config:
     """The default model as two and as three members sharing its weights (ensembles x2 and x3)."""
 
-    def members(k: int) -> str:
-        return "".join(f"\n      - {{name: m{i + 1}, path: '{model}', weight: 1}}" for i in range(k))
+    def ensemble(k: int) -> dict[str, Any]:
+        members = [{"name": f"m{i + 1}", "path": model, "weight": 1} for i in range(k)]
+        return {"mode": "me", "n_ctx": n_ctx, "kv_cache_type": kv_cache_type, "members": members}
 
-    text = (
-        "ensembles:\n"
-        f"  x2:\n    mode: me\n    n_ctx: {n_ctx}\n    kv_cache_type: {kv_cache_type}\n    members:{members(2)}\n"
-        f"  x3:\n    mode: me\n    n_ctx: {n_ctx}\n    kv_cache_type: {kv_cache_type}\n    members:{members(3)}\n"
-    )
+    text = yaml.safe_dump({"ensembles": {"x2": ensemble(2), "x3": ensemble(3)}}, sort_keys=False)
     return parse_config(text, Path.cwd() / "<me-local bench: default model>")
 
 

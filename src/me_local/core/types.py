@@ -20,6 +20,12 @@ Probs = npt.NDArray[np.float64]
 """A probability vector over the vocabulary."""
 
 MODES = S.MODES
+
+
+def tokens_per_second(tokens: int, span_s: float) -> float:
+    """Generation speed after the first token: ``tokens - 1`` more arrived in the ``span_s``
+    seconds from the first token to the last (0 when fewer than two tokens or no time)."""
+    return (tokens - 1) / span_s if tokens >= 2 and span_s > 0 else 0.0
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
@@ -137,11 +143,10 @@ class GenerationStats:
 
     @property
     def tokens_per_s(self) -> float:
-        """Generation speed after the first token: (n - 1) / (end - first token)."""
-        if self.ttft_s is None or self.generated_tokens < 2:
+        """Generation speed after the first token (see :func:`tokens_per_second`)."""
+        if self.ttft_s is None:
             return 0.0
-        span = self.total_s - self.ttft_s
-        return (self.generated_tokens - 1) / span if span > 0 else 0.0
+        return tokens_per_second(self.generated_tokens, self.total_s - self.ttft_s)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

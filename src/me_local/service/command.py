@@ -17,7 +17,7 @@ from typing import IO, Any
 import click
 
 from ..cli.options import setting_option
-from ..errors import ConfigError
+from ..errors import UsageError
 from ..logs import LEVELS
 from ..settings import PORT
 from .host import Host, Manager, Scope
@@ -116,7 +116,7 @@ def install(ctx: click.Context, opts: InstallOptions, api_key_file: IO[str] | No
     if api_key_file is not None:
         key = api_key_file.read().strip()
         if not key:
-            raise ConfigError("the API key file is empty; put the key in it", key="--api-key-file")
+            raise UsageError("--api-key-file: the API key file is empty; put the key in it")
         env["ME_LOCAL_API_KEY"] = key
     plan = plan_install(host, replace(opts, env=env, wait=not no_wait), dry_run=dry_run)
     _print_or_execute(plan, host, dry_run)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ConfigError
+from ..errors import ServiceError
 
 Scope = Literal["user", "system"]
 Manager = Literal["systemd", "launchd"]
@@ -86,7 +86,7 @@ class Host:
             return "systemd"
         if self.platform == "darwin":
             return "launchd"
-        raise ConfigError(
+        raise ServiceError(
             f"`me-local service` supports Linux (systemd) and macOS (launchd), not {self.platform!r}; "
             "run `me-local serve` under this system's own service manager"
         )

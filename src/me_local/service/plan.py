@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import find_config, load_config
-from ..errors import ConfigError, MeLocalError
+from ..errors import ConfigError, MeLocalError, ServiceError, UsageError
 from .host import CommandResult, Host, Manager, Scope, user_manager_reachable, userns_available
 from .layout import LAUNCHD_LABEL, UNIT_NAME, Layout, layout
 from .render import (
@@ -137,21 +137,20 @@ def resolve_run_as(host: Host, explicit: str | None, *, strict: bool) -> str:
     name = explicit or host.environ.get("SUDO_USER") or (host.user_name() if host.uid != 0 else None)
     if name is None:
         if strict:
-            raise ConfigError(
+            raise UsageError(
                 "--system needs the account the daemon runs as: pass --run-as USER (a dedicated account, "
                 "e.g. one made with `useradd --system --create-home me-local`, is best; `--run-as root` works but "
                 "is not advised)"
             )
         name = host.user_name()
     if not _USER_NAME.fullmatch(name):
-        raise ConfigError(f"{name!r} is not a user name", key="--run-as")
+        raise UsageError(f"--run-as: {name!r} is not a user name")
     try:
         pwd.getpwnam(name)
     except KeyError:
-        raise ConfigError(
-            f"there is no user {name!r}; create it (`sudo useradd --system --create-home {name}`) "
-            "or pass --run-as with an existing account",
-            key="--run-as",
+        raise UsageError(
+            f"--run-as: there is no user {name!r}; create it (`sudo useradd --system --create-home {name}`) "
+            "or pass --run-as with an existing account"
         ) from None
     return name
 
@@ -230,10 +229,10 @@ def plan_install(host: Host, opts: InstallOptions, *, dry_run: bool = False) -> 
     if opts.scope == "system":
         try:
             resolve_run_as(host, opts.run_as, strict=True)
-        except ConfigError as exc:
+        except UsageError as exc:
             problems.append(str(exc))
     if problems and not dry_run:
-        raise ConfigError(problems[0])
+        raise ServiceError(problems[0])
     env = {**existing_env(lay), **opts.env}
     spec, warnings = build_spec(host, manager, opts, strict=False, env=env if manager == "launchd" else None)
     plan = Plan(notes=warnings, problems=problems)
@@ -296,7 +295,7 @@ def installed_scope(host: Host, manager: Manager, scope: Scope | None) -> Scope 
         return scope
     found: list[Scope] = [s for s in ("user", "system") if layout(host, manager, s).service_file.exists()]
     if len(found) > 1:
-        raise ConfigError("me-local is installed both as a user and as a system service; say which: --user or --system")
+        raise UsageError("me-local is installed both as a user and as a system service; say which: --user or --system")
     return found[0] if found else None
 
 
@@ -312,7 +311,7 @@ def plan_uninstall(host: Host, scope: Scope | None, *, keep_env: bool = False, d
     lay = layout(host, manager, found)
     problems = host_problems(host, manager, found, "uninstall")
     if problems and not dry_run:
-        raise ConfigError(problems[0])
+        raise ServiceError(problems[0])
     plan.problems = problems
     if manager == "systemd":
         assert lay.env_file is not None

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import UsageError
 from .layout import LAUNCHD_LABEL, Layout
 
 #: Time systemd allows from start to READY=1: loading several big models from a slow disk takes minutes.
@@ -57,7 +57,7 @@ def template(name: str) -> str:
 def no_newline(text: str, what: str) -> str:
     """``text``, refused when it contains a line break or NUL (it would end a line of the file early)."""
     if any(c in text for c in "\n\r\0"):
-        raise ConfigError(f"{what} {text!r} contains a line break or NUL; use one without")
+        raise UsageError(f"{what} {text!r} contains a line break or NUL; use one without")
     return text
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ServiceError
 from .host import Host, Scope
 from .layout import LAUNCHD_LABEL, UNIT_NAME, layout
 from .plan import Run, command_error, host_problems, installed_scope
@@ -42,7 +42,7 @@ def service_status(host: Host, scope: Scope | None) -> Status:
     lay = layout(host, manager, found)
     problems = host_problems(host, manager, found, "status")
     if problems:
-        raise ConfigError(problems[0])
+        raise ServiceError(problems[0])
     head = f"me-local ({found} service): {lay.service_file}"
     if manager == "systemd":
         argv = [*lay.systemctl, "show", UNIT_NAME,

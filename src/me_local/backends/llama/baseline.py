@@ -16,13 +16,12 @@ import llama_cpp
 from llama_cpp import llama_cpp as L
 from llama_cpp.llama_types import CreateCompletionStreamResponse
 
-from ...core.types import SamplingParams
+from ...core.types import SamplingParams, tokens_per_second
 from ...errors import BackendError, ModelLoadError
 from ..gguf_check import read_gguf_header
 from ._lib import capture_errors, init_backend, llama_cpp_version, llama_reason, load_failure, log
 from .context import KV_TYPES, ContextSettings
 from .model import LoadSettings
-from .threads import default_threads
 
 
 @dataclass
@@ -37,11 +36,8 @@ class CompletionTiming:
 
     @property
     def tokens_per_s(self) -> float:
-        """Generation speed after the first token: (n - 1) / (end - first token)."""
-        span = self.total_s - self.ttft_s
-        if self.generated_tokens < 2 or span <= 0:
-            return 0.0
-        return (self.generated_tokens - 1) / span
+        """Generation speed after the first token, as the engine reports it."""
+        return tokens_per_second(self.generated_tokens, self.total_s - self.ttft_s)
 
 
 @dataclass
@@ -118,7 +114,7 @@ class BaselineCompletion:
     ) -> None:
         init_backend()
         load = load or LoadSettings.resolve()
-        n_threads = settings.n_threads or default_threads()
+        n_threads = settings.threads()
         self.path = path
         self.load = load
         header = read_gguf_header(path)
@@ -129,7 +125,7 @@ class BaselineCompletion:
                     model_path=str(path),
                     n_ctx=settings.n_ctx,
                     n_batch=settings.n_batch,
-                    n_ubatch=min(settings.n_batch, 512),
+                    n_ubatch=settings.n_ubatch,
                     n_threads=n_threads,
                     n_threads_batch=n_threads,
                     n_gpu_layers=load.n_gpu_layers if load.n_gpu_layers >= 0 else -1,

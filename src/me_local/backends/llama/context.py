@@ -68,6 +68,15 @@ class ContextSettings:
     kv_cache_type: str = KV_CACHE_TYPE.default
     """f16, q8_0 or q4_0 for both K and V; a quantized V cache needs flash attention, which is then forced on."""
 
+    @property
+    def n_ubatch(self) -> int:
+        """The micro-batch llama.cpp computes at once (at most 512)."""
+        return min(self.n_batch, 512)
+
+    def threads(self) -> int:
+        """The CPU threads a context uses (``n_threads``, else the machine's default)."""
+        return self.n_threads or default_threads()
+
 
 class LlamaMember:
     """One member in one slot: a llama context over a shared model.
@@ -91,11 +100,11 @@ class LlamaMember:
         self.model = model
         self.system = system
         self._store = store
-        n_threads = settings.n_threads or default_threads()
+        n_threads = settings.threads()
         cparams = L.llama_context_default_params()
         cparams.n_ctx = settings.n_ctx
         cparams.n_batch = settings.n_batch
-        cparams.n_ubatch = min(settings.n_batch, 512)
+        cparams.n_ubatch = settings.n_ubatch
         cparams.n_seq_max = 1
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
