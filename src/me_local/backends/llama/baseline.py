@@ -19,6 +19,7 @@ from llama_cpp.llama_types import CreateCompletionStreamResponse
 from ...core.types import SamplingParams, tokens_per_second
 from ...errors import BackendError, ModelLoadError
 from ..gguf_check import read_gguf_header
+from ..hugepages import advise_new_anonymous, anonymous_ranges
 from ._lib import capture_errors, init_backend, llama_cpp_version, llama_reason, load_failure, log
 from .context import KV_TYPES, ContextSettings
 from .model import LoadSettings
@@ -119,6 +120,7 @@ class BaselineCompletion:
         self.load = load
         header = read_gguf_header(path)
         log.info("baseline: %s", load.describe(path.name))
+        before = anonymous_ranges() if not load.mmap else []
         try:
             with _llama_build(load) as build, capture_errors() as errors:
                 llm = llama_cpp.Llama(
@@ -144,6 +146,8 @@ class BaselineCompletion:
                     f"{path.name} ({llama_reason(errors)}); lower n_ctx in models.yaml or free some memory"
                 ) from None
             raise
+        if not load.mmap:  # as LoadedModel does: huge pages for the read weights
+            advise_new_anonymous(before)
         self._llm: llama_cpp.Llama | None = llm
         used = llm.model_params
         if bool(used.use_extra_bufts) != load.repack or (int(used.load_mode) == L.LLAMA_LOAD_MODE_MMAP) != load.mmap:
