@@ -72,12 +72,13 @@ def _cli(s: Setting[Any], value: Any) -> None:
 
         parse_weights(f"a={value}")
         return
-    if s is S.PORT:
+    if s.group == "server":
         from me_local.server.command import serve
         from me_local.service import service
 
         _flag(serve, s, value)
-        _flag(service.commands["install"], s, value)
+        if s is S.PORT:
+            _flag(service.commands["install"], s, value)
         return
     _flag(cli.commands["generate"], s, value)
     _flag(cli.commands["chat"], s, value)
@@ -111,8 +112,12 @@ def _chat_set(s: Setting[Any], value: Any) -> None:
     session.set(s.chat, f"a={value}" if s is S.WEIGHT else str(value))
 
 
+SERVER_FIELDS = {"max_body_size": "max_body_bytes"}
+"""ServerSettings' field where it is not named after the setting."""
+
+
 def _server(s: Setting[Any], value: Any) -> None:
-    ServerSettings(port=value).check()
+    ServerSettings(**{SERVER_FIELDS.get(s.name, s.name): value}).check()
 
 
 PLACES: dict[str, tuple[Callable[[Setting[Any]], bool], Callable[[Setting[Any], Any], None]]] = {
@@ -122,7 +127,7 @@ PLACES: dict[str, tuple[Callable[[Setting[Any]], bool], Callable[[Setting[Any], 
     # Ollama spells these its own way: a negative seed is a random one, num_predict -1 is no limit
     "Ollama": (lambda s: s.ollama is not None and s not in (S.SEED, S.MAX_TOKENS), _api("ollama")),
     "/set": (lambda s: s.chat is not None, _chat_set),
-    "ServerSettings": (lambda s: s is S.PORT, _server),
+    "ServerSettings": (lambda s: s.group == "server", _server),
 }
 REFUSED = (MeLocalError, ApiError, click.BadParameter)
 
@@ -161,7 +166,8 @@ def test_every_setting_with_a_bound_is_probed_somewhere():
     probed = {name for name, *_ in CASES}
     bounded = {s.name for s in S.SETTINGS if s.choices or (s.type in (int, float) and (s.lo, s.hi) != (None, None))}
     assert bounded <= probed
-    assert {"temperature", "top_k", "seed", "weight", "port", "mode", "n_ctx"} <= probed
+    assert {"temperature", "top_k", "seed", "weight", "port", "mode", "n_ctx", "max_body_size", "header_timeout",
+            "body_timeout", "write_timeout"} <= probed
 
 
 def test_defaults_reach_the_dataclasses():
@@ -174,7 +180,19 @@ def test_defaults_reach_the_dataclasses():
                          (params, SamplingParams)):
             if s.name in cls.__dataclass_fields__:
                 assert getattr(obj, s.name) == s.default, (cls.__name__, s.name)
-    assert ServerSettings().port == S.PORT.default
+    server = ServerSettings()
+    for s in S.SETTINGS:
+        if s.group == "server":
+            assert getattr(server, SERVER_FIELDS.get(s.name, s.name)) == s.default, s.name
+
+
+def test_serve_flags_default_to_the_table():
+    from me_local.server.command import serve
+
+    for s in S.SETTINGS:
+        if s.group == "server":
+            [param] = [p for p in serve.params if s.flag in getattr(p, "opts", ())]
+            assert param.default == s.default, s.name
 
 
 # --------------------------------------------------------------------------- the docs

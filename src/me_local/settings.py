@@ -181,13 +181,35 @@ PORT: Setting[int] = Setting(
     lo=0, hi=65535, flag="--port")
 """The default is one above Ollama's 11434, so both daemons can run side by side.
 ``me-local service --port`` passes it on to ``serve``."""
+HOST: Setting[str] = Setting(
+    "host", str, "127.0.0.1", "Address to listen on. Anything but loopback needs --api-key (or --insecure).",
+    "server", flag="--host")
+MAX_BODY_SIZE: Setting[int] = Setting(
+    "max_body_size", int, 8 << 20, "Largest request body in bytes.", "server", lo=1024, flag="--max-body-size")
+"""``ServerSettings.max_body_bytes``; a larger body is answered 413."""
+
+_SECONDS = (0.1, 3600.0)
+"""Bounds of the header, body and write timeouts, in seconds."""
+
+HEADER_TIMEOUT: Setting[float] = Setting(
+    "header_timeout", float, 15.0,
+    "Seconds a connection may take to send complete request headers (also the idle keep-alive limit); "
+    "then it is closed.", "server", lo=_SECONDS[0], hi=_SECONDS[1], flag="--header-timeout")
+BODY_TIMEOUT: Setting[float] = Setting(
+    "body_timeout", float, 60.0,
+    "Seconds a request body may take to arrive; then 408 and the connection is closed.", "server",
+    lo=_SECONDS[0], hi=_SECONDS[1], flag="--body-timeout")
+WRITE_TIMEOUT: Setting[float] = Setting(
+    "write_timeout", float, 30.0,
+    "Seconds a stream may wait for its client to read; then its generation is cancelled and the connection "
+    "closed.", "server", lo=_SECONDS[0], hi=_SECONDS[1], flag="--write-timeout")
 
 
 SETTINGS: tuple[Setting[Any], ...] = (
     TEMPERATURE, TOP_P, TOP_K, MIN_P, MAX_TOKENS, SEED, STOP, TOP_LOGPROBS,
     MODE, MEMBER, N_CTX, PARALLEL, MAX_QUEUE, N_BATCH, KV_CACHE_TYPE,
     WEIGHT, SYSTEM, N_GPU_LAYERS, N_THREADS, REPACK, MMAP,
-    PORT,
+    HOST, PORT, MAX_BODY_SIZE, HEADER_TIMEOUT, BODY_TIMEOUT, WRITE_TIMEOUT,
 )
 """Every setting, in the order the reference lists them."""
 

@@ -9,22 +9,19 @@ import click
 
 from ..cli.options import setting_option
 from ..config import load_config
-from ..settings import PORT
+from ..settings import BODY_TIMEOUT, HEADER_TIMEOUT, HOST, MAX_BODY_SIZE, PORT, WRITE_TIMEOUT
 from .resources import raise_open_file_limit
-from .runner import DEFAULT_PORT, TIMEOUT_RANGE, Server, ServerSettings, config_loader
+from .runner import Server, ServerSettings, config_loader
 
 log = logging.getLogger("me_local.server")
-
-SECONDS = click.FloatRange(*TIMEOUT_RANGE)
 
 
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="models.yaml to serve (default: $ME_LOCAL_CONFIG, ./models.yaml, "
                    "~/.config/me-local/models.yaml, then the packaged one).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Anything but loopback needs --api-key (or --insecure).")
-@setting_option(PORT, default=DEFAULT_PORT, show_default=True,
+@setting_option(HOST, default=HOST.default, show_default=True)
+@setting_option(PORT, default=PORT.default, show_default=True,
                 help="Port to listen on (0: any free port, printed at start-up).")
 @click.option("--api-key", envvar="ME_LOCAL_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: ME_LOCAL_API_KEY].")
@@ -33,17 +30,11 @@ SECONDS = click.FloatRange(*TIMEOUT_RANGE)
 @click.option("--allow-host", multiple=True,
               help="Extra Host name accepted besides loopback ones, e.g. mybox.lan (repeatable; * for any).")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
-@click.option("--max-body-size", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
-              help="Largest request body in bytes.")
+@setting_option(MAX_BODY_SIZE, default=MAX_BODY_SIZE.default, show_default=True)
 @click.option("--log-prompts", is_flag=True, help="Put each request's prompt in its access-log line (off: never).")
-@click.option("--header-timeout", type=SECONDS, default=ServerSettings.header_timeout, show_default=True,
-              help="Seconds a connection may take to send complete request headers (also the idle "
-                   "keep-alive limit); then it is closed.")
-@click.option("--body-timeout", type=SECONDS, default=ServerSettings.body_timeout, show_default=True,
-              help="Seconds a request body may take to arrive; then 408 and the connection is closed.")
-@click.option("--write-timeout", type=SECONDS, default=ServerSettings.write_timeout, show_default=True,
-              help="Seconds a stream may wait for its client to read; then its generation is cancelled "
-                   "and the connection closed.")
+@setting_option(HEADER_TIMEOUT, default=HEADER_TIMEOUT.default, show_default=True)
+@setting_option(BODY_TIMEOUT, default=BODY_TIMEOUT.default, show_default=True)
+@setting_option(WRITE_TIMEOUT, default=WRITE_TIMEOUT.default, show_default=True)
 def serve(config_path: str | None, host: str, port: int, api_key: str | None, allow_origin: tuple[str, ...],
           allow_host: tuple[str, ...], insecure: bool, max_body_size: int, log_prompts: bool,
           header_timeout: float, body_timeout: float, write_timeout: float) -> None:

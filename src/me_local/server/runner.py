@@ -33,7 +33,7 @@ from ..config import load_config
 from ..engine import Engine
 from ..errors import ServiceError, UsageError
 from ..logs import AccessLog
-from ..settings import PORT
+from ..settings import BODY_TIMEOUT, HEADER_TIMEOUT, HOST, MAX_BODY_SIZE, PORT, WRITE_TIMEOUT
 from .app import create_app
 from .connection import Runner, abort
 from .resources import AcceptErrors
@@ -47,50 +47,48 @@ DEFAULT_PORT = PORT.default
 
 Callback = Callable[["Server"], Any]
 
-TIMEOUT_RANGE = (0.1, 3600.0)
-"""Bounds of the header, body and write timeouts, in seconds."""
-
 ABORT_MARGIN = 1.0
 """Seconds after the shutdown grace before connections still answering are aborted."""
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Every setting of ``me-local serve``, bounded and described once."""
+    """Every setting of ``me-local serve``. Those with a flag take their defaults and bounds from
+    :mod:`me_local.settings`; ``check`` refuses what the flags refuse."""
 
-    host: str = "127.0.0.1"
+    host: str = HOST.default
     port: int = DEFAULT_PORT
     """0 picks a free port (see ``Server.port``)."""
     api_key: str | None = None
     allow_origins: tuple[str, ...] = ()
     allow_hosts: tuple[str, ...] = ()
     insecure: bool = False
-    max_body_bytes: int = 8 << 20
+    max_body_bytes: int = MAX_BODY_SIZE.default
     shutdown_grace: float = 10.0
     """Seconds streams in flight get to end with a final chunk at shutdown."""
     retry_after: int = 1
     """The Retry-After of 503 answers (full queue, loading, shutting down), in seconds."""
     log_prompts: bool = False
     """Put each request's prompt text in its access-log line."""
-    header_timeout: float = 15.0
+    header_timeout: float = HEADER_TIMEOUT.default
     """Seconds a connection may take to send complete request headers, counted from its opening
     or, between the requests of a keep-alive connection, from the end of the last answer."""
-    body_timeout: float = 60.0
+    body_timeout: float = BODY_TIMEOUT.default
     """Seconds a request body may take to arrive; past it the answer is 408 and the connection closes."""
-    write_timeout: float = 30.0
+    write_timeout: float = WRITE_TIMEOUT.default
     """Seconds one write of a stream may wait for its client to read; past it the generation is
     cancelled (``write_timeout`` in the cancellation metric) and the connection aborted."""
 
     def check(self) -> None:
         if not PORT.within(self.port):
             raise UsageError(f"--port must be between {PORT.lo} and {PORT.hi}, got {self.port}")
-        if self.max_body_bytes < 1024:
-            raise UsageError(f"the body size limit must be at least 1024 bytes, got {self.max_body_bytes}")
-        for name in ("header_timeout", "body_timeout", "write_timeout"):
-            value = getattr(self, name)
-            if not TIMEOUT_RANGE[0] <= value <= TIMEOUT_RANGE[1]:
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"{flag} must be between {TIMEOUT_RANGE[0]} and {TIMEOUT_RANGE[1]} seconds, "
+        if not MAX_BODY_SIZE.within(self.max_body_bytes):
+            raise UsageError(f"the body size limit must be at least {MAX_BODY_SIZE.lo} bytes, "
+                             f"got {self.max_body_bytes}")
+        for setting in (HEADER_TIMEOUT, BODY_TIMEOUT, WRITE_TIMEOUT):
+            value = getattr(self, setting.name)
+            if not setting.within(value):
+                raise UsageError(f"{setting.flag} must be between {setting.lo} and {setting.hi} seconds, "
                                  f"got {value}")
         check_bind(self.host, self.api_key, self.insecure)
 

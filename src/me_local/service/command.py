@@ -19,7 +19,7 @@ import click
 from ..cli.options import setting_option
 from ..errors import UsageError
 from ..logs import LEVELS
-from ..settings import PORT
+from ..settings import HOST, PORT
 from .host import Host, Manager, Scope
 from .plan import InstallOptions, Plan, build_spec, describe, execute, plan_install, plan_uninstall
 from .render import ENV_NAME, render
@@ -64,7 +64,7 @@ def _render_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--config", "config_path", type=click.Path(dir_okay=False),
                      help="models.yaml the service serves (default: the one `me-local serve` would find now)."),
-        click.option("--host", "listen_host", default=None, help="Address to listen on (default: serve's)."),
+        setting_option(HOST, dest="listen_host", help="Address to listen on (default: serve's)."),
         setting_option(PORT, help="Port (default: serve's)."),
         click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True,
                      help="The daemon's log level (info includes the access log)."),
