@@ -161,6 +161,25 @@ def test_the_llama_cpp_python_baseline_loads_like_the_members(tiny_models, repac
         baseline.close()
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_the_baseline_asks_for_huge_pages_between_the_load_and_the_context(tiny_models, monkeypatch, mmap):
+    """As LoadedModel does: advised after the context too, the collapse failed (EINVAL) over
+    the merged weights+context mapping and the baseline's weights got no huge pages."""
+    import llama_cpp.llama_cpp as L
+
+    import me_local.backends.llama.baseline as baseline_module
+
+    steps: list[str] = []
+    load, init = L.llama_model_load_from_file, L.llama_init_from_model
+    monkeypatch.setattr(L, "llama_model_load_from_file", lambda *a: (steps.append("load"), load(*a))[1])
+    monkeypatch.setattr(L, "llama_init_from_model", lambda *a: (steps.append("context"), init(*a))[1])
+    monkeypatch.setattr(baseline_module, "advise_new_anonymous", lambda before: steps.append("advise") or 0)
+    baseline = BaselineCompletion(tiny_models["a1"], ContextSettings(n_ctx=64, n_threads=1),
+                                  LoadSettings(repack=False, mmap=mmap))
+    baseline.close()
+    assert steps == (["load", "context"] if mmap else ["load", "advise", "context"])
+
+
 # --------------------------------------------------------------------------- the file under a running model
 
 

@@ -77,9 +77,16 @@ def _llama_build(load: LoadSettings) -> Iterator[_Build]:
         return params
 
     def load_from_file(path_model: bytes, params: L.llama_model_params, /) -> L.llama_model_p | None:
+        mine = threading.get_ident() == me
+        before = anonymous_ranges() if mine and not load.mmap else []
         ptr: L.llama_model_p | None = original_load(path_model, params)
-        if threading.get_ident() == me:
+        if mine:
             build.model_loaded = bool(ptr)
+            if ptr and not load.mmap:
+                # huge pages for the read weights, as LoadedModel asks: right after the load,
+                # before the context exists (advised after it, the collapse failed with EINVAL
+                # over the merged weights+context mapping and the baseline got no huge pages)
+                advise_new_anonymous(before)
         return ptr
 
     def init_from_model(model: L.llama_model_p, params: L.llama_context_params, /) -> L.llama_context_p | None:
@@ -120,7 +127,6 @@ class BaselineCompletion:
         self.load = load
         header = read_gguf_header(path)
         log.info("baseline: %s", load.describe(path.name))
-        before = anonymous_ranges() if not load.mmap else []
         try:
             with _llama_build(load) as build, capture_errors() as errors:
                 llm = llama_cpp.Llama(
@@ -146,8 +152,6 @@ class BaselineCompletion:
                     f"{path.name} ({llama_reason(errors)}); lower n_ctx in models.yaml or free some memory"
                 ) from None
             raise
-        if not load.mmap:  # as LoadedModel does: huge pages for the read weights
-            advise_new_anonymous(before)
         self._llm: llama_cpp.Llama | None = llm
         used = llm.model_params
         if bool(used.use_extra_bufts) != load.repack or (int(used.load_mode) == L.LLAMA_LOAD_MODE_MMAP) != load.mmap:
