@@ -167,7 +167,7 @@ def test_the_baseline_asks_for_huge_pages_between_the_load_and_the_context(tiny_
     the merged weights+context mapping and the baseline's weights got no huge pages."""
     import llama_cpp.llama_cpp as L
 
-    import me_local.backends.llama.baseline as baseline_module
+    import me_local.backends.hugepages as baseline_module
 
     steps: list[str] = []
     load, init = L.llama_model_load_from_file, L.llama_init_from_model

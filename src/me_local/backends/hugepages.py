@@ -16,6 +16,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("me_local.backends")
 
@@ -77,7 +81,7 @@ def huge_aligned(ranges: list[Range], huge: int = HUGE) -> list[Range]:
 
 def advise_new_anonymous(before: list[Range]) -> int:
     """Ask for huge pages over the anonymous memory added since ``before``; the bytes advised."""
-    if not before and not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return 0
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -94,3 +98,15 @@ def advise_new_anonymous(before: list[Range]) -> int:
         if madvise(a, b - a, MADV_COLLAPSE) != 0:  # khugepaged will still do it later
             log.debug("MADV_COLLAPSE failed (errno %d); huge pages come later", ctypes.get_errno())
     return total
+
+
+def load_with_huge_pages(load: Callable[[], T | None], *, read_weights: bool) -> T | None:
+    """Run ``load`` (a model load); when it read weights into memory and succeeded, ask for
+    huge pages over what it added, right away: before a context exists, whose buffers would
+    merge with the weights into one mapping that ``MADV_COLLAPSE`` refuses."""
+    before = anonymous_ranges() if read_weights else []
+    loaded = load()
+    if loaded and read_weights:
+        advised = advise_new_anonymous(before)
+        log.debug("huge pages asked for %.1f MiB of read weights", advised / 2**20)
+    return loaded

@@ -19,7 +19,7 @@ from llama_cpp.llama_types import CreateCompletionStreamResponse
 from ...core.types import SamplingParams, tokens_per_second
 from ...errors import BackendError, ModelLoadError
 from ..gguf_check import read_gguf_header
-from ..hugepages import advise_new_anonymous, anonymous_ranges
+from ..hugepages import load_with_huge_pages
 from ._lib import capture_errors, init_backend, llama_cpp_version, llama_reason, load_failure, log
 from .context import KV_TYPES, ContextSettings
 from .model import LoadSettings
@@ -78,15 +78,11 @@ def _llama_build(load: LoadSettings) -> Iterator[_Build]:
 
     def load_from_file(path_model: bytes, params: L.llama_model_params, /) -> L.llama_model_p | None:
         mine = threading.get_ident() == me
-        before = anonymous_ranges() if mine and not load.mmap else []
-        ptr: L.llama_model_p | None = original_load(path_model, params)
+        # huge pages for the read weights, as LoadedModel asks: right after the load, before the context
+        ptr: L.llama_model_p | None = load_with_huge_pages(lambda: original_load(path_model, params),
+                                                           read_weights=mine and not load.mmap)
         if mine:
             build.model_loaded = bool(ptr)
-            if ptr and not load.mmap:
-                # huge pages for the read weights, as LoadedModel asks: right after the load,
-                # before the context exists (advised after it, the collapse failed with EINVAL
-                # over the merged weights+context mapping and the baseline got no huge pages)
-                advise_new_anonymous(before)
         return ptr
 
     def init_from_model(model: L.llama_model_p, params: L.llama_context_params, /) -> L.llama_context_p | None:

@@ -19,7 +19,7 @@ from llama_cpp import llama_cpp as L
 from ...errors import RequestError
 from ..cpu import cpu_flags, decide_repack
 from ..gguf_check import read_gguf_header
-from ..hugepages import advise_new_anonymous, anonymous_ranges
+from ..hugepages import load_with_huge_pages
 from ..types import ChatMessage
 from . import chat_template
 from ._lib import capture_errors, init_backend, load_failure, log
@@ -90,15 +90,11 @@ class LoadedModel:
         params.vocab_only = vocab_only
         if not vocab_only:
             log.info("%s", load.describe(path.name))
-        read_weights = not vocab_only and not load.mmap
-        before = anonymous_ranges() if read_weights else []
-        with capture_errors() as errors:
-            ptr = L.llama_model_load_from_file(str(path).encode(), params)
+        with capture_errors() as errors:  # 4 KiB pages made one read copy ~6% slower than another (hugepages.py)
+            ptr = load_with_huge_pages(lambda: L.llama_model_load_from_file(str(path).encode(), params),
+                                       read_weights=not vocab_only and not load.mmap)
         if not ptr:
             raise load_failure(path, header.architecture, errors)
-        if read_weights:  # 4 KiB pages made one read copy ~6% slower than another (hugepages.py)
-            advised = advise_new_anonymous(before)
-            log.debug("huge pages asked for %.1f MiB of %s's read weights", advised / 2**20, path.name)
         self.ptr: L.llama_model_p | None = ptr
         self.vocab = L.llama_model_get_vocab(ptr)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
