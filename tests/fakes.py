@@ -138,3 +138,44 @@ class FakeFactory:
             self.tokenized.append(text)
         if self.gate is not None and (self.held is None or text in self.held):
             assert self.gate.wait(60), "the test never opened the tokenizer gate"
+
+
+class WordFake(FakeMember):
+    """A FakeMember with a vocabulary of its own, for word-level ME: single characters of
+    ``alphabet``, then ``words`` (multi-character pieces such as ``b" bad"``), then an
+    end-of-generation token. Tokenizing continuation text is greedy longest match; the
+    word-start mask comes from the pieces (whitespace-initial, or the end token). Logits
+    depend only on the last token, as FakeMember's; ``boundary_bias`` is added to the
+    whitespace-initial tokens' logits so that words stay short, ``eog_bias`` to the end
+    token's so that texts do not end too soon."""
+
+    def __init__(self, name: str, seed: int, words: Sequence[bytes], *, alphabet: bytes = b"abcde \n",
+                 boundary_bias: float = 0.0, eog_bias: float = -3.0, scale: float = 1.5,
+                 n_ctx: int = 512) -> None:
+        pieces = [bytes([b]) for b in alphabet] + list(words) + [b""]
+        super().__init__(name, seed, n_vocab=len(pieces), n_ctx=n_ctx, pieces=pieces, eog=len(pieces) - 1,
+                         scale=scale)
+        ws = np.array([p[:1] in (b" ", b"\n", b"\t", b"\r") for p in pieces])
+        ws[-1] = True
+        self._word_start = ws
+        self._table[:, ws] += boundary_bias
+        self._table[:, -1] += eog_bias - boundary_bias
+        self._by_len = sorted(range(len(pieces) - 1), key=lambda t: -len(pieces[t]))
+        self.tokenized: list[str] = []
+
+    @property
+    def word_start(self) -> np.ndarray:
+        return self._word_start
+
+    def tokenize_text(self, text: str) -> list[int]:
+        self.tokenized.append(text)
+        data = text.encode()
+        out, i = [], 0
+        while i < len(data):
+            tok = next(t for t in self._by_len if data.startswith(self.pieces[t], i))
+            out.append(tok)
+            i += len(self.pieces[tok])
+        return out
+
+    def make_word_start_sampler(self, params: SamplingParams, seed: int) -> NumpySampler:
+        return NumpySampler(self.logits, params, seed, allowed=self._word_start)

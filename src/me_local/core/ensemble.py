@@ -10,53 +10,34 @@ evaluates the tail.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ContextOverflowError, RequestError
+from ..errors import RequestError
 from . import sampling
+from .draw import GenerationSetup, check_fits, common_prefix, draw_member, prepare
 from .text import TextAssembler
 from .types import (
-    MODES,
+    GRANULARITIES,
     Cancelled,
     DoneEvent,
-    GenerationStats,
+    Event,
     Logits,
     Member,
-    MemberStats,
     Probs,
     SamplingParams,
     TokenEvent,
     TokenSampler,
 )
+from .words import WordMember, generate_words
 
-Event = TokenEvent | DoneEvent
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+__all__ = ["Event", "check_fits", "common_prefix", "generate"]
 
 
 def _never() -> bool:
     return False
-
-
-def check_fits(prompts: Sequence[Sequence[int]], members: Sequence[Member]) -> None:
-    for prompt, member in zip(prompts, members):
-        if not prompt:
-            raise RequestError("the prompt is empty; give some text to continue", param="prompt")
-        if len(prompt) >= member.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt is {len(prompt)} tokens but member {member.name!r} has a context of "
-                f"{member.n_ctx} tokens; shorten the prompt or raise n_ctx in models.yaml"
-            )
 
 
 def generate(
@@ -67,48 +48,47 @@ def generate(
     *,
     mode: str = "me",
     single: int = 0,
+    granularity: str = "token",
     cancel: Callable[[], bool] = _never,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[Event]:
     """Generate from an ensemble, yielding a TokenEvent per token and one DoneEvent.
 
     ``prompts[i]`` is member i's prompt tokens (members may have their own
-    system prompts). ``weights`` need not be normalised. Every member must have
-    the same vocabulary. In ``single`` mode only ``members[single]`` runs.
+    system prompts and templates). ``weights`` need not be normalised. At ``token``
+    granularity every member must have the same vocabulary; ``word`` granularity
+    (``me`` mode only, :mod:`.words`) takes any members that are :class:`WordMember`.
+    In ``single`` mode only ``members[single]`` runs.
     """
-    if mode not in MODES:
-        raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param="mode")
-    if len(members) != len(prompts) or len(members) != len(weights):
-        raise ValueError("members, weights and prompts must have the same length")
-    w = np.asarray(weights, dtype=np.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise RequestError("weights must be >= 0 with at least one positive", param="weights")
-    if mode == "single" and not 0 <= single < len(members):
-        raise RequestError("no such member for single mode", param="member")
-    active = [single] if mode == "single" else [i for i in range(len(members)) if w[i] > 0]
-    check_fits([prompts[i] for i in active], [members[i] for i in active])
+    if granularity not in GRANULARITIES:
+        raise RequestError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}",
+                           param="granularity")
+    if granularity == "word" and mode == "ce":
+        raise RequestError("mode ce needs members that share a vocabulary: it mixes their next-token "
+                           "distributions; use mode me, which mixes words, at granularity word", param="granularity")
+    setup = prepare(members, weights, prompts, params, mode=mode, single=single, clock=clock)
+    if granularity == "word" and mode == "me":
+        word_members = [m for m in members if isinstance(m, WordMember)]
+        if len(word_members) != len(members):
+            raise RequestError("granularity word needs members that tokenize text word by word; "
+                               "these cannot", param="granularity")
+        yield from generate_words(setup, word_members, prompts, params, cancel=cancel)
+    else:
+        yield from _generate_tokens(setup, members, prompts, params, mode=mode, single=single, cancel=cancel)
 
-    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    seeds = np.random.SeedSequence(seed).spawn(len(members) + 1)
-    rng = np.random.default_rng(seeds[0])
-    member_seeds = [int(s.generate_state(1)[0] & 0x7FFFFFFF) for s in seeds[1:]]
-    cum_w = np.cumsum(w / w.sum())
 
-    stats = GenerationStats(
-        mode=mode,
-        seed=seed,
-        prompt_tokens=max(len(prompts[i]) for i in active),
-        members=[MemberStats(name=m.name) for m in members],
-    )
-    t0 = clock()
-    # Reuse each member's cached prefix; keep at least one prompt token to evaluate
-    # so its logits exist. The cache is only trimmed here, never evaluated.
-    for i in active:
-        keep = common_prefix(members[i].cached, prompts[i])
-        keep = min(keep, len(prompts[i]) - 1)
-        members[i].truncate(keep)
-        stats.members[i].cached_prompt_tokens = len(members[i].cached)
-
+def _generate_tokens(
+    setup: GenerationSetup,
+    members: Sequence[Member],
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    mode: str,
+    single: int,
+    cancel: Callable[[], bool],
+) -> Iterator[Event]:
+    active, rng, stats, w = setup.active, setup.rng, setup.stats, setup.weights
+    member_seeds, clock, t0 = setup.member_seeds, setup.clock, setup.t0
     generated: list[int] = []
     samplers: dict[int, TokenSampler] = {}
     assembler = TextAssembler(params.stop)
@@ -162,13 +142,7 @@ def generate(
                 name = None
                 logprob, tops = logprob_info(None, mix, token)
             else:
-                if mode == "single":
-                    k = single
-                else:
-                    k = int(np.searchsorted(cum_w, rng.random(), side="right"))
-                    k = min(k, len(members) - 1)
-                    while w[k] <= 0:  # float edge at the top of the cumulative sum
-                        k -= 1
+                k = single if mode == "single" else draw_member(setup)
                 catch_up(k)
                 stats.members[k].selected += 1
                 sampler = samplers.get(k)

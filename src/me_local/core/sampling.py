@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from .types import Logits, Probs, SamplingParams
 
@@ -126,13 +127,17 @@ class NumpySampler:
     """A TokenSampler over a logits callable, with the reference semantics.
     Used by fake members in tests and by backends without a native chain."""
 
-    def __init__(self, get_logits: Callable[[], Logits], params: SamplingParams, seed: int) -> None:
+    def __init__(self, get_logits: Callable[[], Logits], params: SamplingParams, seed: int,
+                 allowed: npt.NDArray[np.bool_] | None = None) -> None:
         self._get_logits = get_logits
         self._params = params
         self._rng = np.random.default_rng(seed)
+        self._allowed = allowed
 
     def sample(self) -> int:
         logits = self._get_logits()
+        if self._allowed is not None:  # restricted: the others' probability is 0 before the transforms
+            logits = np.where(self._allowed, np.asarray(logits, dtype=np.float64), -np.inf)
         if self._params.greedy:
             return int(np.argmax(logits))
         return draw(transform(logits, self._params), self._rng)

@@ -20,6 +20,7 @@ Probs = npt.NDArray[np.float64]
 """A probability vector over the vocabulary."""
 
 MODES = S.MODES
+GRANULARITIES = ("token", "word")
 
 
 def tokens_per_second(tokens: int, span_s: float) -> float:
@@ -113,6 +114,8 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     piece: bytes = b""
     """The token's own bytes (may be part of a UTF-8 character)."""
+    top_pieces: list[bytes] | None = None
+    """The bytes of each ``top_logprobs`` token, in its member's vocabulary."""
 
 
 @dataclass
@@ -124,9 +127,11 @@ class MemberStats:
     prompt_tokens: int = 0
     """Prompt tokens this member evaluated (cached prefix excluded)."""
     cached_prompt_tokens: int = 0
+    generated_tokens: int | None = None
+    """At word granularity: the tokens this member wrote (``selected`` counts its words)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -140,6 +145,10 @@ class GenerationStats:
     total_s: float = 0.0
     prompt_eval_s: float = 0.0
     members: list[MemberStats] = field(default_factory=list)
+    granularity: str | None = None
+    """``word`` for word-level ME (None: token by token, as every same-vocabulary mode)."""
+    words: int | None = None
+    """At word granularity: the words drawn."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,7 +161,7 @@ class GenerationStats:
         d = asdict(self)
         d["tokens_per_s"] = round(self.tokens_per_s, 3)
         d["members"] = [m.to_dict() for m in self.members]
-        return d
+        return {k: v for k, v in d.items() if v is not None or k == "ttft_s"}
 
 
 @dataclass
@@ -163,3 +172,6 @@ class DoneEvent:
     finish_reason: str
     stats: GenerationStats
     text: str = ""
+
+
+Event = TokenEvent | DoneEvent
