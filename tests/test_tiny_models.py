@@ -261,6 +261,9 @@ def test_spm_chat_template_and_end_of_turn(models: dict[str, Path]) -> None:
     )
     tokens = llm.tokenize(formatter(messages=messages[1:2]).prompt.encode(), add_bos=False, special=True)
     assert tokens == [2, 4, *_tok(llm, "user"), 6, *_tok(llm, "Hi"), 5, 6, 4, *_tok(llm, "model"), 6]
+    from me_local.backends.llama.model import LoadedModel
+
+    assert LoadedModel(models["s1"], vocab_only=True).chat_tokens(messages[1:2]) == tokens  # one BOS, the template's
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     assert [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)] == [1, 5]
     assert llm.detokenize([5]) == b"" and _pieces(llm, [4, 5], special=True) == [b"<start_of_turn>", b"<end_of_turn>"]
