@@ -29,7 +29,8 @@ def _load_script(name: str):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """a1, a2, a3: one vocabulary, three seeds; b1: another vocabulary; a4_nochat: no chat template."""
+    """a1, a2, a3: one vocabulary, three seeds; b1: another vocabulary; a4_nochat: no chat template;
+    s1, s2: a SentencePiece-style vocabulary (Gemma-style template), two seeds."""
     maker = _load_script("make_tiny_models")
     return maker.build_default_set(tmp_path_factory.mktemp("tiny-models"))
 
