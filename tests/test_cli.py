@@ -102,6 +102,7 @@ def test_models_lists_members_sharing_and_problems(tiny_config, write_config, ti
               - {{name: x, path: {tiny_models['a1']}}}
               - {{name: y, path: {tiny_models['a1']}}}
           broken:
+            granularity: token
             members:
               - {{name: p, path: {tiny_models['a1']}}}
               - {{name: q, path: {tiny_models['b1']}}}

@@ -159,6 +159,7 @@ def test_unknown_ensemble_member_vocab_and_long_prompt(tiny_config, write_config
     mixed = write_config(f"""
         ensembles:
           mixed:
+            granularity: token  # different vocabularies mix word by word; token by token they cannot
             members:
               - {{name: alpha, path: {tiny_models['a1']}}}
               - {{name: beta, path: {tiny_models['b1']}}}

@@ -178,6 +178,7 @@ def test_vocabulary_mismatch_names_both_members(write_config, tiny_models):
     cfg = write_config(f"""
         ensembles:
           mixed:
+            granularity: token
             members:
               - {{name: alpha, path: {tiny_models['a1']}}}
               - {{name: beta, path: {tiny_models['b1']}}}
@@ -327,6 +328,7 @@ def test_same_tokens_but_another_eos_is_a_clear_mismatch_and_frees_what_it_loade
     cfg = write_config(f"""
         ensembles:
           mix:
+            granularity: token
             members:
               - {{name: base, path: {tiny_models['a1']}}}
               - {{name: chat, path: {instruct}}}

@@ -95,6 +95,8 @@ class EnsembleConfig:
     name: str
     members: tuple[MemberConfig, ...]
     mode: str = S.MODE.default
+    granularity: str | None = S.GRANULARITY.default
+    """token | word; None: token when the members share a vocabulary, else word (decided at load)."""
     n_ctx: int = S.N_CTX.default
     parallel: int = S.PARALLEL.default
     max_queue: int = S.MAX_QUEUE.default
@@ -295,7 +297,7 @@ def _float(raw: Mapping[str, Any], s: Setting[float], *, file: str, key: str) ->
     return float(value)
 
 
-def _choice(value: Any, s: Setting[str], *, file: str, key: str) -> str:
+def _choice(value: Any, s: Setting[str] | Setting[str | None], *, file: str, key: str) -> str:
     if value not in s.choices:
         raise ConfigError(f"must be one of {', '.join(s.choices)}, got {value!r}", file=file, key=f"{key}.{s.name}")
     return str(value)
@@ -319,6 +321,9 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         raise ConfigError("must be a mapping with a `members:` list", file=fname, key=key)
     _unknown_keys(raw, _ENSEMBLE_KEYS, file=fname, key=key)
     mode = _choice(raw.get("mode", S.MODE.default), S.MODE, file=fname, key=key)
+    granularity = raw.get("granularity")
+    if granularity is not None:
+        granularity = _choice(granularity, S.GRANULARITY, file=fname, key=key)
     members_raw = raw.get("members")
     if not isinstance(members_raw, list) or not members_raw:
         raise ConfigError("must be a non-empty list of members", file=fname, key=f"{key}.members")
@@ -362,6 +367,7 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         name=name,
         members=tuple(members),
         mode=mode,
+        granularity=granularity,
         n_ctx=_int(raw, S.N_CTX, file=fname, key=key),
         parallel=_int(raw, S.PARALLEL, file=fname, key=key),
         max_queue=_int(raw, S.MAX_QUEUE, file=fname, key=key),

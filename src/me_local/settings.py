@@ -136,6 +136,11 @@ MODE: Setting[str] = Setting(
     "mode", str, "me", "Decoding mode: mixture-model-like ensemble, conventional, or one member.", "ensemble",
     choices=("me", "ce", "single"), yaml=True, flag="--mode", openai="ensemble.mode", ollama="ensemble.mode",
     chat="mode")
+GRANULARITY: Setting[str | None] = Setting(
+    "granularity", str, None, "What `me` draws a member for: each token (members share a vocabulary) or each "
+    "word (any members).", "ensemble", choices=("token", "word"), yaml=True, flag="--granularity",
+    openai="ensemble.granularity", ollama="ensemble.granularity", chat="granularity",
+    default_text="token when the members share a vocabulary, else word")
 MEMBER: Setting[str | None] = Setting(
     "member", str, None, "The member `single` mode uses (default: the first).", "ensemble", yaml=True,
     flag="--member", openai="ensemble.member", ollama="ensemble.member", chat="member", default_text="the first")
@@ -207,13 +212,14 @@ WRITE_TIMEOUT: Setting[float] = Setting(
 
 SETTINGS: tuple[Setting[Any], ...] = (
     TEMPERATURE, TOP_P, TOP_K, MIN_P, MAX_TOKENS, SEED, STOP, TOP_LOGPROBS,
-    MODE, MEMBER, N_CTX, PARALLEL, MAX_QUEUE, N_BATCH, KV_CACHE_TYPE,
+    MODE, GRANULARITY, MEMBER, N_CTX, PARALLEL, MAX_QUEUE, N_BATCH, KV_CACHE_TYPE,
     WEIGHT, SYSTEM, N_GPU_LAYERS, N_THREADS, REPACK, MMAP,
     HOST, PORT, MAX_BODY_SIZE, HEADER_TIMEOUT, BODY_TIMEOUT, WRITE_TIMEOUT,
 )
 """Every setting, in the order the reference lists them."""
 
 MODES = MODE.choices
+GRANULARITIES = GRANULARITY.choices
 
 SAMPLING_DEFAULTS: tuple[Setting[Any], ...] = tuple(s for s in SETTINGS if s.group == "sampling" and s.yaml)
 """The sampling settings an ensemble gives defaults for (its ``sampling:`` block)."""

@@ -72,6 +72,7 @@ class InProcess:
             mode=settings.get("mode"),
             weights=settings.get("weights"),
             member=settings.get("member"),
+            granularity=settings.get("granularity"),
         )
         q: queue.Queue[Event | BaseException] = queue.Queue()
         run = self.engine.start(request, q.put)

@@ -87,6 +87,8 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           "~/.config/me-local/models.yaml, then the packaged one)."),
         click.option("--ensemble", "-e", default=None, help="Ensemble name (default: `default`)."),
         setting_option(S.MODE, help="Decoding mode (default: the ensemble's)."),
+        setting_option(S.GRANULARITY, help="What `me` draws a member for: each token or each word "
+                                           "(default: the ensemble's; word when vocabularies differ)."),
         setting_option(S.MEMBER),
         setting_option(S.WEIGHT, dest="weights", type=click.STRING, help="Override weights: name=0.7,name=0.3."),
         *(setting_option(s) for s in SAMPLING_FLAGS),
@@ -111,8 +113,8 @@ def _engine(config_path: str | None) -> Engine:
 @click.option("--stats", "show_stats", is_flag=True, help="Print timings and per-member figures on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a final summary.")
 def generate(prompt: str, config_path: str | None, ensemble: str | None, mode: str | None,
-             member: str | None, weights: str | None, max_tokens: int | None, temperature: float | None,
-             top_k: int | None, top_p: float | None, min_p: float | None, seed: int | None,
+             granularity: str | None, member: str | None, weights: str | None, max_tokens: int | None,
+             temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None, seed: int | None,
              stop: tuple[str, ...], raw: bool, show_members: bool, show_stats: bool, as_json: bool) -> None:
     """Generate a reply to PROMPT (or continue it, with --raw) and stream it to stdout."""
     from ..core import DoneEvent
@@ -131,6 +133,7 @@ def generate(prompt: str, config_path: str | None, ensemble: str | None, mode: s
         mode=mode,
         weights=parse_weights(weights) if weights else None,
         member=member,
+        granularity=granularity,
     )
     colours = {m.name: MEMBER_COLOURS[i % len(MEMBER_COLOURS)] for i, m in enumerate(cfg.members)}
     events = engine.generate(request)
@@ -171,14 +174,15 @@ def generate(prompt: str, config_path: str | None, ensemble: str | None, mode: s
 @sampling_options
 @click.option("--url", default=None, help="Chat through a running `me-local serve` at this URL.")
 @click.option("--api-key", envvar="ME_LOCAL_API_KEY", default=None, help="API key for --url.")
-def chat(config_path: str | None, ensemble: str | None, mode: str | None, member: str | None,
+def chat(config_path: str | None, ensemble: str | None, mode: str | None, granularity: str | None,
+         member: str | None,
          weights: str | None, max_tokens: int | None, temperature: float | None, top_k: int | None,
          top_p: float | None, min_p: float | None, seed: int | None, url: str | None, api_key: str | None) -> None:
     """Chat with an ensemble. /help inside lists the commands."""
     from .chat import ChatSession, InProcess
 
     overrides = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     min_p=min_p, seed=seed, mode=mode, member=member,
+                     min_p=min_p, seed=seed, mode=mode, member=member, granularity=granularity,
                      weights=parse_weights(weights) if weights else None)
     if url:
         from .remote import Remote

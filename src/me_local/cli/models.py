@@ -42,13 +42,19 @@ def describe(config: Config) -> tuple[str, bool]:
             except MeLocalError as exc:
                 lines.append(f"  {mc.name:<14} weight {w:.2f}  ERROR: {exc}")
                 problems.append(str(exc))
-        for name, info in infos[1:]:
-            if info.fingerprint != infos[0][1].fingerprint:
-                problems.append(
-                    f"members {infos[0][0]!r} and {name!r} do not share a vocabulary; "
-                    "ensemble only models with the same tokenizer"
-                )
+        differ = next((name for name, info in infos[1:] if info.fingerprint != infos[0][1].fingerprint), None)
+        if differ is not None:
+            mismatch = f"members {infos[0][0]!r} and {differ!r} do not share a vocabulary"
+            if ens.granularity == "token" or ens.mode == "ce":
+                what = "granularity token" if ens.granularity == "token" else "mode ce"
+                problems.append(f"{mismatch}; {what} needs one shared vocabulary: use mode me at granularity word")
                 lines.append(f"  ERROR: {problems[-1]}")
+            else:
+                lines.append(f"  granularity word: {mismatch}, so `me` mixes words (ce is not available)")
+        elif infos and len(infos) == len(ens.members):
+            granularity = ens.granularity or "token"
+            why = "models.yaml" if ens.granularity else "the members share a vocabulary"
+            lines.append(f"  granularity {granularity}: {why}")
         if problems:
             ok = False
         else:

@@ -310,8 +310,10 @@ def _stats_from(d: dict[str, Any] | None) -> GenerationStats:
     if not d:
         return GenerationStats(mode="?", seed=0)
     members = [MemberStats(**{k: m.get(k, 0) for k in ("name", "selected", "catchup_tokens", "prompt_tokens",
-                                                        "cached_prompt_tokens")}) for m in d.get("members", [])]
+                                                        "cached_prompt_tokens")},
+                           generated_tokens=m.get("generated_tokens")) for m in d.get("members", [])]
     return GenerationStats(mode=d.get("mode", "?"), seed=d.get("seed", 0), prompt_tokens=d.get("prompt_tokens", 0),
                            cached_prompt_tokens=d.get("cached_prompt_tokens", 0),
                            generated_tokens=d.get("generated_tokens", 0), ttft_s=d.get("ttft_s"),
-                           total_s=d.get("total_s", 0.0), prompt_eval_s=d.get("prompt_eval_s", 0.0), members=members)
+                           total_s=d.get("total_s", 0.0), prompt_eval_s=d.get("prompt_eval_s", 0.0), members=members,
+                           granularity=d.get("granularity"), words=d.get("words"))

@@ -40,6 +40,10 @@ def _never() -> bool:
     return False
 
 
+def _pieces(member: Member, tops: list[tuple[int, float]] | None) -> list[bytes] | None:
+    return [member.token_bytes(t) for t, _ in tops] if tops is not None else None
+
+
 def generate(
     members: Sequence[Member],
     weights: Sequence[float],
@@ -164,10 +168,11 @@ def _generate_tokens(
             stats.generated_tokens = len(generated)
             if assembler.stopped:
                 if text:
-                    yield TokenEvent(len(generated) - 1, token, text, name, logprob, tops, piece)
+                    yield TokenEvent(len(generated) - 1, token, text, name, logprob, tops, piece,
+                                     _pieces(members[k], tops))
                 finish = "stop"
                 break
-            yield TokenEvent(len(generated) - 1, token, text, name, logprob, tops, piece)
+            yield TokenEvent(len(generated) - 1, token, text, name, logprob, tops, piece, _pieces(members[k], tops))
     except Cancelled:
         finish = "cancelled"
     if first_drawn is not None:

@@ -89,13 +89,11 @@ class _Track:
         self.synced = end
 
     def cut(self, offset: int) -> None:
-        """Forget the tokens that end after ``offset`` (a token boundary)."""
-        n = len(self.ends)
-        while n and self.ends[n - 1] > offset:
-            n -= 1
+        """Forget the tokens after the one that ends at ``offset`` (a token boundary; 0: all)."""
+        n = 0 if offset == 0 else self.ends.index(offset) + 1
         del self.tokens[n:]
         del self.ends[n:]
-        self.synced = self.ends[-1] if self.ends else 0
+        self.synced = offset
 
 
 def generate_words(
@@ -135,10 +133,15 @@ def generate_words(
                     anchor = s
                     break
             track.cut(anchor)
+            # text that is not valid UTF-8 reaches a tokenizer with U+FFFD in its place (as the
+            # output shows it); then only the segment's end is a known offset, not its tokens'
+            tokens = member.tokenize_text(bytes(gen[anchor:end]).decode("utf-8", "replace"))
+            lengths = [len(member.token_bytes(t)) for t in tokens]
+            exact = sum(lengths) == end - anchor
             offset = anchor
-            for tok in member.tokenize_text(bytes(gen[anchor:end]).decode("utf-8", "replace")):
-                offset += len(member.token_bytes(tok))
-                track.push(tok, min(offset, end))
+            for n, (tok, length) in enumerate(zip(tokens, lengths)):
+                offset += length
+                track.push(tok, offset if exact or n == len(tokens) - 1 else -1)
             track.synced = end
         prompt = prompts[i]
         want = [*prompt, *track.tokens]
@@ -237,9 +240,11 @@ def generate_words(
 
 
 def _holds(ends: list[int], offset: int) -> bool:
-    """Whether ``offset`` is where one of the (sorted) token ends lies."""
+    """Whether one of the token ends (ascending, but for -1: unknown) is ``offset``."""
     i = bisect_left(ends, offset)
-    return i < len(ends) and ends[i] == offset
+    if i < len(ends) and ends[i] == offset:
+        return True
+    return offset in ends  # the unknown ends break the order: look at them all
 
 
 def _complete_utf8(data: bytearray) -> bool:

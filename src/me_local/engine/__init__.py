@@ -2,14 +2,15 @@
 ``me-local serve`` drive.
 
 It loads ensembles (sharing weights through the backend's ModelStore),
-checks that members share a vocabulary, keeps ``parallel`` slots per ensemble
+plans each ensemble's granularity from its members' vocabularies (shared: token by
+token; different: word by word), keeps ``parallel`` slots per ensemble
 (each with its own context per member, created on first use), serves waiting
 requests in arrival order, gives each the free slot with the longest cached
 prefix, and runs the pure core's generation loop.
 
     engine.py    Engine, Request, Run, collect, sampling_params
     ensemble.py  LoadedEnsemble (slots and the line of waiting requests), Slot, Ticket,
-                 check_vocabularies
+                 plan_vocabulary, VocabularyPlan
     messages.py  ROLES, normalize_messages
     factory.py   the default member factory (llama.cpp), which prepares the runtime first
 
@@ -18,8 +19,8 @@ It talks to members only through the backend seam (:mod:`me_local.backends.types
 
 from ..backends.types import MemberContext, MemberFactory
 from ..errors import QueueFullError
-from .engine import Engine, Request, Run, SamplingOverrides, collect, sampling_params
-from .ensemble import CANCEL_POLL_S, LoadedEnsemble, Slot, Ticket, check_vocabularies
+from .engine import Engine, Plan, Request, Run, SamplingOverrides, collect, sampling_params
+from .ensemble import CANCEL_POLL_S, LoadedEnsemble, Slot, Ticket, VocabularyPlan, plan_vocabulary
 from .factory import LlamaMemberFactory, llama_member_factory
 from .messages import ROLES, Messages, normalize_messages
 
@@ -32,15 +33,17 @@ __all__ = [
     "MemberContext",
     "MemberFactory",
     "Messages",
+    "Plan",
     "QueueFullError",
     "Request",
     "Run",
     "SamplingOverrides",
     "Slot",
     "Ticket",
-    "check_vocabularies",
+    "VocabularyPlan",
     "collect",
     "llama_member_factory",
     "normalize_messages",
+    "plan_vocabulary",
     "sampling_params",
 ]

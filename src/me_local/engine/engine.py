@@ -15,7 +15,7 @@ from ..config import Config, SamplingDefaults
 from ..core import DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
 from ..core.ensemble import check_fits
 from ..errors import ConfigError, MeLocalError, RequestError
-from ..settings import MODES, SAMPLING_DEFAULTS
+from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
 from .messages import normalize_messages
@@ -38,6 +38,22 @@ class Request:
     mode: str | None = None
     weights: Mapping[str, float] | None = None
     member: str | None = None
+    granularity: str | None = None
+    """token | word (None: the ensemble's)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a request runs on its ensemble."""
+
+    mode: str
+    single: int
+    """The member ``single`` mode runs."""
+    weights: list[float]
+    prompts: list[list[int]]
+    """Each member's own prompt tokens (empty for a member that does not run)."""
+    granularity: str
+    """token | word."""
 
 
 class Engine:
@@ -72,11 +88,17 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------
     def plan(self, request: Request) -> tuple[LoadedEnsemble, str, int, list[float], list[list[int]]]:
-        """Resolve a request: ensemble, mode, single-member index, weights, per-member prompts."""
-        loaded = self.ensemble(request.ensemble)
-        return (loaded, *self._plan(loaded, request))
+        """Resolve a request: ensemble, mode, single-member index, weights, per-member prompts
+        (:meth:`plan_request` has its granularity too)."""
+        loaded, p = self.plan_request(request)
+        return loaded, p.mode, p.single, p.weights, p.prompts
 
-    def _plan(self, loaded: LoadedEnsemble, request: Request) -> tuple[str, int, list[float], list[list[int]]]:
+    def plan_request(self, request: Request) -> tuple[LoadedEnsemble, Plan]:
+        """Resolve a request: its ensemble, and how it runs there."""
+        loaded = self.ensemble(request.ensemble)
+        return loaded, self._plan(loaded, request)
+
+    def _plan(self, loaded: LoadedEnsemble, request: Request) -> Plan:
         cfg = loaded.config
         if request.weights:
             try:
@@ -86,6 +108,9 @@ class Engine:
         mode = request.mode or cfg.mode
         if mode not in MODES:
             raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param="mode")
+        if request.granularity is not None and request.granularity not in GRANULARITIES:
+            raise RequestError(f"unknown granularity {request.granularity!r}; choose one of "
+                               f"{', '.join(GRANULARITIES)}", param="granularity")
         single = 0
         if request.member is not None or mode == "single":
             name = request.member or cfg.member or cfg.members[0].name
@@ -109,8 +134,9 @@ class Engine:
                 else:
                     cache[key] = m.raw_prompt(request.prompt or "")
             prompts[i] = cache[key]
+        granularity = loaded.vocabulary.check(mode, request.granularity)
         check_fits([prompts[i] for i in active], [members[i] for i in active])
-        return mode, single, weights, prompts
+        return Plan(mode, single, weights, prompts, granularity)
 
     def generate(
         self,
@@ -127,20 +153,21 @@ class Engine:
         loaded = self.ensemble(request.ensemble)
         ticket = loaded.admit()
         try:
-            mode, single, weights, prompts = self._plan(loaded, request)
-            slot = loaded.acquire(ticket, prompts, timeout=queue_timeout, cancel=cancel)
+            plan = self._plan(loaded, request)
+            slot = loaded.acquire(ticket, plan.prompts, timeout=queue_timeout, cancel=cancel)
             if slot is None:  # cancelled while queued: nothing was evaluated
-                stats = GenerationStats(mode=mode, seed=request.params.seed or 0,
+                stats = GenerationStats(mode=plan.mode, seed=request.params.seed or 0,
                                         members=[MemberStats(name=m.name) for m in loaded.members])
                 yield DoneEvent("cancelled", stats)
                 return
             yield from generate(
                 slot.members,
-                weights,
-                prompts,
+                plan.weights,
+                plan.prompts,
                 request.params,
-                mode=mode,
-                single=single,
+                mode=plan.mode,
+                single=plan.single,
+                granularity=plan.granularity,
                 cancel=cancel or (lambda: False),
             )
         finally:

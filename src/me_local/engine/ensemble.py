@@ -1,5 +1,6 @@
 """A loaded ensemble: its slots (a member context per member, created on first use),
-the line of requests waiting for one, and the check that its members share a vocabulary."""
+the line of requests waiting for one, and its vocabulary plan (shared: token by token;
+different: word by word)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from ..backends.types import MemberContext, MemberFactory
 from ..config import EnsembleConfig
 from ..core import common_prefix
-from ..errors import QueueFullError, VocabMismatchError
+from ..errors import QueueFullError, RequestError, VocabMismatchError
 
 CANCEL_POLL_S = 0.05
 """How often a request waiting for a slot checks whether it was cancelled."""
@@ -68,7 +70,7 @@ class LoadedEnsemble:
         # the first slot is built now: it loads the models and checks the vocabulary
         self._slots.append(self._new_slot(0))
         try:
-            check_vocabularies(config, self._slots[0].members)
+            self.vocabulary = plan_vocabulary(config, self._slots[0].members)
         except BaseException:
             self.close()  # not yet in the engine's table: nobody else would free it
             raise
@@ -207,8 +209,39 @@ class LoadedEnsemble:
         self._slots.clear()
 
 
-def check_vocabularies(config: EnsembleConfig, members: Sequence[MemberContext]) -> None:
+@dataclass(frozen=True)
+class VocabularyPlan:
+    """Whether an ensemble's members share one vocabulary, and so the granularity ``me``
+    works at unless a request asks for another."""
+
+    shared: bool
+    granularity: str
+    reason: str
+    """Why that granularity, in a few words (`me-local models`, /api/show)."""
+    mismatch: str = ""
+    """Where the first two vocabularies differ (empty when shared)."""
+
+    def check(self, mode: str, granularity: str | None) -> str:
+        """The granularity a request runs at, or a RequestError saying why it cannot."""
+        if self.shared or mode == "single":
+            return "token" if mode != "me" else granularity or self.granularity
+        if mode == "ce":
+            raise RequestError(
+                f"mode ce needs members that share a vocabulary ({self.mismatch}): it mixes their next-token "
+                "distributions; use mode me, which mixes words across vocabularies", param="ensemble.mode")
+        if granularity == "token":
+            raise RequestError(
+                f"granularity token needs members that share a vocabulary ({self.mismatch}); use granularity "
+                "word", param="ensemble.granularity")
+        return "word"
+
+
+def plan_vocabulary(config: EnsembleConfig, members: Sequence[MemberContext]) -> VocabularyPlan:
+    """Compare the members' vocabularies: shared, the ensemble works token by token unless its
+    models.yaml says ``granularity: word``; different, it works word by word, and asking for
+    ``granularity: token`` or ``mode: ce`` in models.yaml is refused with the reason."""
     first = members[0]
+    mismatch = ""
     for other in members[1:]:
         if other.model.fingerprint == first.model.fingerprint:
             continue
@@ -222,9 +255,19 @@ def check_vocabularies(config: EnsembleConfig, members: Sequence[MemberContext])
             detail = f"same tokens, but BOS/EOS ids {a.bos}/{a.eos} vs {b.bos}/{b.eos}"
         else:
             detail = "same tokens, but a different tokenizer type"
-        raise VocabMismatchError(
-            f"members {first.name!r} ({a.path.name}) and {other.name!r} ({b.path.name}) do not share a "
-            f"vocabulary ({detail}); ensemble only models with the same tokenizer",
-            file=config.file,
-            key=f"ensembles.{config.name}.members",
-        )
+        mismatch = (f"members {first.name!r} ({a.path.name}) and {other.name!r} ({b.path.name}) do not share a "
+                    f"vocabulary: {detail}")
+        break
+    if not mismatch:
+        if config.granularity == "word":
+            return VocabularyPlan(True, "word", "word (models.yaml), though the members share a vocabulary")
+        return VocabularyPlan(True, "token", "token: the members share a vocabulary")
+    key = f"ensembles.{config.name}"
+    if config.granularity == "token":
+        raise VocabMismatchError(f"{mismatch}; granularity token needs one shared vocabulary: set granularity: "
+                                 "word (or leave it out) to ensemble them word by word",
+                                 file=config.file, key=f"{key}.granularity")
+    if config.mode == "ce":
+        raise VocabMismatchError(f"{mismatch}; mode ce mixes next-token distributions and needs one shared "
+                                 "vocabulary: use mode me, which mixes words", file=config.file, key=f"{key}.mode")
+    return VocabularyPlan(False, "word", "word: the members' vocabularies differ", mismatch)

@@ -211,7 +211,8 @@ def chat_messages(value: Any) -> Messages:
 
 
 def token_bytes(engine: Engine, ensemble: str) -> wire.TokenBytes:
-    """A token's bytes, for logprobs: the ensemble's members share one vocabulary, so the first one's."""
+    """A token's bytes, for logprobs, where an event does not carry them (:func:`wire.top_alternatives`):
+    the first member's (token granularity: the members share one vocabulary)."""
     tb: wire.TokenBytes = engine.ensemble(ensemble).members[0].token_bytes
     return tb
 
@@ -220,7 +221,8 @@ def engine_request(ref: ModelRef, choice: EnsembleChoice, overrides: dict[str, A
     """The engine's request: the ensemble's sampling defaults under the request's overrides (None
     keeps the default), and its ``ensemble`` extension."""
     return Request(ensemble=ref.ensemble.name, params=sampling_params(ref.ensemble.sampling, **overrides),
-                   mode=choice.mode, weights=choice.weights, member=choice.member, **kw)
+                   mode=choice.mode, weights=choice.weights, member=choice.member,
+                   granularity=choice.granularity, **kw)
 
 
 # --------------------------------------------------------------------------- models
@@ -267,19 +269,25 @@ class EnsembleChoice:
     mode: str | None = None
     weights: dict[str, float] | None = None
     member: str | None = None
+    granularity: str | None = None
 
 
 def ensemble_extension(body: dict[str, Any], ref: ModelRef) -> EnsembleChoice:
-    """The ``"ensemble": {"mode", "weights", "member"}`` request extension, checked
-    against the ensemble; a member model (``ENSEMBLE/MEMBER``) fixes single mode."""
+    """The ``"ensemble": {"mode", "granularity", "weights", "member"}`` request extension,
+    checked against the ensemble; a member model (``ENSEMBLE/MEMBER``) fixes single mode."""
     ext = opt_object(body, "ensemble")
-    unknown = sorted(set(ext) - {"mode", "weights", "member"})
+    unknown = sorted(set(ext) - {"mode", "granularity", "weights", "member"})
     if unknown:
-        raise bad_request(f"`ensemble.{unknown[0]}` is not a setting; use mode, weights or member", "ensemble")
+        raise bad_request(f"`ensemble.{unknown[0]}` is not a setting; use mode, granularity, weights or member",
+                          "ensemble")
     names = ref.ensemble.member_names
     mode = opt_str(ext, "mode", param="ensemble.mode")
     if mode is not None and mode not in S.MODES:
         raise bad_request(f"`ensemble.mode` must be one of {', '.join(S.MODES)}, got {mode!r}", "ensemble.mode")
+    granularity = opt_str(ext, "granularity", param="ensemble.granularity")
+    if granularity is not None and granularity not in S.GRANULARITIES:
+        raise bad_request(f"`ensemble.granularity` must be one of {', '.join(S.GRANULARITIES)}, got {granularity!r}",
+                          "ensemble.granularity")
     member = opt_str(ext, "member", param="ensemble.member")
     if member is not None and member not in names:
         raise bad_request(f"ensemble {ref.ensemble.name!r} has no member {member!r}; members: {', '.join(names)}",
@@ -306,4 +314,4 @@ def ensemble_extension(body: dict[str, Any], ref: ModelRef) -> EnsembleChoice:
             raise bad_request(f"model {ref.name!r} is the single member {ref.member!r}; drop `ensemble.mode` and "
                               "`ensemble.member` or use the ensemble's own name", "ensemble")
         return EnsembleChoice(mode="single", weights=weights, member=ref.member)
-    return EnsembleChoice(mode=mode, weights=weights, member=member)
+    return EnsembleChoice(mode=mode, weights=weights, member=member, granularity=granularity)

@@ -112,6 +112,14 @@ def openai_usage(stats: GenerationStats, finish_reason: str) -> dict[str, Any]:
     }
 
 
+def top_alternatives(ev: TokenEvent, token_bytes: TokenBytes) -> list[tuple[int, float, bytes]]:
+    """``ev``'s top logprobs as (id, logprob, bytes): the bytes in the vocabulary of the member
+    that wrote it (word-level ME mixes vocabularies), else from ``token_bytes``."""
+    tops = ev.top_logprobs or []
+    pieces = ev.top_pieces if ev.top_pieces is not None else [token_bytes(tid) for tid, _ in tops]
+    return [(tid, lp, b) for (tid, lp), b in zip(tops, pieces)]
+
+
 def chat_logprob(ev: TokenEvent, token_bytes: TokenBytes) -> dict[str, Any]:
     """One ``logprobs.content`` entry; ``id`` and ``member`` are me-local's extension."""
     entry: dict[str, Any] = {
@@ -122,8 +130,7 @@ def chat_logprob(ev: TokenEvent, token_bytes: TokenBytes) -> dict[str, Any]:
         "id": ev.id,
         "member": ev.member,
     }
-    for tid, lp in ev.top_logprobs or ():
-        b = token_bytes(tid)
+    for tid, lp, b in top_alternatives(ev, token_bytes):
         entry["top_logprobs"].append({"token": token_text(b), "logprob": logprob_value(lp), "bytes": list(b),
                                       "id": tid})
     return entry
@@ -147,8 +154,8 @@ def completion_logprobs(
         out["token_logprobs"].append(logprob_value(ev.logprob))
         if with_top:
             tops: dict[str, float | None] = {}
-            for tid, lp in ev.top_logprobs or ():
-                tops.setdefault(token_text(token_bytes(tid)), logprob_value(lp))
+            for _, lp, b in top_alternatives(ev, token_bytes):
+                tops.setdefault(token_text(b), logprob_value(lp))
             out["top_logprobs"].append(tops)
         out["text_offset"].append(offset)
         out["token_ids"].append(ev.id)
@@ -283,8 +290,8 @@ def ollama_logprob(ev: TokenEvent, token_bytes: TokenBytes) -> dict[str, Any]:
                              "member": ev.member}
     if ev.top_logprobs is not None:
         entry["top_logprobs"] = [
-            {"token": token_text(token_bytes(tid)), "logprob": logprob_value(lp), "id": tid}
-            for tid, lp in ev.top_logprobs
+            {"token": token_text(b), "logprob": logprob_value(lp), "id": tid}
+            for tid, lp, b in top_alternatives(ev, token_bytes)
         ]
     return entry
 

@@ -4,6 +4,7 @@ chain (:class:`NativeSampler`) for single-member steps."""
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,12 +26,17 @@ if TYPE_CHECKING:
 
 
 class NativeSampler:
-    """llama.cpp's sampler chain, in the core's order: temperature, top-k, top-p, min-p, draw.
-    It reads its context's last logits inside llama.cpp: nothing vocabulary-sized crosses into Python."""
+    """llama.cpp's sampler chain, in the core's order: temperature, top-k, top-p, min-p, draw,
+    after an optional logit bias (word-level ME's restriction to word starts). It reads its
+    context's last logits inside llama.cpp: nothing vocabulary-sized crosses into Python."""
 
-    def __init__(self, ctx: L.llama_context_p, params: SamplingParams, seed: int) -> None:
+    def __init__(self, ctx: L.llama_context_p, params: SamplingParams, seed: int,
+                 bias: tuple[int, ctypes.Array[L.llama_logit_bias]] | None = None) -> None:
         self._ctx = ctx
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if bias is not None:  # (n_vocab, biases): first, so the transforms see the restricted distribution
+            n_vocab, arr = bias
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(arr), arr))
         if params.greedy:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -224,6 +230,17 @@ class LlamaMember:
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token)
+
+    # -- word-level ME (core.words.WordMember) ---------------------------------
+    @property
+    def word_start(self) -> npt.NDArray[np.bool_]:
+        return self.model.word_start
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return self.model.tokenize_text(text)
+
+    def make_word_start_sampler(self, params: SamplingParams, seed: int) -> NativeSampler:
+        return NativeSampler(self._context(), params, seed, bias=(self.model.n_vocab, self.model.word_start_bias()))
 
     def token_bytes(self, token: int) -> bytes:
         return self.model.pieces[token]

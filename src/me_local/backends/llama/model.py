@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from .threads import CpuShare
 
 
+WHITESPACE = (b" ", b"\n", b"\t", b"\r")
+"""First bytes of the pieces that begin a word."""
+
+
 def _meta_str(model: L.llama_model_p, key: str) -> str | None:
     buf = ctypes.create_string_buffer(1 << 16)
     n = L.llama_model_meta_val_str(model, key.encode(), buf, ctypes.sizeof(buf))
@@ -120,6 +124,10 @@ class LoadedModel:
             h.update(t + b"\x00")
         self.token_texts = texts
         self.fingerprint = h.hexdigest()
+        self.word_start: npt.NDArray[np.bool_] = self._eog | np.array(
+            [p[:1] in WHITESPACE for p in self.pieces], dtype=bool)
+        """Tokens that may begin a word in word-level ME: whitespace-initial, or end of generation."""
+        self._word_start_bias: ctypes.Array[L.llama_logit_bias] | None = None
         self.bos_text = self._piece(self.bos, special=True).decode("utf-8", "replace") if self.bos >= 0 else ""
         self.eos_text = self._piece(self.eos, special=True).decode("utf-8", "replace") if self.eos >= 0 else ""
         self.refs = 0
@@ -150,6 +158,30 @@ class LoadedModel:
         if n < 0:
             raise RequestError("the prompt could not be tokenized", param="prompt")
         return list(arr[:n])
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Generated text as a continuation: no BOS, markup kept as text, and no space put
+        before it (a SentencePiece vocabulary that adds a space prefix gets its leading space
+        from the text itself, when the text has one)."""
+        if self._adds_space_prefix is None:
+            probe = self.tokenize("a", add_special=False, parse_special=False)
+            self._adds_space_prefix = self.detokenize(probe) != "a"
+        if self._adds_space_prefix and text.startswith(" "):
+            text = text[1:]
+        return self.tokenize(text, add_special=False, parse_special=False) if text else []
+
+    _adds_space_prefix: bool | None = None
+
+    def word_start_bias(self) -> ctypes.Array[L.llama_logit_bias]:
+        """-inf for every token that may not begin a word (built once): llama.cpp's logit-bias
+        sampler restricts a chain to :attr:`word_start`."""
+        if self._word_start_bias is None:
+            banned = np.nonzero(~self.word_start)[0]
+            arr = np.zeros(len(banned), dtype=[("token", "<i4"), ("bias", "<f4")])
+            arr["token"] = banned
+            arr["bias"] = -np.inf
+            self._word_start_bias = (L.llama_logit_bias * len(banned)).from_buffer_copy(arr.tobytes())
+        return self._word_start_bias
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.pieces[t] for t in tokens).decode("utf-8", "replace")
