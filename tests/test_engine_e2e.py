@@ -187,7 +187,7 @@ def test_vocabulary_mismatch_names_both_members(write_config, tiny_models):
         Engine(load_config(cfg)).ensemble("mixed")
     msg = str(err.value)
     assert "'alpha'" in msg and "'beta'" in msg and "do not share a vocabulary" in msg
-    assert "ensembles.mixed.members" in msg
+    assert "ensembles.mixed.granularity" in msg  # the key to change: word mixes these members
 
 
 def test_each_member_uses_its_own_system_prompt_and_template(write_config, tiny_models):

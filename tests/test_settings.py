@@ -89,8 +89,8 @@ def _api(api: str) -> Callable[[Setting[Any], Any], None]:
         field = getattr(s, api).rpartition(".")[2]
         if s is S.WEIGHT:
             ensemble_extension({"ensemble": {"weights": {"a": value}}}, ENSEMBLE)
-        elif s is S.MODE:
-            ensemble_extension({"ensemble": {"mode": value}}, ENSEMBLE)
+        elif getattr(s, api).startswith("ensemble."):  # mode, granularity: the `ensemble` extension
+            ensemble_extension({"ensemble": {field: value}}, ENSEMBLE)
         elif s is S.TOP_LOGPROBS:
             logprob_options({field: value, "logprobs": True})
         elif api == "openai":

@@ -140,7 +140,7 @@ GRANULARITY: Setting[str | None] = Setting(
     "granularity", str, None, "What `me` draws a member for: each token (members share a vocabulary) or each "
     "word (any members).", "ensemble", choices=("token", "word"), yaml=True, flag="--granularity",
     openai="ensemble.granularity", ollama="ensemble.granularity", chat="granularity",
-    default_text="token when the members share a vocabulary, else word")
+    default_text="token if the members share a vocabulary; else word")
 MEMBER: Setting[str | None] = Setting(
     "member", str, None, "The member `single` mode uses (default: the first).", "ensemble", yaml=True,
     flag="--member", openai="ensemble.member", ollama="ensemble.member", chat="member", default_text="the first")
