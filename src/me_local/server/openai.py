@@ -226,9 +226,11 @@ def model_extension(engine: Engine, name: str, member: str | None) -> dict[str, 
     default = engine.config.get(None).name == name and member is None
     if member is not None:
         return {"kind": "member", "ensemble": name, "member": member, "n_ctx": cfg.n_ctx, "default": False}
+    loaded = engine.loaded.get(name)
     return {
         "kind": "ensemble",
         "mode": cfg.mode,
+        "granularity": loaded.vocabulary.granularity if loaded is not None else cfg.granularity,
         "members": [{"name": m.name, "weight": w} for m, w in zip(cfg.members, cfg.normalized_weights())],
         "n_ctx": cfg.n_ctx,
         "parallel": cfg.parallel,
