@@ -3,6 +3,8 @@ tiny fabricated ones (a byte-level BPE and a SentencePiece-style vocabulary)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -179,3 +181,52 @@ def test_word_granularity_is_cancellable_mid_word(engine):
         seen.append(ev)
     assert events[-1].finish_reason == "cancelled"
     assert len(events) <= 8
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_generate_json_and_models_at_word_granularity(mixed_config, tiny_models):
+    from me_local.backends.llama import ContextSettings, LlamaMember, LoadedModel
+    from me_local.core.sampling import log_softmax
+
+    from .test_cli import T1, invoke
+
+    result = invoke(["generate", "--config", str(mixed_config), "-e", "mixed", "--raw", "--json", "-n", "30",
+                     "--seed", "3", *T1, "Hello world"])
+    assert result.exit_code == 0, result.output
+    *tokens, final = [json.loads(line) for line in result.stdout.splitlines()]
+    assert final["stats"]["granularity"] == "word" and len(tokens) == 30
+    assert {t["member"] for t in tokens} == {"bpe", "spm"}
+    # each logprob is its writer's: the tokens of the first run (before anyone else wrote) are
+    # exactly the first member's own sequence, recomputed here from scratch
+    models = {"bpe": LoadedModel(tiny_models["a1"]), "spm": LoadedModel(tiny_models["s1"])}
+    first = tokens[0]["member"]
+    run = [t for t in tokens[: next((i for i, t in enumerate(tokens) if t["member"] != first), len(tokens))]]
+    m = models[first]
+    prompt = m.tokenize("Hello world", add_special=True)
+    for i, t in enumerate(run):
+        ctx = LlamaMember("check", m, ContextSettings(n_ctx=256))
+        ctx.evaluate(prompt + [x["id"] for x in run[:i]])
+        assert t["logprob"] == pytest.approx(float(log_softmax(ctx.logits())[t["id"]]), abs=1e-3)
+        ctx.close()
+    shown = invoke(["generate", "--config", str(mixed_config), "-e", "mixed", "--raw", "--show-members", "--stats",
+                    "-n", "20", "--seed", "3", "Hello"])
+    assert shown.exit_code == 0
+    assert "granularity word" in shown.stderr and "wrote" in shown.stderr
+    assert invoke(["generate", "--config", str(mixed_config), "-e", "mixed", "--granularity", "token",
+                   "hi"]).exit_code == 2
+    listing = invoke(["models", "--config", str(mixed_config)])
+    assert listing.exit_code == 0
+    assert "granularity word: members 'bpe' and 'spm' do not share a vocabulary" in listing.stdout
+    assert "granularity word: models.yaml" in listing.stdout  # the same-vocabulary ensemble set to word
+
+
+def test_chat_sets_granularity(mixed_config):
+    from .test_cli import invoke
+
+    session = "/set granularity token\nHi\n/set granularity word\nHi\n/stats\n/bye\n"
+    out = invoke(["chat", "--config", str(mixed_config), "-e", "same", "-n", "6", "--seed", "1"],
+                 input=session).stdout
+    assert "Set granularity to token." in out and "Set granularity to word." in out
+    assert "granularity word" in out
