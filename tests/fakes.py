@@ -142,8 +142,8 @@ class FakeFactory:
 
 class WordFake(FakeMember):
     """A FakeMember with a vocabulary of its own, for word-level ME: single characters of
-    ``alphabet``, then ``words`` (multi-character pieces such as ``b" bad"``), then an
-    end-of-generation token. Tokenizing continuation text is greedy longest match; the
+    ``alphabet``, then ``words`` (multi-character pieces such as ``b" bad"``), then the other
+    bytes (for tokenizing any text; never sampled), then an end-of-generation token. Tokenizing continuation text is greedy longest match; the
     word-start mask comes from the pieces (whitespace-initial, or the end token). Logits
     depend only on the last token, as FakeMember's; ``boundary_bias`` is added to the
     whitespace-initial tokens' logits so that words stay short, ``eog_bias`` to the end
@@ -152,7 +152,9 @@ class WordFake(FakeMember):
     def __init__(self, name: str, seed: int, words: Sequence[bytes], *, alphabet: bytes = b"abcde \n",
                  boundary_bias: float = 0.0, eog_bias: float = -3.0, scale: float = 1.5,
                  n_ctx: int = 512) -> None:
-        pieces = [bytes([b]) for b in alphabet] + list(words) + [b""]
+        # byte fallback (never sampled) so any text tokenizes, as real vocabularies do
+        fallback = [bytes([b]) for b in range(256) if b not in alphabet]
+        pieces = [bytes([b]) for b in alphabet] + list(words) + fallback + [b""]
         super().__init__(name, seed, n_vocab=len(pieces), n_ctx=n_ctx, pieces=pieces, eog=len(pieces) - 1,
                          scale=scale)
         ws = np.array([p[:1] in (b" ", b"\n", b"\t", b"\r") for p in pieces])
@@ -160,6 +162,7 @@ class WordFake(FakeMember):
         self._word_start = ws
         self._table[:, ws] += boundary_bias
         self._table[:, -1] += eog_bias - boundary_bias
+        self._table[:, len(alphabet) + len(words):-1] = -60.0
         self._by_len = sorted(range(len(pieces) - 1), key=lambda t: -len(pieces[t]))
         self.tokenized: list[str] = []
 

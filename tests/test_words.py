@@ -188,7 +188,7 @@ def segments(tokens: Sequence[TokenEvent]) -> list[tuple[str, str]]:
 
 
 def test_catch_up_is_lazy_batched_and_a_dropped_boundary_token_is_never_evaluated():
-    members = pair()
+    members = pair(eog_bias=-9.0)
     for m in members:
         m.calls.clear()
     tokens, done = run(members, [0.5, 0.5], dict(seed=11, max_tokens=80, **T1))
@@ -263,8 +263,8 @@ def test_stop_strings_eog_and_limits_across_members():
 
 
 def test_text_without_whitespace_gets_forced_boundaries_so_members_keep_mixing():
-    members = [WordFake("a", 1, [b"ace", b"de"], alphabet=b"abcde"),
-               WordFake("b", 2, [b"ab", b"cc", b"ed"], alphabet=b"abcde")]
+    members = [WordFake("a", 1, [b"ace", b"de"], alphabet=b"abcde", eog_bias=-9.0),
+               WordFake("b", 2, [b"ab", b"cc", b"ed"], alphabet=b"abcde", eog_bias=-9.0)]
     tokens, done = run(members, [0.5, 0.5], dict(seed=1, max_tokens=120, **T1))
     text = "".join(t.text for t in tokens)
     assert " " not in text and len(tokens) == 120
@@ -309,3 +309,40 @@ def test_word_granularity_refuses_ce_and_members_without_a_word_tokenizer():
                       granularity="word"))
     with pytest.raises(RequestError, match="granularity"):
         list(generate(pair(), [1, 1], PROMPTS, SamplingParams(max_tokens=3), granularity="sentence"))
+
+
+def test_split_utf8_is_held_back_until_complete_across_members():
+    euro = "€".encode()
+    members = [WordFake("a", 1, [euro[:2], euro[2:], b" \xe2\x82\xac"], boundary_bias=0.5),
+               WordFake("b", 2, [euro[:1], euro[1:], b" ab"], boundary_bias=0.5)]
+    saw_euro = False
+    for seed in range(30):
+        tokens, done = run(members, [0.5, 0.5], dict(seed=seed, max_tokens=40, **T1))
+        pieces = b"".join(t.piece for t in tokens)
+        text = "".join(t.text for t in tokens) + done.text
+        assert text == pieces.decode("utf-8", "replace")
+        for t in tokens:  # no event releases half a character
+            assert t.text.encode("utf-8").decode("utf-8") == t.text
+        saw_euro |= "€" in text and any(len(t.piece) < 3 and t.piece[:1] == b"\xe2" for t in tokens)
+    assert saw_euro  # a euro sign was written in pieces, and came out whole
+
+
+def test_slots_keep_word_level_state_apart(tiny_models=None):
+    """Two generations interleaved on separate member sets give the texts they give alone."""
+    def gen(seed):
+        return generate(pair(), [0.5, 0.5], PROMPTS, SamplingParams(seed=seed, max_tokens=30, **T1),
+                        granularity="word")
+
+    alone = ["".join(e.text for e in gen(s) if isinstance(e, TokenEvent)) for s in (1, 2)]
+    g1, g2 = gen(1), gen(2)
+    texts = ["", ""]
+    done = [False, False]
+    while not all(done):
+        for i, g in enumerate((g1, g2)):
+            if not done[i]:
+                ev = next(g)
+                if isinstance(ev, DoneEvent):
+                    done[i] = True
+                else:
+                    texts[i] += ev.text
+    assert texts == alone
