@@ -143,8 +143,9 @@ class FakeFactory:
 class WordFake(FakeMember):
     """A FakeMember with a vocabulary of its own, for word-level ME: single characters of
     ``alphabet``, then ``words`` (multi-character pieces such as ``b" bad"``), then the other
-    bytes (for tokenizing any text; never sampled), then an end-of-generation token. Tokenizing continuation text is greedy longest match; the
-    word-start mask comes from the pieces (whitespace-initial, or the end token). Logits
+    bytes (for tokenizing any text; never sampled), then an end-of-generation token.
+    Tokenizing continuation text is greedy longest match; the word-start mask comes from
+    the pieces (whitespace-initial, or the end token). Logits
     depend only on the last token, as FakeMember's; ``boundary_bias`` is added to the
     whitespace-initial tokens' logits so that words stay short, ``eog_bias`` to the end
     token's so that texts do not end too soon."""
