@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from . import assembled
+from . import assembled, chat_templates
 from . import settings as S
 from .errors import ConfigError, RequestError
 from .settings import Setting, show_number
@@ -59,6 +59,9 @@ class MemberConfig:
     """Directory relative paths are resolved against (the YAML file's)."""
     weight: float = S.WEIGHT.default
     system: str | None = S.SYSTEM.default
+    chat_template: str | None = S.CHAT_TEMPLATE.default
+    """As written in models.yaml: a built-in's name or Jinja text (checked); None: the file's own.
+    :func:`me_local.chat_templates.choose` says what it means for a file."""
     n_gpu_layers: int = S.N_GPU_LAYERS.default
     n_threads: int | None = S.N_THREADS.default
     repack: str = S.REPACK.default
@@ -414,6 +417,16 @@ def _parse_member(raw: Any, base_dir: Path, fname: str, key: str) -> MemberConfi
     system = raw.get("system", S.SYSTEM.default)
     if system is not None and not isinstance(system, str):
         raise ConfigError(f"must be a string, got {system!r}", file=fname, key=f"{key}.system")
+    chat_template = raw.get("chat_template", S.CHAT_TEMPLATE.default)
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not chat_template.strip():
+            raise ConfigError(
+                f"must be a built-in's name ({chat_templates.names()}) or a Jinja template, got {chat_template!r}",
+                file=fname, key=f"{key}.chat_template",
+            )
+        problem = chat_templates.problem(chat_template)
+        if problem is not None:
+            raise ConfigError(problem, file=fname, key=f"{key}.chat_template")
     n_gpu_layers = raw.get("n_gpu_layers", S.N_GPU_LAYERS.default)
     lowest = S.N_GPU_LAYERS.lo
     assert lowest is not None
@@ -437,6 +450,7 @@ def _parse_member(raw: Any, base_dir: Path, fname: str, key: str) -> MemberConfi
         base_dir=base_dir,
         weight=float(weight),
         system=system,
+        chat_template=chat_template,
         n_gpu_layers=n_gpu_layers,
         n_threads=n_threads,
         repack=repack,
