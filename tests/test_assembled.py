@@ -197,3 +197,14 @@ def test_me_local_models_on_the_assembled_gemma(gemma_cache, write_config, monke
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if line.startswith("  gemma "))
     assert f"{GEMMA_FILE}  253 MB  vocab 262144" in line
+
+
+def test_me_local_generate_runs_the_assembled_gemma(gemma_cache, write_config, monkeypatch):
+    monkeypatch.delenv("ME_LOCAL_HOME", raising=False)
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(gemma_cache))
+    cfg = write_config(f"ensembles:\n  g:\n    n_ctx: 64\n    members: [{{name: gemma, path: '{GEMMA_URI}'}}]\n")
+    result = CliRunner().invoke(cli, ["generate", "--config", str(cfg), "--raw", "-n", "3", "--temperature", "0",
+                                      "Question: What is the capital of France?\nAnswer:"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
