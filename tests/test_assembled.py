@@ -148,6 +148,14 @@ def test_a_missing_model_package_is_one_line_naming_the_command(write_config, mo
                                      f"{package!r} is not installed; install it with {command}")
 
 
+def test_a_wrong_file_name_names_the_one_the_package_assembles(cache):
+    with pytest.raises(ConfigError) as err:
+        resolve_model_path(f"pkg://{GEMMA_PKG}/gemma.gguf", ROOT, file="m.yaml", key="k")
+    assert str(err.value) == (f"m.yaml: k: package {GEMMA_PKG!r} has no file 'gemma.gguf', and the file it "
+                              f"assembles is {GEMMA_FILE!r}: write {GEMMA_URI}")
+    assert not cache.parent.exists()
+
+
 def test_the_service_check_assembles_nothing(cache, write_config):
     cfg = load_config(write_config(f"ensembles:\n  e:\n    members: [{{name: g, path: '{GEMMA_URI}'}}]\n"))
     member = cfg.get("e").members[0]

@@ -93,9 +93,16 @@ def assembler(package: str, inner: str, *, file: str = "", key: str = "path") ->
             f"reinstall it with {reinstall_command(package)}",
             file=file, key=key,
         ) from None
-    if callable(getattr(module, "assemble", None)) and getattr(module, "MODEL_NAME", None) == inner:
-        return module
-    return None
+    name = getattr(module, "MODEL_NAME", None)
+    if not callable(getattr(module, "assemble", None)) or not isinstance(name, str):
+        return None
+    if name != inner:
+        raise ConfigError(
+            f"package {package!r} has no file {inner!r}, and the file it assembles is {name!r}: "
+            f"write pkg://{package}/{name}",
+            file=file, key=key,
+        )
+    return module
 
 
 def assembled_path(module: ModuleType, inner: str, *, file: str = "", key: str = "path",
