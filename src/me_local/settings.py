@@ -166,6 +166,11 @@ WEIGHT: Setting[float] = Setting(
     chat="weights")
 SYSTEM: Setting[str | None] = Setting(
     "system", str, None, "The member's own system prompt.", "member", yaml=True)
+CHAT_TEMPLATE: Setting[str | None] = Setting(
+    "chat_template", str, None,
+    "The member's chat template, instead of its file's: a built-in's name (chatml, gemma, llama3, zephyr) "
+    "or Jinja text.", "member", yaml=True, default_text="the file's (none: chatml)")
+"""The built-ins are :data:`me_local.chat_templates.BUILTINS` (a test keeps the help's list in step)."""
 N_GPU_LAYERS: Setting[int] = Setting(
     "n_gpu_layers", int, 0, "Layers offloaded to the GPU: 0 none, -1 all (CUDA/Metal builds).", "member",
     lo=-1, yaml=True)
@@ -213,7 +218,7 @@ WRITE_TIMEOUT: Setting[float] = Setting(
 SETTINGS: tuple[Setting[Any], ...] = (
     TEMPERATURE, TOP_P, TOP_K, MIN_P, MAX_TOKENS, SEED, STOP, TOP_LOGPROBS,
     MODE, GRANULARITY, MEMBER, N_CTX, PARALLEL, MAX_QUEUE, N_BATCH, KV_CACHE_TYPE,
-    WEIGHT, SYSTEM, N_GPU_LAYERS, N_THREADS, REPACK, MMAP,
+    WEIGHT, SYSTEM, CHAT_TEMPLATE, N_GPU_LAYERS, N_THREADS, REPACK, MMAP,
     HOST, PORT, MAX_BODY_SIZE, HEADER_TIMEOUT, BODY_TIMEOUT, WRITE_TIMEOUT,
 )
 """Every setting, in the order the reference lists them."""

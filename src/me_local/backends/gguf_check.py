@@ -7,8 +7,9 @@ file, what is wrong with it and the fix, and does not depend on every llama.cpp
 version handling every damaged file gracefully.
 
 It reads (never maps) the header: magic, version, the key/value pairs (keeping
-``general.architecture`` and ``general.alignment``), the tensor infos, the aligned
-start of the data, and checks that every tensor's bytes lie within the file.
+``general.architecture``, ``general.alignment`` and ``tokenizer.chat_template``), the
+tensor infos, the aligned start of the data, and checks that every tensor's bytes lie
+within the file.
 Pure Python: no llama_cpp, no ``gguf`` package (that one is for tests only).
 """
 
@@ -81,6 +82,8 @@ class GgufHeader:
     data_end: int
     """Where the last tensor's bytes end: the size a complete file has at least."""
     file_size: int
+    chat_template: str | None = None
+    """``tokenizer.chat_template`` (None: the file has none)."""
 
 
 class _Truncated(Exception):
@@ -183,6 +186,7 @@ def _read(path: Path, r: _Reader) -> GgufHeader:
         r.need(13 * n_kv + 24 * n_tensors)
         architecture: str | None = None
         alignment = DEFAULT_ALIGNMENT
+        chat_template: str | None = None
         for _ in range(n_kv):
             key = r.string()
             vtype = r.u32()
@@ -190,6 +194,8 @@ def _read(path: Path, r: _Reader) -> GgufHeader:
                 architecture = r.string().decode("utf-8", "replace")
             elif key == b"general.alignment" and vtype == 4:
                 alignment = r.u32()
+            elif key == b"tokenizer.chat_template" and vtype == _STRING:
+                chat_template = r.string().decode("utf-8", "replace")
             else:
                 _skip_value(path, r, vtype, key)
         if alignment <= 0 or alignment & (alignment - 1):
@@ -219,7 +225,8 @@ def _read(path: Path, r: _Reader) -> GgufHeader:
                 f"has {r.size} bytes; {REFETCH}",
             )
         data_end = max(data_end, end)
-    return GgufHeader(version, architecture, n_tensors, n_kv, alignment, data_offset, data_end, r.size)
+    return GgufHeader(version, architecture, n_tensors, n_kv, alignment, data_offset, data_end, r.size,
+                      chat_template)
 
 
 def _skip_value(path: Path, r: _Reader, vtype: int, key: bytes) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from ..chat_templates import ChatTemplate
 from ..core.types import Member
 
 if TYPE_CHECKING:
@@ -73,6 +74,11 @@ class ModelHandle(Protocol):
         """The file's own chat template (None: it has none, and a default is used)."""
         ...
 
+    def template(self, configured: str | None = None) -> ChatTemplate:
+        """The template a member whose models.yaml ``chat_template`` is ``configured`` renders
+        with (None: the file's own, or the default), and where it came from."""
+        ...
+
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends a generation (EOS, end of turn...)."""
         ...
@@ -81,9 +87,10 @@ class ModelHandle(Protocol):
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
-    def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None) -> list[int]:
-        """The prompt the chat template makes of ``messages``, with message content
-        tokenized as text (never as control tokens). ``labels`` name the messages in errors."""
+    def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None,
+                    template: ChatTemplate | None = None) -> list[int]:
+        """The prompt ``template`` (default: :meth:`template`) makes of ``messages``, with message
+        content tokenized as text (never as control tokens). ``labels`` name the messages in errors."""
         ...
 
 
@@ -96,6 +103,12 @@ class MemberContext(Member, Protocol):
     @property
     def system(self) -> str | None:
         """The member's own system prompt (put before the messages by :meth:`chat_prompt`)."""
+        ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The member's models.yaml ``chat_template`` (a built-in's name or Jinja text), used
+        instead of its file's; None: the file's own (or the default when it has none)."""
         ...
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:

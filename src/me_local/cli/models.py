@@ -38,6 +38,7 @@ def describe(config: Config) -> tuple[str, bool]:
                     f"vocab {info.n_vocab}  mmap {'on' if load.mmap else 'off'}  "
                     f"repack {'on' if load.repack else 'off'} ({load.repack_reason}){note}"
                 )
+                lines.append(f"  {'':<14} chat template: {info.template(mc.chat_template).source}")
                 infos.append((mc.name, info))
             except MeLocalError as exc:
                 lines.append(f"  {mc.name:<14} weight {w:.2f}  ERROR: {exc}")

@@ -124,10 +124,10 @@ class Engine:
         messages = normalize_messages(request.messages) if request.messages is not None else None
         members = loaded.members
         prompts: list[list[int]] = [[] for _ in members]
-        cache: dict[tuple[int, str | None], list[int]] = {}
+        cache: dict[tuple[int, str | None, str | None], list[int]] = {}
         for i in active:
             m = members[i]
-            key = (id(m.model), m.system)
+            key = (id(m.model), m.system, m.chat_template)  # members differing in either get their own prompt
             if key not in cache:
                 if messages is not None:
                     cache[key] = m.chat_prompt(messages)

@@ -33,7 +33,8 @@ class LlamaMemberFactory:
         settings = ContextSettings(n_ctx=ensemble.n_ctx, n_batch=ensemble.n_batch, n_threads=member.n_threads,
                                    kv_cache_type=ensemble.kv_cache_type)
         try:
-            return self.store.open_member(member.name, member.resolve_path(), load, settings, system=member.system)
+            return self.store.open_member(member.name, member.resolve_path(), load, settings, system=member.system,
+                                          chat_template=member.chat_template)
         except SettingError as exc:  # an ensemble's setting that does not suit this model: say where it is set
             raise SettingError(exc.reason, setting=exc.setting, file=ensemble.file,
                                key=f"ensembles.{ensemble.name}.{exc.setting}") from None

@@ -10,18 +10,23 @@ may carry Ollama's ``:latest`` tag. The ``ensemble`` extension works here too.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from .. import __version__
+from .. import __version__, chat_templates
 from .. import settings as S
-from ..config import EnsembleConfig
+from ..backends.gguf_check import read_gguf_header
+from ..config import EnsembleConfig, MemberConfig
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, Request
+from ..errors import MeLocalError
 from . import wire
 from .errors import ApiError, bad_request
 from .params import (
@@ -188,6 +193,31 @@ def _digest(ens: EnsembleConfig, member: str | None) -> str:
     return hashlib.sha256(f"{ens.name}:{ens.mode}:{desc}".encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=64)
+def _file_chat_template(path: str, size: int, mtime_ns: int) -> str | None:
+    """A GGUF file's own chat template, read from its header (cached while the file is unchanged)."""
+    return read_gguf_header(Path(path)).chat_template
+
+
+def _chat_templates(members: Iterable[MemberConfig]) -> dict[str, dict[str, str]]:
+    """Each member's chat template and where it came from (``file``, ``built-in NAME (models.yaml)``,
+    ``models.yaml``, ``default chatml (the file has none)``). Reads the files' headers: off the loop."""
+    out = {}
+    for m in members:
+        if m.chat_template is not None:
+            t = chat_templates.choose(m.chat_template, None)
+        else:
+            try:
+                path = m.resolve_path()
+                st = path.stat()
+                t = chat_templates.choose(None, _file_chat_template(str(path), st.st_size, st.st_mtime_ns))
+            except (MeLocalError, OSError) as exc:
+                out[m.name] = {"source": "unknown", "template": "", "error": str(exc)}
+                continue
+        out[m.name] = {"source": t.source, "template": t.text}
+    return out
+
+
 def _details(ens: EnsembleConfig, member: str | None) -> dict[str, Any]:
     return {"parent_model": "", "format": "gguf", "family": "me-local", "families": ["me-local"],
             "parameter_size": "", "quantization_level": ""}
@@ -250,9 +280,11 @@ async def show(request: web.Request) -> web.Response:
     members = [m for m in ens.members if ref.member is None or m.name == ref.member]
     parameters = "\n".join([f"temperature {s.temperature}", f"top_k {s.top_k}", f"top_p {s.top_p}",
                             f"min_p {s.min_p}", f"num_predict {s.max_tokens}", f"num_ctx {ens.n_ctx}"])
+    templates = await asyncio.get_running_loop().run_in_executor(None, _chat_templates, members)
     modelfile = "\n".join([f"# me-local {'member' if ref.member else 'ensemble'} {ref.name} "
                            f"(mode {'single' if ref.member else ens.mode})"]
-                          + [f"# member {m.name} weight {m.weight} path {m.path}" for m in members])
+                          + [f"# member {m.name} weight {m.weight} path {m.path} "
+                             f"chat template {templates[m.name]['source']}" for m in members])
     return web.json_response({
         "modelfile": modelfile,
         "parameters": parameters,
@@ -260,7 +292,8 @@ async def show(request: web.Request) -> web.Response:
         "details": _details(ens, ref.member),
         "model_info": {"general.architecture": "me-local", "me-local.context_length": ens.n_ctx,
                        "me-local.mode": "single" if ref.member else ens.mode,
-                       "me-local.members": [m.name for m in members]},
+                       "me-local.members": [m.name for m in members],
+                       "me-local.chat_templates": templates},
         "capabilities": ["completion"],
         "modified_at": _modified_at(engine),
     })

@@ -176,7 +176,7 @@ def resolve_config(explicit: str | None) -> tuple[Path, list[str]]:
     for ensemble in config.ensembles.values():
         for member in ensemble.members:
             try:
-                member.resolve_path()
+                member.resolve_path(assemble=False)  # the service assembles into its own cache
             except ConfigError as exc:
                 warnings.append(f"warning: {exc}")
     return path, warnings

@@ -10,16 +10,13 @@ from functools import cache
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from ... import chat_templates
 from ...errors import RequestError
 from ..types import ChatMessage
 
-#: Used when a GGUF file carries no ``tokenizer.chat_template`` (documented in the README).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+#: Used when a GGUF file carries no ``tokenizer.chat_template`` and its member sets none
+#: (ChatML; documented in the README): :data:`me_local.chat_templates.DEFAULT`.
+DEFAULT_CHAT_TEMPLATE = chat_templates.DEFAULT.text
 
 #: Whitespace put around a content mark to see whether a chat template trims message content.
 PAD = " \u3000\t"
@@ -31,16 +28,14 @@ def chat_formatter(template: str, eos_text: str, bos_text: str) -> Jinja2ChatFor
     return Jinja2ChatFormatter(template, eos_token=eos_text, bos_token=bos_text)
 
 
-def render(template: str | None, messages: Sequence[ChatMessage], *, eos_text: str, bos_text: str,
-           file_name: str) -> str:
-    """The prompt text ``template`` (None: :data:`DEFAULT_CHAT_TEMPLATE`) makes of ``messages``."""
+def render(template: str, messages: Sequence[ChatMessage], *, eos_text: str, bos_text: str, who: str) -> str:
+    """The prompt text ``template`` makes of ``messages``; ``who`` names the template in errors."""
     try:
-        formatter = chat_formatter(template or DEFAULT_CHAT_TEMPLATE, eos_text, bos_text)
+        formatter = chat_formatter(template, eos_text, bos_text)
         return formatter(messages=list(messages)).prompt  # type: ignore[arg-type]
-    except Exception as exc:  # a template error is the request's (roles) or the file's fault
+    except Exception as exc:  # a template error is the request's (roles) or the template's fault
         raise RequestError(
-            f"the chat template of {file_name} rejected these messages ({exc}); "
-            "check the roles and their order",
+            f"{who} rejected these messages ({exc}); check the roles and their order",
             param="messages",
         ) from None
 

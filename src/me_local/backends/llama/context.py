@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp as L
 
+from ...chat_templates import ChatTemplate
 from ...core.types import Cancelled, SamplingParams
 from ...errors import BackendError, ModelLoadError, SettingError
 from ...settings import KV_CACHE_TYPE, N_BATCH, N_CTX
@@ -100,11 +101,14 @@ class LlamaMember:
         gate: threading.BoundedSemaphore | None = None,
         *,
         store: ModelStore | None = None,
+        chat_template: str | None = None,
     ):
         self.name = name
         self._gate = gate
         self.model = model
         self.system = system
+        self.chat_template = chat_template
+        """models.yaml's ``chat_template`` (a built-in's name or Jinja text); None: the file's."""
         self._store = store
         n_threads = settings.threads()
         cparams = L.llama_context_default_params()
@@ -246,6 +250,11 @@ class LlamaMember:
         return self.model.pieces[token]
 
     # -- prompts ---------------------------------------------------------------
+    @property
+    def template(self) -> ChatTemplate:
+        """The chat template this member renders with, and where it came from."""
+        return self.model.template(self.chat_template)
+
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Format messages with this member's own template (its system prompt first).
         Message content is tokenized as text: see :meth:`LoadedModel.chat_tokens`."""
@@ -258,7 +267,7 @@ class LlamaMember:
             else:
                 msgs.insert(0, {"role": "system", "content": self.system})
                 labels.insert(0, f"the system prompt of member {self.name!r}")
-        return self.model.chat_tokens(msgs, labels)
+        return self.model.chat_tokens(msgs, labels, self.template)
 
     def raw_prompt(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_special=True)

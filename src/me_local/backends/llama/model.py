@@ -16,6 +16,8 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp as L
 
+from ... import chat_templates
+from ...chat_templates import ChatTemplate
 from ...errors import RequestError
 from ..cpu import cpu_flags, decide_repack
 from ..gguf_check import read_gguf_header
@@ -186,25 +188,34 @@ class LoadedModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.pieces[t] for t in tokens).decode("utf-8", "replace")
 
-    def format_chat(self, messages: Sequence[ChatMessage]) -> str:
-        return chat_template.render(self.chat_template, messages, eos_text=self.eos_text, bos_text=self.bos_text,
-                                    file_name=self.path.name)
+    def template(self, configured: str | None = None) -> ChatTemplate:
+        """The chat template of a member whose models.yaml ``chat_template`` is ``configured``
+        (None: this file's own, or the default when it has none), and where it came from."""
+        return chat_templates.choose(configured, self.chat_template)
 
-    def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None) -> list[int]:
-        """The prompt for chat messages. Only the template's own markup may produce special
-        tokens: text in a message's content that reads as a control token (``<|im_end|>``)
-        is tokenized as plain text, so a user cannot forge turns. ``labels`` name the
-        messages in errors (default ``messages[i]``)."""
+    def format_chat(self, messages: Sequence[ChatMessage], template: ChatTemplate | None = None) -> str:
+        """``messages`` rendered by ``template`` (default: :meth:`template`)."""
+        t = template or self.template()
+        return chat_template.render(t.text, messages, eos_text=self.eos_text, bos_text=self.bos_text,
+                                    who=t.named_for(self.path.name))
+
+    def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None,
+                    template: ChatTemplate | None = None) -> list[int]:
+        """The prompt for chat messages, rendered by ``template`` (default: :meth:`template`).
+        Only the template's own markup may produce special tokens: text in a message's content
+        that reads as a control token (``<|im_end|>``) is tokenized as plain text, so a user
+        cannot forge turns. ``labels`` name the messages in errors (default ``messages[i]``)."""
+        template = template or self.template()
         marked = {}
         for i, m in enumerate(messages):
             found = self._control_texts(m.get("content") or "")
             if found is not None:
                 marked[i] = found
         if not marked:  # nothing at stake: the rendered text as one piece, exactly as always
-            text = self.format_chat(messages)
+            text = self.format_chat(messages, template)
             starts_with_bos = bool(self.bos_text) and text.startswith(self.bos_text)
             return self.tokenize(text, add_special=self.add_bos and not starts_with_bos)
-        return self._chat_tokens_with_text_content(messages, marked, labels)
+        return self._chat_tokens_with_text_content(messages, marked, labels, template)
 
     _control_pattern: re.Pattern[str] | None = None
 
@@ -229,7 +240,7 @@ class LoadedModel:
         return list(dict.fromkeys(found))
 
     def _chat_tokens_with_text_content(self, messages: Sequence[ChatMessage], marked: dict[int, list[str]],
-                                       labels: Sequence[str] | None) -> list[int]:
+                                       labels: Sequence[str] | None, template: ChatTemplate) -> list[int]:
         """Tokenize the template's pieces with special-token parsing and the contents
         without (:func:`chat_template.split_at_contents`). The pieces' boundaries may
         tokenize a little differently from one whole text, so this path is taken only when
@@ -244,7 +255,8 @@ class LoadedModel:
                 param="messages",
             )
 
-        pieces = chat_template.split_at_contents(self.format_chat, messages, marked, refuse)
+        pieces = chat_template.split_at_contents(lambda msgs: self.format_chat(msgs, template), messages, marked,
+                                                 refuse)
         # BOS as for the whole text: added unless the template's text starts with it
         starts_with_bos = bool(self.bos_text) and pieces[0][0].startswith(self.bos_text)
         tokens = [self.bos] if self.add_bos and self.bos >= 0 and not starts_with_bos else []

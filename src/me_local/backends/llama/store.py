@@ -52,12 +52,13 @@ class ModelStore:
                 model.close()
 
     def open_member(self, name: str, path: Path, load: LoadSettings, settings: ContextSettings,
-                    system: str | None = None) -> LlamaMember:
+                    system: str | None = None, chat_template: str | None = None) -> LlamaMember:
         """A member over this store's load of ``path``, decoding through its gate. The
         member owns its hold on the model: its ``close()`` gives the model back."""
         model = self.acquire(path, load)
         try:
-            return LlamaMember(name, model, settings, system=system, gate=self.gate, store=self)
+            return LlamaMember(name, model, settings, system=system, gate=self.gate, store=self,
+                               chat_template=chat_template)
         except BaseException:
             self.release(model)
             raise
