@@ -87,6 +87,9 @@ def test_openai_completions_stop_string_across_members(oa):
 
 def test_ollama_chat_and_generate_word_by_word(live):
     ol = ollama.Client(host=live.url)
+    info = ol.show("mixed").modelinfo
+    assert info["me-local.granularity"] == "word" and info["me-local.shared_vocabulary"] is False
+    assert "vocabularies differ" in info["me-local.granularity_reason"]
     opts = {"num_predict": 30, "seed": 3, "temperature": 1.0}
     one = ol.chat(model="mixed", messages=HELLO, options=opts)
     assert one.done and one.eval_count == 30

@@ -293,10 +293,21 @@ async def show(request: web.Request) -> web.Response:
         "model_info": {"general.architecture": "me-local", "me-local.context_length": ens.n_ctx,
                        "me-local.mode": "single" if ref.member else ens.mode,
                        "me-local.members": [m.name for m in members],
-                       "me-local.chat_templates": templates},
+                       "me-local.chat_templates": templates,
+                       **_granularity(engine, ens.name, ref.member)},
         "capabilities": ["completion"],
         "modified_at": _modified_at(engine),
     })
+
+
+def _granularity(engine: Engine, name: str, member: str | None) -> dict[str, Any]:
+    """What `me` draws a member for, and why (a member model runs alone: none)."""
+    loaded = engine.loaded.get(name)
+    if member is not None or loaded is None:
+        return {}
+    plan = loaded.vocabulary
+    return {"me-local.granularity": plan.granularity, "me-local.granularity_reason": plan.reason,
+            "me-local.shared_vocabulary": plan.shared}
 
 
 def add_routes(app: web.Application) -> None:
