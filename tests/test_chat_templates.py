@@ -17,7 +17,8 @@ from me_local import settings as S
 from me_local.backends.llama import LoadedModel, LoadSettings
 from me_local.cli import cli
 from me_local.config import load_config, parse_config
-from me_local.engine import Engine, Request
+from me_local.core import SamplingParams
+from me_local.engine import Engine, Request, collect
 from me_local.errors import RequestError
 from me_local.server import ServerState, create_app
 
@@ -26,7 +27,7 @@ from .server_helpers import fake_engine_loader
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-BUILTIN_NAMES = "chatml, gemma, llama3, zephyr"
+BUILTIN_NAMES = "chatml, gemma, llama3, plain, zephyr"
 CUSTOM = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
 
 
@@ -42,7 +43,7 @@ def as_text(model: LoadedModel, tokens: list[int]) -> list[bytes]:
 
 
 def test_the_builtins_table_is_what_the_docs_and_the_setting_list():
-    assert list(chat_templates.BUILTINS) == ["chatml", "gemma", "llama3", "zephyr"]
+    assert list(chat_templates.BUILTINS) == ["chatml", "gemma", "llama3", "plain", "zephyr"]
     rows = re.findall(r"^  \| `(\w+)` \| (.*) \|$", README, flags=re.M)
     assert rows == [(t.name, t.description.replace("|", "\\|")) for t in chat_templates.BUILTINS.values()]
     assert f"({BUILTIN_NAMES})" in S.CHAT_TEMPLATE.help
@@ -253,3 +254,43 @@ async def test_api_show_reports_each_members_template_and_its_source(aiohttp_cli
     assert show["modelfile"].splitlines()[3].endswith("chat template built-in gemma (models.yaml)")
     one = await (await client.post("/api/show", json={"model": "e/named"})).json()
     assert list(one["model_info"]["me-local.chat_templates"]) == ["named"]
+
+
+# --------------------------------------------------------------------------- plain, for base models
+
+
+EXAMPLE = ("The following is a conversation between a user and a helpful assistant.\n\n"
+           "User: What is the boiling point of water at sea level?\n"
+           "Assistant: Water boils at 100 °C (212 °F) at sea level.")
+
+
+def test_plain_renders_turns_as_text(tiny_models):
+    model = vocab_only(tiny_models["a1"])
+    try:
+        turns = [{"role": "system", "content": EXAMPLE}, *CAPITAL, {"role": "assistant", "content": " Paris. "},
+                 {"role": "user", "content": "And Spain?"}]
+        assert model.format_chat(turns, model.template("plain")) == (
+            f"{EXAMPLE}\n\nUser: What is the capital of France?\nAssistant: Paris.\n\nUser: And Spain?\nAssistant:")
+    finally:
+        model.close()
+
+
+def test_gemma_base_answers_in_plain_with_an_example_and_stops_at_the_next_turn(gemma_path, write_config):
+    cfg = write_config(f"""
+        ensembles:
+          g:
+            n_ctx: 256
+            members:
+              - {{name: gemma, path: {gemma_path}, chat_template: plain, system: {json.dumps(EXAMPLE)}}}
+        """)
+    engine = Engine(load_config(cfg))
+    try:
+        loaded, _, _, _, (prompt,) = engine.plan(Request(ensemble="g", messages=CAPITAL))
+        model = loaded.members[0].model
+        assert prompt == model.tokenize(f"{EXAMPLE}\n\nUser: What is the capital of France?\nAssistant:",
+                                        add_special=True)
+        params = SamplingParams(temperature=0, max_tokens=32, stop=("\nUser:",))
+        text, done = collect(engine.generate(Request(ensemble="g", messages=CAPITAL, params=params)))
+        assert text.strip() == "Paris." and done.finish_reason == "stop"
+    finally:
+        engine.close()

@@ -70,6 +70,18 @@ BUILTINS: dict[str, Builtin] = {t.name: t for t in (
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
     ),
     Builtin(
+        "plain",
+        "Plain text for base (not instruction-tuned) models: the system prompt, a blank line, then `User: ...` "
+        "and `Assistant: ...` lines, ending with `Assistant:`; put example exchanges in the system prompt and "
+        "stop at `\\nUser:`",
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] | trim + '\n\n' }}"
+        "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] | trim + '\n' }}"
+        "{% else %}{{ 'Assistant: ' + message['content'] | trim + '\n\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}",
+    ),
+    Builtin(
         "zephyr",
         "Zephyr, `<|system|>`, `<|user|>`, `<|assistant|>`, each turn ending with EOS",
         "{% for message in messages %}"

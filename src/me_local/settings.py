@@ -168,7 +168,7 @@ SYSTEM: Setting[str | None] = Setting(
     "system", str, None, "The member's own system prompt.", "member", yaml=True)
 CHAT_TEMPLATE: Setting[str | None] = Setting(
     "chat_template", str, None,
-    "The member's chat template, instead of its file's: a built-in's name (chatml, gemma, llama3, zephyr) "
+    "The member's chat template, instead of its file's: a built-in's name (chatml, gemma, llama3, plain, zephyr) "
     "or Jinja text.", "member", yaml=True, default_text="the file's (none: chatml)")
 """The built-ins are :data:`me_local.chat_templates.BUILTINS` (a test keeps the help's list in step)."""
 N_GPU_LAYERS: Setting[int] = Setting(
