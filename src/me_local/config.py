@@ -48,6 +48,9 @@ class SamplingDefaults:
     top_p: float = S.TOP_P.default
     min_p: float = S.MIN_P.default
     max_tokens: int = S.MAX_TOKENS.default
+    stop: tuple[str, ...] = S.STOP.default
+    """Stop strings every request of the ensemble has, beside its own (a base model that never
+    ends its turn needs one, such as ``"\nUser:"``)."""
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,17 @@ def _float(raw: Mapping[str, Any], s: Setting[float], *, file: str, key: str) ->
     return float(value)
 
 
+def _stop_strings(value: Any, *, file: str, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise ConfigError("must be a string or a list of non-empty strings", file=file, key=key)
+    if len(items) > S.STOP.hi:  # type: ignore[operator]
+        raise ConfigError(f"may list at most {S.STOP.hi} strings, got {len(items)}", file=file, key=key)
+    return tuple(items)
+
+
 def _choice(value: Any, s: Setting[str] | Setting[str | None], *, file: str, key: str) -> str:
     if value not in s.choices:
         raise ConfigError(f"must be one of {', '.join(s.choices)}, got {value!r}", file=file, key=f"{key}.{s.name}")
@@ -374,6 +388,7 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         top_p=_float(sampling_raw, S.TOP_P, file=fname, key=skey),
         min_p=_float(sampling_raw, S.MIN_P, file=fname, key=skey),
         max_tokens=_int(sampling_raw, S.MAX_TOKENS, file=fname, key=skey),
+        stop=_stop_strings(sampling_raw.get("stop"), file=fname, key=f"{skey}.stop"),
     )
     kv_cache_type = _choice(raw.get("kv_cache_type", S.KV_CACHE_TYPE.default), S.KV_CACHE_TYPE, file=fname, key=key)
     default_member = raw.get("member", S.MEMBER.default)

@@ -122,8 +122,8 @@ SEED: Setting[int | None] = Setting(
     "seed", int, None, "Fixes member schedule and sampling.", "sampling", lo=0, hi=2**63 - 1,
     flag="--seed", openai="seed", ollama="options.seed", chat="seed", default_text="random")
 STOP: Setting[tuple[str, ...]] = Setting(
-    "stop", tuple, (), "Stop string; never part of the output.", "sampling", hi=16,
-    flag="--stop", openai="stop", ollama="options.stop")
+    "stop", tuple, (), "Stop string; never part of the output. models.yaml's apply to every request, beside the "
+    "request's own.", "sampling", hi=16, yaml=True, flag="--stop", openai="stop", ollama="options.stop")
 TOP_LOGPROBS: Setting[int] = Setting(
     "top_logprobs", int, 0, "Alternatives listed with each token's logprob (completions: the integer `logprobs`).",
     "sampling",

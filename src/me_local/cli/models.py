@@ -52,7 +52,7 @@ def describe(config: Config) -> tuple[str, bool]:
                 lines.append(f"  ERROR: {problems[-1]}")
             else:
                 lines.append(f"  granularity word: {mismatch}, so `me` mixes words (ce is not available)")
-        elif infos and len(infos) == len(ens.members):
+        elif len(infos) == len(ens.members) > 1:
             granularity = ens.granularity or "token"
             why = "models.yaml" if ens.granularity else "the members share a vocabulary"
             lines.append(f"  granularity {granularity}: {why}")

@@ -239,7 +239,10 @@ class SamplingOverrides(TypedDict, total=False):
 
 
 def sampling_params(defaults: SamplingDefaults, **overrides: Unpack[SamplingOverrides]) -> SamplingParams:
-    """SamplingParams from an ensemble's defaults and the non-None overrides."""
+    """SamplingParams from an ensemble's defaults and the non-None overrides. The ensemble's
+    stop strings stay in force beside a request's own."""
     base = SamplingParams(**{s.name: getattr(defaults, s.name) for s in SAMPLING_DEFAULTS})
     given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}  # each typed above
+    if "stop" in given:
+        given["stop"] = tuple(dict.fromkeys((*defaults.stop, *given["stop"])))
     return replace(base, **given)
