@@ -230,3 +230,42 @@ def test_chat_sets_granularity(mixed_config):
                  input=session).stdout
     assert "Set granularity to token." in out and "Set granularity to word." in out
     assert "granularity word" in out
+
+
+def test_two_slots_run_word_level_requests_side_by_side(write_config, tiny_models):
+    cfg = write_config(f"""
+        ensembles:
+          mixed:
+            n_ctx: 256
+            parallel: 2
+            members:
+              - {{name: bpe, path: {tiny_models['a1']}}}
+              - {{name: spm, path: {tiny_models['s1']}}}
+        """, name="slots.yaml")
+    import queue
+
+    from me_local.engine import collect
+
+    engine = Engine(load_config(cfg))
+    try:
+        reqs = [Request(ensemble="mixed", prompt=p, params=SamplingParams(seed=s, max_tokens=40, **T1))
+                for p, s in (("Hello world", 1), ("The quick brown fox", 2))]
+        alone = [collect(engine.generate(r))[0] for r in reqs]
+        queues: list[queue.Queue] = [queue.Queue(), queue.Queue()]
+        runs = [engine.start(r, q.put) for r, q in zip(reqs, queues)]
+        texts = []
+        for q in queues:
+            parts = []
+            while True:
+                ev = q.get(timeout=60)
+                assert not isinstance(ev, BaseException)
+                parts.append(ev.text)
+                if isinstance(ev, DoneEvent):
+                    break
+            texts.append("".join(parts))
+        for r in runs:
+            assert r.finished.wait(60)
+        assert texts == alone
+        assert len(engine.ensemble("mixed")._slots) == 2
+    finally:
+        engine.close()
