@@ -36,7 +36,7 @@ class FakeMember:
         self._cached: list[int] = []
         self.calls: list[list[int]] = []
         self.pieces = list(pieces) if pieces is not None else [f"<{i}>".encode() for i in range(n_vocab)]
-        self.eog = eog
+        self.eog_id = eog
         self.script = list(script) if script is not None else None
         self.cancel_after_chunks: int | None = None
 
@@ -65,6 +65,37 @@ class FakeMember:
                 raise Cancelled
             self._cached.extend(tokens[chunk_start : chunk_start + 4])
 
+    def evaluate_rows(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None):
+        """Scoring (core.scoring.ScoringMember): the current row, then each token's row in
+        chunks of 4 (``row_chunks`` records the chunk sizes), cancellable between chunks."""
+        tokens = list(tokens)
+        assert len(self._cached) + len(tokens) <= self._n_ctx, "context overflow"
+        self.calls.append(tokens)
+        yield self.logits()[None, :]
+        for chunk_start in range(0, len(tokens), 4):
+            if cancel is not None and cancel():
+                raise Cancelled
+            rows = []
+            for t in tokens[chunk_start : chunk_start + 4]:
+                self._cached.append(t)
+                rows.append(self.logits())
+            yield np.array(rows)
+
+    @property
+    def word_start(self) -> np.ndarray:
+        """Tokens whose piece begins with whitespace, and the end token."""
+        ws = np.array([p[:1] in (b" ", b"\n", b"\t", b"\r") for p in self.pieces])
+        if self.eog_id is not None:
+            ws[self.eog_id] = True
+        return ws
+
+    @property
+    def eog(self) -> np.ndarray:
+        out = np.zeros(self._n_vocab, dtype=bool)
+        if self.eog_id is not None:
+            out[self.eog_id] = True
+        return out
+
     def logits(self) -> np.ndarray:
         if self.script is not None:
             # scripted: the next token is script[number of generated-looking tokens]
@@ -81,7 +112,7 @@ class FakeMember:
         return NumpySampler(self.logits, params, seed)
 
     def is_eog(self, token: int) -> bool:
-        return token == self.eog
+        return token == self.eog_id
 
     def token_bytes(self, token: int) -> bytes:
         return self.pieces[token]

@@ -323,7 +323,8 @@ def test_logprobs_are_the_members_log_softmax_and_the_ce_mixture():
 
 def test_the_core_imports_no_llama_cpp_aiohttp_or_click():
     code = (
-        "import sys, me_local.core, me_local.core.ensemble, me_local.core.sampling, me_local.core.text;"
+        "import sys, me_local.core, me_local.core.ensemble, me_local.core.sampling, me_local.core.text,"
+        " me_local.core.scoring, me_local.core.likelihood;"
         "bad = [m for m in ('llama_cpp', 'aiohttp', 'click') if m in sys.modules];"
         "print(','.join(bad)); sys.exit(1 if bad else 0)"
     )

@@ -5,7 +5,9 @@ sampler, cache). The engine needs a little more, and only this:
 
 - :class:`ModelHandle`, a loaded model file: its vocabulary (size, special tokens, the
   fingerprint that says whether two files share one), tokenizing and the chat template;
-- :class:`MemberContext`, one member in one slot: the core's Member, plus its model, its
+- :class:`MemberContext`, one member in one slot: the core's Member (which can also score
+  a text: :class:`me_local.core.scoring.ScoringMember`, logits at every position in
+  chunks, and its word-start and end-of-generation tokens), plus its model, its
   prompts (its own system prompt and chat template) and ``close()``, which frees the
   context and gives back the member's hold on its model;
 - :class:`MemberFactory`, which makes a member context from a member's configuration.
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..chat_templates import ChatTemplate
-from ..core.types import Member
+from ..core.scoring import ScoringMember
 
 if TYPE_CHECKING:
     from ..config import EnsembleConfig, MemberConfig
@@ -94,8 +96,9 @@ class ModelHandle(Protocol):
         ...
 
 
-class MemberContext(Member, Protocol):
-    """One member in one slot: the core's :class:`Member` over a model, with its prompts."""
+class MemberContext(ScoringMember, Protocol):
+    """One member in one slot: the core's :class:`Member` over a model (a
+    :class:`ScoringMember`: it can score text too), with its prompts."""
 
     @property
     def model(self) -> ModelHandle: ...

@@ -1,12 +1,13 @@
 """One member in one slot (:class:`LlamaMember`): a llama context over a shared model,
-batched decode with logits only at the last position, and llama.cpp's native sampler
+batched decode with logits only at the last position (or, to score a text, at every
+position, a chunk at a time: :meth:`LlamaMember.evaluate_rows`), and llama.cpp's native sampler
 chain (:class:`NativeSampler`) for single-member steps."""
 
 from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,10 @@ class NativeSampler:
     def __del__(self) -> None:
         self.close()
 
+
+SCORE_CHUNK_BYTES = 32 << 20
+"""Logit rows per scoring decode: at most this many bytes of float32 rows (32 for a
+262,144-token vocabulary, 170 for 49,152; n_batch bounds it too)."""
 
 KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
 
@@ -174,39 +179,74 @@ class LlamaMember:
 
     def evaluate(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None) -> None:
         tokens = list(tokens)
-        if len(self._cached) + len(tokens) > self._n_ctx:
-            raise BackendError(
-                f"member {self.name!r}: {len(self._cached) + len(tokens)} tokens do not fit its context "
-                f"of {self._n_ctx}"
-            )
-        ctx = self._context()
-        batch = self._batch
+        self._check_fits(len(tokens))
         for start in range(0, len(tokens), self._n_batch):
             if start and cancel is not None and cancel():
                 raise Cancelled
             chunk = tokens[start : start + self._n_batch]
-            last_chunk = start + self._n_batch >= len(tokens)
-            n_past = len(self._cached)
-            for i, tok in enumerate(chunk):
-                batch.token[i] = tok
-                batch.pos[i] = n_past + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 0
-            if last_chunk:
-                batch.logits[len(chunk) - 1] = 1
-            batch.n_tokens = len(chunk)
-            self._share_cpu(ctx)
-            if self._gate is not None:
-                with self._gate:
-                    rc = L.llama_decode(ctx, batch)
-            else:
-                rc = L.llama_decode(ctx, batch)
-            if rc != 0:
-                self._resync()
-                raise BackendError(f"llama.cpp failed to evaluate {len(chunk)} tokens for {self.name!r} (code {rc})")
-            self._cached.extend(chunk)
+            self._decode(chunk, all_logits=False, last_logits=start + self._n_batch >= len(tokens))
         self._has_logits = True
+
+    def evaluate_rows(self, tokens: Sequence[int], cancel: Callable[[], bool] | None = None
+                      ) -> Iterator[npt.NDArray[np.float32]]:
+        """Scoring (:class:`me_local.core.scoring.ScoringMember`): the current logits, then each
+        chunk of :attr:`score_rows` tokens decoded with logits at every position, as views
+        of llama.cpp's output buffer (valid until the next decode). A chunk's rows are what
+        llama.cpp's output buffer holds at once (it is sized by the rows a batch asks for),
+        so a long text never costs ``n_tokens x n_vocab`` floats."""
+        tokens = list(tokens)
+        if not self._has_logits:
+            raise BackendError(f"member {self.name!r} has no logits to score from; evaluate its context first")
+        self._check_fits(len(tokens))
+        yield self.logits()[None, :]
+        step = self.score_rows
+        ctx = self._context()
+        for start in range(0, len(tokens), step):
+            if cancel is not None and cancel():
+                raise Cancelled
+            chunk = tokens[start : start + step]
+            self._decode(chunk, all_logits=True)
+            self._has_logits = True
+            ptr = L.llama_get_logits(ctx)
+            yield np.ctypeslib.as_array(ptr, shape=(len(chunk), self.model.n_vocab))
+
+    @property
+    def score_rows(self) -> int:
+        """Tokens per decode when scoring: every one has a row of logits, and llama.cpp's output
+        buffer holds them all (:data:`SCORE_CHUNK_BYTES` at most, within ``n_batch``)."""
+        return max(1, min(self._n_batch, SCORE_CHUNK_BYTES // (4 * self.model.n_vocab)))
+
+    def _check_fits(self, n: int) -> None:
+        if len(self._cached) + n > self._n_ctx:
+            raise BackendError(
+                f"member {self.name!r}: {len(self._cached) + n} tokens do not fit its context of {self._n_ctx}"
+            )
+
+    def _decode(self, chunk: Sequence[int], *, all_logits: bool, last_logits: bool = True) -> None:
+        """One llama_decode of ``chunk`` (at most n_batch tokens) after the cache; logits at
+        every position, or at the last one only when ``last_logits``."""
+        ctx = self._context()
+        batch = self._batch
+        n_past = len(self._cached)
+        for i, tok in enumerate(chunk):
+            batch.token[i] = tok
+            batch.pos[i] = n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if all_logits else 0
+        if last_logits:
+            batch.logits[len(chunk) - 1] = 1
+        batch.n_tokens = len(chunk)
+        self._share_cpu(ctx)
+        if self._gate is not None:
+            with self._gate:
+                rc = L.llama_decode(ctx, batch)
+        else:
+            rc = L.llama_decode(ctx, batch)
+        if rc != 0:
+            self._resync()
+            raise BackendError(f"llama.cpp failed to evaluate {len(chunk)} tokens for {self.name!r} (code {rc})")
+        self._cached.extend(chunk)
 
     def _share_cpu(self, ctx: L.llama_context_p) -> None:
         cpu = self.model.cpu
@@ -239,6 +279,10 @@ class LlamaMember:
     @property
     def word_start(self) -> npt.NDArray[np.bool_]:
         return self.model.word_start
+
+    @property
+    def eog(self) -> npt.NDArray[np.bool_]:
+        return self.model.eog
 
     def tokenize_text(self, text: str) -> list[int]:
         return self.model.tokenize_text(text)

@@ -149,6 +149,11 @@ class LoadedModel:
     def is_eog(self, token: int) -> bool:
         return bool(self._eog[token])
 
+    @property
+    def eog(self) -> npt.NDArray[np.bool_]:
+        """Per token id: whether it ends a generation (EOS, end of turn...)."""
+        return self._eog
+
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
