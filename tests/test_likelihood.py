@@ -368,7 +368,8 @@ def test_a_text_a_member_cannot_spell_byte_for_byte_is_refused_with_its_name():
             return super().tokenize_text(text.replace("b", "a"))
 
     members = [WordFake("a", 1, []), Lossy("lossy", 2, [])]
-    with pytest.raises(RequestError, match=r"member 'lossy'.s tokens do not spell the text byte for byte"):
+    with pytest.raises(RequestError, match=r"member 'lossy'.s tokens do not spell the text byte for byte "
+                                           r"\(at byte 1: 'ab ab'\)"):
         text_likelihood(members, [[0], [0]], "ab ab", granularity="word")
 
 

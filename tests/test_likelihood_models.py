@@ -18,7 +18,7 @@ from me_local.backends.llama import context as llama_context
 from me_local.core.likelihood import fit_weights, text_likelihood
 from me_local.core.sampling import log_softmax
 from me_local.core.scoring import prime, score
-from me_local.errors import BackendError
+from me_local.errors import BackendError, RequestError
 
 TEXT = "Hello world, the quick brown fox.\n\nThe end of the day is near, said the fox."
 TOL = 1e-3
@@ -195,3 +195,15 @@ def test_word_likelihood_across_vocabularies_from_fresh_logits(models):
     finally:
         for x in (a, s, fa, fs):
             x.close()
+
+
+def test_a_text_with_the_sentencepiece_space_mark_is_refused_at_word_granularity_with_the_fix(models):
+    """SentencePiece reads U+2581 in a text as a space, so its tokens no longer spell the text."""
+    a, s = member(models, "a1", "bpe"), member(models, "s1", "spm")
+    try:
+        with pytest.raises(RequestError, match=r"member 'spm'.s tokens do not spell the text byte for byte "
+                                               r"\(at byte 7: 'a mark \u2581 here'\).*replace it in the text"):
+            text_likelihood([a, s], [a.raw_prompt("x"), s.raw_prompt("x")], "a mark \u2581 here", granularity="word")
+    finally:
+        a.close()
+        s.close()

@@ -294,10 +294,14 @@ def word_units(text: bytes, scores: Sequence[TokenScores], pieces: Sequence[Sequ
     cums: list[FloatArray] = []
     for k in range(k_n):
         lengths = np.array([len(p) for p in pieces[k]], dtype=np.int64)
-        if b"".join(pieces[k]) != text or (lengths == 0).any() or lengths.shape[0] != scores[k].n:
-            raise RequestError(f"member {names[k]!r}'s tokens do not spell the text byte for byte, so its "
-                               "words cannot be placed in it; score it at token granularity, or alone",
-                               param="prompt")
+        spelled = b"".join(pieces[k])
+        if spelled != text or (lengths == 0).any() or lengths.shape[0] != scores[k].n:
+            at = next((i for i, (x, y) in enumerate(zip(spelled, text)) if x != y), min(len(spelled), nb))
+            near = text[max(0, at - 10):at + 10].decode("utf-8", "replace")
+            raise RequestError(f"member {names[k]!r}'s tokens do not spell the text byte for byte (at byte {at}: "
+                               f"{near!r}), so its words cannot be placed in it; a SentencePiece vocabulary "
+                               "reads the character U+2581 as a space: replace it in the text, or score "
+                               "the members at token granularity or alone", param="prompt")
         b = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # n + 1 token boundaries
         bounds.append(b)
         flags = np.asarray(starts_word[k], dtype=bool)
