@@ -397,7 +397,7 @@ def token_trio(n_ctx=4096):
 
 def test_em_recovers_the_weights_of_the_mixture_that_wrote_the_text():
     """3000 tokens sampled by token-level ME at weights (0.6, 0.3, 0.1): the fitted weights are
-    within 0.05 of them (the estimate's standard deviation here is about 0.015)."""
+    within 0.05 of them (over 12 seeds the estimates spread by 0.022, 0.018 and 0.009)."""
     members = token_trio()
     truth = [0.6, 0.3, 0.1]
     prompts = [[0], [0], [0]]
