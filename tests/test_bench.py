@@ -29,6 +29,7 @@ from me_local.bench import (
     default_config,
     ensemble_report,
     evaluate_targets,
+    format_report,
     interleave,
     loadrun,
     median,
@@ -39,6 +40,7 @@ from me_local.bench import (
     quantile,
     ratio,
     run_bench,
+    vocabularies_shared,
     write_chart,
 )
 from me_local.bench.loadrun import LoadSettings, SSEDecoder, run_load
@@ -124,7 +126,11 @@ def test_default_plan_shares_one_single_and_one_baseline(smollm_path: Path) -> N
     cases, plans = plan_cases(config, ["x2", "x3"])
     keys = [c.key for c in cases]
     assert keys[0] == f"{BASELINE}:{smollm_path.name}"
-    assert sorted(keys[1:]) == sorted(["x2/single:m1", "x2/ce", "x2/me", "x3/ce", "x3/me"])
+    assert sorted(keys[1:]) == sorted(["x2/single:m1", "x2/ce", "x2/me", "x2/me:word", "x3/ce", "x3/me",
+                                       "x3/me:word"])
+    by_key = {c.key: c for c in cases}
+    assert (by_key["x2/me"].granularity, by_key["x2/me:word"].granularity) == ("token", "word")
+    assert plans[0].shared_vocabulary and plans[0].me_word == "x2/me:word"
     # identical members share the measurement, across both ensembles
     assert set(plans[1].single.values()) == {"x2/single:m1"}
     assert plans[1].weights == pytest.approx([1 / 3] * 3)
@@ -169,7 +175,83 @@ def test_ensemble_report_ratios(smollm_path: Path) -> None:
     assert mem.passed is False  # 1.4 > 1.3
 
 
+def test_plan_reads_which_ensembles_share_a_vocabulary(tiny_models: dict[str, Path],
+                                                       write_config: Callable[[str], Path]) -> None:
+    m = tiny_models
+    path = write_config(TINY_WORDS.format(a1=m["a1"], s1=m["s1"]) + f"""
+  seeds:
+    members:
+      - {{name: one, path: {m['a1']}}}
+      - {{name: two, path: {m['a2']}}}
+""")
+    config = load_config(path)
+    assert vocabularies_shared(config, ["words", "seeds"]) == {"words": False, "seeds": True}
+    cases, plans = plan_cases(config, ["words", "seeds"], baseline=False)
+    assert [c.key for c in cases if c.ensemble == "words"] == ["words/single:bpe", "words/single:spm", "words/me"]
+    assert next(c for c in cases if c.key == "words/me").granularity == "word"
+    assert [c.key for c in cases if c.ensemble == "seeds"] == [
+        "seeds/single:one", "seeds/single:two", "seeds/ce", "seeds/me", "seeds/me:word"]
+    assert [p.shared_vocabulary for p in plans] == [False, True]
+
+
+def _word_case(mode: str, byte_speeds: list[float], ttfts: list[float]) -> dict[str, Any]:
+    case = _case(mode, [b / 4 for b in byte_speeds], ttfts)
+    for r, b in zip(case["runs"], byte_speeds):
+        r["bytes_per_s"] = b
+    case["bytes_per_s"] = Summary.of(byte_speeds).to_dict()
+    return case
+
+
+def test_word_level_report_compares_bytes_with_each_member_and_their_harmonic_mean(
+        tiny_models: dict[str, Path], write_config: Callable[[str], Path]) -> None:
+    config = load_config(write_config(TINY_WORDS.format(a1=tiny_models["a1"], s1=tiny_models["s1"])))
+    cases, plans = plan_cases(config, ["words"])
+    plan = plans[0]
+    assert not plan.shared_vocabulary and plan.me_word is None
+    base_a, base_s = (f"{BASELINE}:{tiny_models['a1'].name}", f"{BASELINE}:{tiny_models['s1'].name}#1")
+    cases_by_key = {
+        base_a: _word_case(BASELINE, [400.0, 400.0, 400.0], [0.2, 0.2, 0.2]),
+        base_s: _word_case(BASELINE, [200.0, 200.0, 200.0], [0.4, 0.4, 0.4]),
+        "words/single:bpe": _word_case("single", [400.0, 380.0, 420.0], [0.2, 0.25, 0.2]),
+        "words/single:spm": _word_case("single", [200.0, 180.0, 220.0], [0.4, 0.5, 0.3]),
+        "words/me": _word_case("me", [250.0, 240.0, 260.0], [0.3, 0.3, 0.35]),
+    }
+    assert {c.key for c in cases} == set(cases_by_key)
+    report = ensemble_report(plan, cases_by_key, config.get("words"), "not run: no shared vocabulary")
+    r, p = report["ratios"], report["paired_ratios"]
+    harmonic = 1.0 / (0.25 / 400.0 + 0.75 / 200.0)  # weights 1 and 3
+    assert report["granularity"] == "word" and report["cases"]["ce"] is None
+    assert report["ce"] == "not run: no shared vocabulary"
+    assert report["single_mixture_bytes_per_s"] == pytest.approx(harmonic)
+    assert r["me/ce"] is None
+    assert r["me/single_mixture_bytes"] == pytest.approx(250.0 / harmonic)
+    assert r["me/single_bytes"] == {"bpe": pytest.approx(250.0 / 400.0), "spm": pytest.approx(250.0 / 200.0)}
+    assert r["me_ttft/slower_single_ttft"] == pytest.approx(300.0 / 400.0)  # spm's median TTFT is the slower
+    per_rep = [250.0 / (1 / (0.25 / 400 + 0.75 / 200)), 240.0 / (1 / (0.25 / 380 + 0.75 / 180)),
+               260.0 / (1 / (0.25 / 420 + 0.75 / 220))]
+    assert p["me/single_mixture_bytes"] == pytest.approx(median(per_rep))
+    assert p["me_ttft/slower_single_ttft"] == pytest.approx(median([0.3 / 0.4, 0.3 / 0.5, 0.35 / 0.3]))
+    assert "me/single" not in r  # tokens of two vocabularies are not compared
+
+    targets = {t.name: t for t in evaluate_targets({"settings": {"prompt_tokens": 500},
+                                                     "ensembles": {"words": report}})}
+    speed = targets["words: word-level me vs the members' harmonic mean, bytes/s"]
+    ttft = targets["words: word-level me TTFT vs the slower member's"]
+    assert (speed.op, speed.threshold, speed.passed) == (">=", 0.85, True)  # 250 / 228.6
+    assert (ttft.op, ttft.threshold, ttft.passed) == ("<=", 1.1, True)
+    assert not any("vs ce" in name for name in targets)
+
+
 # --------------------------------------------------------------------------- a real run on tiny models
+
+TINY_WORDS = """
+ensembles:
+  words:
+    n_ctx: 128
+    members:
+      - {{name: bpe, path: {a1}, weight: 1, n_threads: 1}}
+      - {{name: spm, path: {s1}, weight: 3, n_threads: 1}}
+"""
 
 TINY = """
 ensembles:
@@ -194,7 +276,7 @@ def test_short_bench_on_tiny_models_writes_a_valid_bench_json(tiny_bench_config:
     runner = BenchRunner(config, ["pair"], settings)
     steps: list[str] = []
     result, written = run_bench(runner, tmp_path / "out", progress=steps.append)
-    assert len(steps) == runner.total_steps == 6 * 3  # (warm-up + 2 repeats) x 6 cases
+    assert len(steps) == runner.total_steps == 7 * 3  # (warm-up + 2 repeats) x 7 cases
 
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert data == json.loads(json.dumps(result))
@@ -202,7 +284,7 @@ def test_short_bench_on_tiny_models_writes_a_valid_bench_json(tiny_bench_config:
     assert data["settings"]["spread"] == "iqr"
     assert data["machine"]["cores"] >= 1
     assert set(data["cases"]) == {
-        "pair/single:one", "pair/single:two", "pair/ce", "pair/me",
+        "pair/single:one", "pair/single:two", "pair/ce", "pair/me", "pair/me:word",
         f"{BASELINE}:{Path(config.get('pair').members[0].path).name}",
         f"{BASELINE}:{Path(config.get('pair').members[1].path).name}#1",
     }
@@ -221,6 +303,12 @@ def test_short_bench_on_tiny_models_writes_a_valid_bench_json(tiny_bench_config:
         selected = sum(m["selected"] for m in r["members"])
         assert selected in (r["generated_tokens"], r["generated_tokens"] + 1)  # + the step that drew EOS
         assert all(m["catchup_tokens"] <= r["generated_tokens"] for m in r["members"])
+    for r in data["cases"]["pair/me"]["runs"]:
+        assert r.get("granularity", "token") == "token"
+    for r in data["cases"]["pair/me:word"]["runs"]:  # the same members, word by word
+        assert r["granularity"] == "word"
+        assert sum(m["generated_tokens"] for m in r["members"]) == r["generated_tokens"]
+        assert sum(m["selected"] for m in r["members"]) == r["words"] <= r["generated_tokens"] + 1
     for r in data["cases"]["pair/ce"]["runs"]:
         assert r["members"][0]["selected"] == r["members"][1]["selected"]
     for r in data["cases"]["pair/single:two"]["runs"]:
@@ -229,6 +317,10 @@ def test_short_bench_on_tiny_models_writes_a_valid_bench_json(tiny_bench_config:
     me, ce = data["cases"]["pair/me"], data["cases"]["pair/ce"]
     assert ens["ratios"]["me/ce"] == pytest.approx(me["tokens_per_s"]["median"] / ce["tokens_per_s"]["median"])
     assert ens["ratios"]["ce_ttft/me_ttft"] == pytest.approx(ce["ttft_ms"]["median"] / me["ttft_ms"]["median"])
+    word = data["cases"]["pair/me:word"]
+    assert ens["ratios"]["me_word/me_token"] == pytest.approx(word["tokens_per_s"]["median"]
+                                                              / me["tokens_per_s"]["median"])
+    assert ens["granularity"] == "token" and ens["cases"]["me_word"] == "pair/me:word"
     assert set(ens["ratios"]["single/" + BASELINE]) == {"one", "two"}
     mem = data["memory"]
     assert set(mem["rss_mib"]) == {"0", "1", "2"}
@@ -236,6 +328,56 @@ def test_short_bench_on_tiny_models_writes_a_valid_bench_json(tiny_bench_config:
     assert next(t["name"] for t in data["targets"]).startswith("single (one)")
     png = tmp_path / "out" / "bench.png"
     assert png.exists() == HAS_MPL
+
+
+def test_short_bench_across_vocabularies_runs_word_level_me_and_no_ce(
+        tiny_models: dict[str, Path], write_config: Callable[[str], Path], tmp_path: Path) -> None:
+    config = load_config(write_config(TINY_WORDS.format(a1=tiny_models["a1"], s1=tiny_models["s1"])))
+    runner = BenchRunner(config, ["words"], BenchSettings(tokens=8, repeats=2, prompt_tokens=12, memory=False))
+    result, _ = run_bench(runner, tmp_path / "out")
+    base_a, base_s = (f"{BASELINE}:{tiny_models['a1'].name}", f"{BASELINE}:{tiny_models['s1'].name}#1")
+    assert set(result["cases"]) == {"words/single:bpe", "words/single:spm", "words/me", base_a, base_s}
+    for key, case in result["cases"].items():
+        assert case["bytes_per_s"]["n"] == 2, key  # every case has a text speed
+        for r in case["runs"]:
+            assert r["generated_bytes"] >= 1
+    me = result["cases"]["words/me"]
+    assert me["granularity"] == "word"
+    for r in me["runs"]:
+        assert sum(m["generated_tokens"] for m in r["members"]) == r["generated_tokens"]
+    # each baseline got the prompt in its own vocabulary: as many tokens as its member alone
+    assert result["cases"][base_a]["prompt_tokens"] == result["cases"]["words/single:bpe"]["prompt_tokens"]
+    assert result["cases"][base_s]["prompt_tokens"] == result["cases"]["words/single:spm"]["prompt_tokens"]
+    ens = result["ensembles"]["words"]
+    assert ens["granularity"] == "word" and ens["cases"]["ce"] is None
+    assert ens["ce"].startswith("not run: mode ce needs members that share a vocabulary (members 'bpe'")
+    assert set(ens["ratios"]) == {"me/ce", "me/single_mixture_bytes", "me/single_bytes",
+                                  "me_ttft/slower_single_ttft", "single/" + BASELINE}
+    assert set(ens["ratios"]["me/single_bytes"]) == {"bpe", "spm"}
+    assert ens["ratios"]["me/single_mixture_bytes"] > 0 and ens["ratios"]["me_ttft/slower_single_ttft"] > 0
+    names = [t["name"] for t in result["targets"]]
+    assert "words: word-level me vs the members' harmonic mean, bytes/s" in names
+    assert "words: word-level me TTFT vs the slower member's" in names
+    assert {t["threshold"] for t in result["targets"] if t["name"].startswith("words:")} == {0.85, 1.1}
+    assert not any("me vs ce" in n for n in names)
+
+    text = format_report(result)
+    assert "words (2 members), word by word (the members' vocabularies differ), in bytes/s" in text
+    assert "ce: not run: mode ce needs members that share a vocabulary" in text
+    assert "me/bpe" in text and "me/spm" in text
+
+
+def test_bench_command_across_vocabularies(tiny_models: dict[str, Path], write_config: Callable[[str], Path],
+                                           tmp_path: Path) -> None:
+    path = write_config(TINY_WORDS.format(a1=tiny_models["a1"], s1=tiny_models["s1"]))
+    result = CliRunner().invoke(cli, ["bench", "--config", str(path), "--ensemble", "words", "--tokens", "4",
+                                      "--repeats", "1", "--prompt-tokens", "10", "--out", str(tmp_path),
+                                      "--no-memory", "--no-baseline"])
+    assert result.exit_code == 0, result.output
+    assert "words me (word)" in result.output
+    assert "ce: not run" in result.output
+    assert "word-level me vs the members' harmonic mean, bytes/s" in result.output
+    assert "(target >= 0.85x)" in result.output and "(target <= 1.1x)" in result.output
 
 
 @pytest.mark.skipif(not HAS_MPL, reason=f"matplotlib is not installed ({PLOT_HINT})")
@@ -257,9 +399,10 @@ def test_bench_command_on_tiny_models(tiny_bench_config: Path, tmp_path: Path) -
                                       "--out", str(out), "--no-memory", "--no-baseline"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
-    assert set(data["cases"]) == {"pair/single:one", "pair/single:two", "pair/ce", "pair/me"}
+    assert set(data["cases"]) == {"pair/single:one", "pair/single:two", "pair/ce", "pair/me", "pair/me:word"}
     assert "memory" not in data
     assert "pair (2 members): me/ce" in result.output
+    assert "me word by word / token by token, tokens/s" in result.output
     assert f"wrote {out / 'bench.json'}" in result.output
     if HAS_MPL:
         assert (out / "bench.png").exists()

@@ -1,7 +1,9 @@
 """``me-local bench``: what mixture-model ensembling buys, measured on this machine.
 
 One run measures, on the same ensemble(s): each member alone (``single``), the
-conventional ensemble (``ce``), the mixture-model-like ensemble (``me``), and
+conventional ensemble (``ce``), the mixture-model-like ensemble (``me``, token by
+token and word by word; word by word only, and no ``ce``, where the members'
+vocabularies differ), and
 llama-cpp-python's own ``create_completion(stream=True)`` loop on the same model
 file and settings (the reference for ``single``), interleaved so that machine
 noise hits every case alike. The modules, in the order they build on each
@@ -18,11 +20,20 @@ not load). The names below are what ``scripts/`` and the tests import.
 from __future__ import annotations
 
 from .command import bench, run_and_print
-from .plan import BASELINE, bench_plan, default_config, interleave, plan_cases
+from .plan import BASELINE, bench_plan, default_config, interleave, plan_cases, vocabularies_shared
 from .plot import PLOT_HINT, write_chart
 from .report import evaluate_targets, format_report, format_targets, run_bench
 from .runs import BenchRunner, BenchSettings, ensemble_report
-from .stats import Summary, median, mixture_speed, paired_ratio, percentile, quantile, ratio
+from .stats import (
+    Summary,
+    bytes_per_second,
+    median,
+    mixture_speed,
+    paired_ratio,
+    percentile,
+    quantile,
+    ratio,
+)
 
 __all__ = [
     "BASELINE",
@@ -32,6 +43,7 @@ __all__ = [
     "Summary",
     "bench",
     "bench_plan",
+    "bytes_per_second",
     "default_config",
     "ensemble_report",
     "evaluate_targets",
@@ -47,5 +59,6 @@ __all__ = [
     "ratio",
     "run_and_print",
     "run_bench",
+    "vocabularies_shared",
     "write_chart",
 ]

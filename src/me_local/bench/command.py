@@ -71,7 +71,10 @@ def run_and_print(config: Config, names: Sequence[str], settings: BenchSettings,
 def bench(config_path: str | None, ensemble: str | None, tokens: int, repeats: int, prompt_tokens: int,
           out_dir: str, no_baseline: bool, no_memory: bool, server_url: str | None, clients: int,
           requests: int, api_key: str | None, timeout: float, kv_cache_type: str | None) -> None:
-    """Measure single, ce and me side by side (or load-test a daemon with --server)."""
+    """Measure single, ce and me side by side (or load-test a daemon with --server).
+
+    Members sharing a vocabulary: me token by token and word by word. Members with
+    different vocabularies: me word by word, no ce, compared in bytes/s."""
     out = Path(out_dir)
     if server_url:
         from .loadrun import LoadSettings, format_load_report, run_load_sync

@@ -4,7 +4,10 @@
 member alone, ``ce``, ``me``, and llama-cpp-python's own completion loop on
 each model file), sharing a case where two members would measure the same
 thing, and an :class:`EnsemblePlan` per ensemble that says which cases its
-ratios compare. :func:`interleave` orders the runs: every repeat runs every
+ratios compare. Members that share a vocabulary get ``ce``, ``me`` token by
+token and ``me`` word by word (``me:word``); members whose vocabularies differ
+(:func:`vocabularies_shared`) get ``me`` word by word and no ``ce``, which needs
+one vocabulary. :func:`interleave` orders the runs: every repeat runs every
 case once, rotated by one position per repeat, so machine noise hits all cases
 alike. :func:`bench_plan` picks the config: a named ensemble, or, by default,
 the default model as two and as three members sharing its weights.
@@ -12,7 +15,7 @@ the default model as two and as three members sharing its weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,8 @@ class Case:
     mode: str  # "single" | "ce" | "me" | BASELINE
     member: str | None = None
     label: str = ""
+    granularity: str | None = None
+    """``me``'s granularity, token or word (None: not ``me``)."""
 
 
 @dataclass
@@ -61,6 +66,10 @@ class EnsemblePlan:
     me: str
     ce: str
     single: dict[str, str] = field(default_factory=dict)
+    shared_vocabulary: bool = True
+    """False: the members' vocabularies differ, so ``me`` runs word by word and there is no ``ce``."""
+    me_word: str | None = None
+    """With a shared vocabulary: the key of ``me`` at granularity word (``me`` is then token by token)."""
     """member name -> key of the single case that measures it (shared where members are identical)."""
     baseline: dict[str, str] = field(default_factory=dict)
     """member name -> key of the llama-cpp-python case on its file."""
@@ -84,8 +93,34 @@ def _member_identity(mc: MemberConfig, ens: EnsembleConfig) -> tuple[Any, ...]:
     return (str(mc.resolve_path()), mc.n_threads, mc.n_gpu_layers, mc.repack, mc.mmap, ens.n_ctx, ens.n_batch)
 
 
-def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True) -> tuple[list[Case], list[EnsemblePlan]]:
-    """The cases to time for these ensembles, shared where they measure the same thing."""
+def vocabularies_shared(config: Config, names: Sequence[str]) -> dict[str, bool]:
+    """Per ensemble: whether its members share one vocabulary. Members on one file do;
+    others are compared by their vocabularies' fingerprints (a vocabulary-only load of
+    each distinct file, no weights)."""
+    fingerprints: dict[Path, str] = {}
+
+    def fingerprint(path: Path) -> str:
+        if path not in fingerprints:
+            from ..backends.llama import inspect_model
+
+            fingerprints[path] = inspect_model(path).fingerprint
+        return fingerprints[path]
+
+    out: dict[str, bool] = {}
+    for name in names:
+        ens = config.get(name)
+        paths = list(dict.fromkeys(m.resolve_path() for m in ens.members))
+        out[ens.name] = len(paths) == 1 or len({fingerprint(p) for p in paths}) == 1
+    return out
+
+
+def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True,
+               shared: Mapping[str, bool] | None = None) -> tuple[list[Case], list[EnsemblePlan]]:
+    """The cases to time for these ensembles, shared where they measure the same thing.
+    ``shared`` says per ensemble whether its members share a vocabulary (default:
+    :func:`vocabularies_shared`)."""
+    if shared is None:
+        shared = vocabularies_shared(config, names)
     cases: list[Case] = []
     plans: list[EnsemblePlan] = []
     singles: dict[tuple[Any, ...], str] = {}
@@ -100,6 +135,7 @@ def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True) -
             weights=[m.weight / total_w for m in ens.members],
             me=f"{ens.name}/me",
             ce=f"{ens.name}/ce",
+            shared_vocabulary=shared.get(ens.name, True),
         )
         for mc in ens.members:
             ident = _member_identity(mc, ens)
@@ -115,9 +151,13 @@ def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True) -
                     baselines[ident] = key
                     cases.append(Case(key, "baseline", ens.name, BASELINE, mc.name, f"{BASELINE} {fname}"))
                 plan.baseline[mc.name] = baselines[ident]
-        if len(ens.members) > 1:
+        if len(ens.members) > 1 and plan.shared_vocabulary:
+            plan.me_word = f"{ens.name}/me:word"
             cases.append(Case(plan.ce, "engine", ens.name, "ce", None, f"{ens.name} ce"))
-            cases.append(Case(plan.me, "engine", ens.name, "me", None, f"{ens.name} me"))
+            cases.append(Case(plan.me, "engine", ens.name, "me", None, f"{ens.name} me (token)", "token"))
+            cases.append(Case(plan.me_word, "engine", ens.name, "me", None, f"{ens.name} me (word)", "word"))
+        elif len(ens.members) > 1:  # ce needs one vocabulary: the engine refuses it here
+            cases.append(Case(plan.me, "engine", ens.name, "me", None, f"{ens.name} me (word)", "word"))
         plans.append(plan)
     if len(baselines) == 1:  # one model file: the table's header names it
         for c in cases:

@@ -40,8 +40,14 @@ class Target:
                 "passed": self.passed, "note": self.note}
 
 
+WORD_ME_VS_MIXTURE = 0.85
+"""Word-level me's bytes/s against the weighted harmonic mean of its members' (issue 10)."""
+WORD_ME_TTFT = 1.1
+"""Word-level me's time to first token against the slower member's alone (issue 10)."""
+
+
 def evaluate_targets(result: Mapping[str, Any]) -> list[Target]:
-    """The speed targets of the engine and bench issues that an in-process run can check."""
+    """The speed targets of the engine, bench and word-level issues that an in-process run can check."""
     targets: list[Target] = []
     prompt = result.get("settings", {}).get("prompt_tokens", 0)
     seen_baseline: set[tuple[str, str]] = set()
@@ -54,6 +60,11 @@ def evaluate_targets(result: Mapping[str, Any]) -> list[Target]:
             seen_baseline.add(pair)
             targets.append(Target(f"single ({member}) vs {BASELINE} create_completion", value, ">=", 0.95))
         n = len(ens["members"])
+        if ens.get("granularity") == "word":
+            targets.append(Target(f"{name}: word-level me vs the members' harmonic mean, bytes/s",
+                                  r.get("me/single_mixture_bytes"), ">=", WORD_ME_VS_MIXTURE))
+            targets.append(Target(f"{name}: word-level me TTFT vs the slower member's",
+                                  r.get("me_ttft/slower_single_ttft"), "<=", WORD_ME_TTFT))
         if r.get("me/ce") is not None and n in (2, 3):
             targets.append(Target(f"{name}: me vs ce tokens/s, {n} members", r["me/ce"], ">=", 1.35 if n == 2 else 1.5))
         if r.get("me/single") is not None and n == 2:
@@ -87,6 +98,12 @@ def _fmt_ratio(v: float | None) -> str:
     return f"{v:.2f}x" if v is not None else "-"
 
 
+def _fmt_summary(s: Mapping[str, Any] | None, width: int = 8) -> str:
+    if not s:
+        return f"{'-':>{width}} {'':15}"
+    return f"{s['median']:>{width}.1f} [{s['q1']:>6.1f}-{s['q3']:<6.1f}]"
+
+
 def format_report(result: Mapping[str, Any]) -> str:
     m = result["machine"]
     s = result["settings"]
@@ -96,15 +113,15 @@ def format_report(result: Mapping[str, Any]) -> str:
         f"model {models}; prompt ~{s['prompt_tokens']} tokens, {s['tokens']} generated, {s['repeats']} repeats "
         f"(interleaved); median [q1-q3]",
         "",
-        f"  {'case':<40} {'tokens/s (warm prompt)':>24} {'TTFT ms (cold prompt)':>26} {'tokens/s cold':>14}",
+        f"  {'case':<50} {'tokens/s (warm prompt)':>24} {'bytes/s (warm prompt)':>24} {'TTFT ms (cold prompt)':>26} "
+        f"{'tokens/s cold':>14}",
     ]
     for case in result["cases"].values():
         if "tokens_per_s" not in case:
             continue
-        t, f = case["tokens_per_s"], case["ttft_ms"]
         lines.append(
-            f"  {case['label']:<40} {t['median']:>8.1f} [{t['q1']:>6.1f}-{t['q3']:<6.1f}] "
-            f"{f['median']:>9.1f} [{f['q1']:>6.1f}-{f['q3']:<6.1f}]"
+            f"  {case['label']:<50} {_fmt_summary(case['tokens_per_s'])} {_fmt_summary(case.get('bytes_per_s'))} "
+            f"{_fmt_summary(case['ttft_ms'], 9)}"
             + (f" {case['cold_tokens_per_s']['median']:>12.1f}" if "cold_tokens_per_s" in case else "")
         )
     for ens in result["ensembles"].values():
@@ -112,22 +129,43 @@ def format_report(result: Mapping[str, Any]) -> str:
         lines.append("")
         if ens["cases"]["me"] not in result["cases"]:  # one member: nothing to ensemble
             lines.append(f"  {ens['label']}:")
+        elif ens.get("granularity") == "word":
+            paired_bytes = p.get("me/single_bytes", {})
+            per_member = ", ".join(f"me/{member} {_fmt_ratio(v)} (paired {_fmt_ratio(paired_bytes.get(member))})"
+                                   for member, v in r["me/single_bytes"].items())
+            lines.append(f"  {ens['label']}, word by word (the members' vocabularies differ), in bytes/s: "
+                         f"me/harmonic mean of the members alone {_fmt_ratio(r['me/single_mixture_bytes'])} "
+                         f"(paired {_fmt_ratio(p.get('me/single_mixture_bytes'))}); {per_member}")
+            lines.append(f"    me TTFT / the slower member's TTFT {_fmt_ratio(r['me_ttft/slower_single_ttft'])} "
+                         f"(paired {_fmt_ratio(p.get('me_ttft/slower_single_ttft'))})")
+            lines.append(f"    ce: {ens.get('ce')}")
         else:
             lines.append(f"  {ens['label']}: me/ce {_fmt_ratio(r['me/ce'])} (paired {_fmt_ratio(p.get('me/ce'))})  "
                          f"me/single {_fmt_ratio(r['me/single'])} (paired {_fmt_ratio(p.get('me/single'))})  "
                          f"ce-TTFT/me-TTFT {_fmt_ratio(r['ce_ttft/me_ttft'])}  "
                          f"me/ce on a cold prompt {_fmt_ratio(r.get('me/ce_cold_prompt'))}")
+            if r.get("me_word/me_token") is not None:
+                lines.append(f"    me word by word / token by token, tokens/s {_fmt_ratio(r['me_word/me_token'])} "
+                             f"(paired {_fmt_ratio(p.get('me_word/me_token'))}); TTFT "
+                             f"{_fmt_ratio(r.get('me_word_ttft/me_token_ttft'))}")
         if ens.get("ce_mixture_ms_per_token") is not None:
             lines.append(f"    ce spends {ens['ce_mixture_ms_per_token']:.2f} ms a token on its numpy mixture; "
                          f"against a ce with a free mixture me/ce would be {_fmt_ratio(ens.get('me/ce_decode_only'))}")
         for member, v in r["single/" + BASELINE].items():
             lines.append(f"    single {member} / {BASELINE}: {_fmt_ratio(v)} "
                          f"(paired {_fmt_ratio(p['single/' + BASELINE].get(member))})")
-        me_case = result["cases"].get(ens["cases"]["me"], {})
-        if me_case.get("members"):
-            per = "  ".join(f"{x['name']} selected {x['selected']:.1f}, catch-up {x['catchup_tokens']:.1f}"
-                            for x in me_case["members"])
-            lines.append(f"    me per run: {per}")
+        for key in (ens["cases"]["me"], ens["cases"].get("me_word")):
+            me_case = result["cases"].get(key) if key else None
+            if not me_case or not me_case.get("members"):
+                continue
+            if me_case.get("granularity") == "word":
+                per = "  ".join(f"{x['name']} {x['selected']:.1f} words ({x.get('generated_tokens', 0):.1f} tokens), "
+                                f"catch-up {x['catchup_tokens']:.1f}" for x in me_case["members"])
+                lines.append(f"    {me_case['label']} per run: {per}")
+            else:
+                per = "  ".join(f"{x['name']} selected {x['selected']:.1f}, catch-up {x['catchup_tokens']:.1f}"
+                                for x in me_case["members"])
+                lines.append(f"    {me_case['label']} per run: {per}")
     mem = result.get("memory")
     if mem and "rss_mib" in mem:
         lines.append("")

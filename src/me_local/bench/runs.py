@@ -14,16 +14,17 @@ from __future__ import annotations
 import datetime
 import logging
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
 from ..config import Config, EnsembleConfig
+from ..core.types import DoneEvent, Event
 from .memory import measure_shared_memory
 from .plan import BASELINE, Case, EnsemblePlan, interleave, plan_cases
 from .prompts import PromptMaker
-from .stats import Summary, median, mixture_speed, paired_ratio, ratio
+from .stats import Summary, bytes_per_second, median, mixture_speed, paired_ratio, ratio
 
 log = logging.getLogger("me_local.bench")
 
@@ -72,6 +73,20 @@ def machine_info() -> dict[str, Any]:
 ProgressFn = Callable[[str], None]
 
 
+def _run_counting_bytes(events: Iterable[Event]) -> tuple[int, int, DoneEvent]:
+    """Run a generation to its end: the UTF-8 bytes of the tokens it generated, those of
+    its first token, and its done event."""
+    n_bytes = first_bytes = 0
+    first = True
+    for ev in events:
+        if isinstance(ev, DoneEvent):
+            return n_bytes, first_bytes, ev
+        n_bytes += len(ev.piece)
+        if first:
+            first_bytes, first = len(ev.piece), False
+    raise RuntimeError("generation ended without a done event")
+
+
 class BenchRunner:
     """Runs a plan: warm-up, the interleaved schedule, then summaries, ratios and memory."""
 
@@ -109,10 +124,16 @@ class BenchRunner:
 
     # -- pieces ---------------------------------------------------------------------------
     def _prompt(self, engine: Any, ensemble: str) -> PromptMaker:
+        """Prompts of at most --prompt-tokens tokens for every member: members with different
+        vocabularies tokenize one text into different counts, so the longest one counts."""
         maker = self._prompts.get(ensemble)
         if maker is None:
-            first = engine.ensemble(ensemble).members[0]
-            maker = self._prompts[ensemble] = PromptMaker(first.raw_prompt, self.settings.prompt_tokens)
+            members = engine.ensemble(ensemble).members
+
+            def longest(text: str) -> list[int]:
+                return max((m.raw_prompt(text) for m in members), key=len)
+
+            maker = self._prompts[ensemble] = PromptMaker(longest, self.settings.prompt_tokens)
         return maker
 
     def _baseline(self, case: Case) -> Any:
@@ -131,18 +152,22 @@ class BenchRunner:
 
     def _generate(self, engine: Any, case: Case, index: int, n_tokens: int, seed: int) -> dict[str, Any]:
         """One timed generation of ``case`` on prompt number ``index``."""
-        from ..engine import Request, collect, sampling_params
+        from ..engine import Request, sampling_params
 
         ens = self.config.get(case.ensemble)
         maker = self._prompt(engine, case.ensemble)
         params = sampling_params(ens.sampling, max_tokens=n_tokens, seed=seed)
         if case.kind == "baseline":
-            timing = self._baseline(case).run(maker.tokens(index), n_tokens, params, seed)
+            # the prompt in the baseline's own vocabulary (its member's, which may not be the first's)
+            member = next(m for m in engine.ensemble(case.ensemble).members if m.name == case.member)
+            timing = self._baseline(case).run(member.raw_prompt(maker.text(index)), n_tokens, params, seed)
             return {
                 "tokens_per_s": timing.tokens_per_s,
+                "bytes_per_s": timing.bytes_per_s,
                 "ttft_s": timing.ttft_s,
                 "total_s": timing.total_s,
                 "generated_tokens": timing.generated_tokens,
+                "generated_bytes": timing.generated_bytes,
                 "prompt_tokens": timing.prompt_tokens,
                 "finish_reason": timing.finish_reason,
             }
@@ -152,22 +177,32 @@ class BenchRunner:
             params=params,
             mode=case.mode,
             member=case.member if case.mode == "single" else None,
+            granularity=case.granularity,
         )
-        _, done = collect(engine.generate(request))
+        n_bytes, first_bytes, done = _run_counting_bytes(engine.generate(request))
         s = done.stats
-        return {
+        ttft = s.ttft_s if s.ttft_s is not None else s.total_s
+        record: dict[str, Any] = {
             "tokens_per_s": s.tokens_per_s,
-            "ttft_s": s.ttft_s if s.ttft_s is not None else s.total_s,
+            "bytes_per_s": bytes_per_second(n_bytes, first_bytes, s.total_s - ttft),
+            "ttft_s": ttft,
             "total_s": s.total_s,
             "generated_tokens": s.generated_tokens,
+            "generated_bytes": n_bytes,
             "prompt_tokens": s.prompt_tokens,
             "finish_reason": done.finish_reason,
             "members": [
                 {"name": m.name, "selected": m.selected, "catchup_tokens": m.catchup_tokens,
                  "prompt_tokens": m.prompt_tokens}
+                | ({"generated_tokens": m.generated_tokens} if m.generated_tokens is not None else {})
                 for m in s.members
             ],
         }
+        if s.granularity is not None:
+            record["granularity"] = s.granularity
+        if s.words is not None:
+            record["words"] = s.words
+        return record
 
     def _run_case(self, engine: Any, case: Case, n_tokens: int, seed: int) -> dict[str, Any]:
         """A cold run on a fresh prompt (time to first token: every member's prompt is new),
@@ -181,6 +216,7 @@ class BenchRunner:
         record["ttft_s"] = cold["ttft_s"]
         record["warm_ttft_s"] = warm["ttft_s"]
         record["cold_tokens_per_s"] = cold["tokens_per_s"]
+        record["cold_bytes_per_s"] = cold["bytes_per_s"]
         record["cold_total_s"] = cold["total_s"]
         record["cold_generated_tokens"] = cold["generated_tokens"]
         record["prompt_tokens"] = cold["prompt_tokens"]
@@ -220,14 +256,23 @@ class BenchRunner:
                 "spread": SPREAD,
                 "schedule": "rotated interleaving: every repeat runs every case once, starting one case later",
                 "runs": "each run is a cold generation on a new prompt (ttft) then a warm one on the same "
-                        "prompt and seed (tokens_per_s); cold_tokens_per_s includes me's deferred prefill",
+                        "prompt and seed (tokens_per_s, bytes_per_s); cold_tokens_per_s includes me's deferred "
+                        "prefill",
+                "bytes_per_s": "UTF-8 bytes of generated text after the first token over the time from the first "
+                               "token to the last (what word-level me is compared in: tokens differ across "
+                               "vocabularies)",
             },
             "models": self._models(),
             "cases": {c.key: summarize_case(c, runs[c.key]) for c in self.cases},
             "ensembles": {},
         }
         for plan in self.plans:
-            report = ensemble_report(plan, result["cases"], self.config.get(plan.name))
+            ce_note = None
+            if not plan.shared_vocabulary:
+                mismatch = engine.ensemble(plan.name).vocabulary.mismatch
+                ce_note = (f"not run: mode ce needs members that share a vocabulary ({mismatch}); "
+                           "me mixes words across vocabularies")
+            report = ensemble_report(plan, result["cases"], self.config.get(plan.name), ce_note)
             if plan.ce in result["cases"]:
                 report.update(ce_mixture_cost(engine, self.config.get(plan.name), st.tokens,
                                               result["cases"][plan.ce], result["cases"][plan.me]))
@@ -271,21 +316,34 @@ def summarize_case(case: Case, runs: Sequence[Mapping[str, Any]]) -> dict[str, A
     if not runs:
         return out
     out["tokens_per_s"] = Summary.of(r["tokens_per_s"] for r in runs).to_dict(3)
+    if all("bytes_per_s" in r for r in runs):
+        out["bytes_per_s"] = Summary.of(r["bytes_per_s"] for r in runs).to_dict(3)
     out["ttft_ms"] = Summary.of(r["ttft_s"] * 1000.0 for r in runs).to_dict(3)
     if all("cold_tokens_per_s" in r for r in runs):
         out["cold_tokens_per_s"] = Summary.of(r["cold_tokens_per_s"] for r in runs).to_dict(3)
+    if all("cold_bytes_per_s" in r for r in runs):
+        out["cold_bytes_per_s"] = Summary.of(r["cold_bytes_per_s"] for r in runs).to_dict(3)
     out["generated_tokens"] = median([r["generated_tokens"] for r in runs])
+    if all("generated_bytes" in r for r in runs):
+        out["generated_bytes"] = median([r["generated_bytes"] for r in runs])
     out["prompt_tokens"] = median([r["prompt_tokens"] for r in runs])
+    if runs[0].get("granularity"):
+        out["granularity"] = runs[0]["granularity"]
+    if all("words" in r for r in runs):
+        out["words"] = sum(r["words"] for r in runs) / len(runs)
     if runs[0].get("members"):
         n = len(runs)
         members = []
         for i, m in enumerate(runs[0]["members"]):
-            members.append({
+            summary = {
                 "name": m["name"],
                 "selected": sum(r["members"][i]["selected"] for r in runs) / n,
                 "catchup_tokens": sum(r["members"][i]["catchup_tokens"] for r in runs) / n,
                 "prompt_tokens": sum(r["members"][i]["prompt_tokens"] for r in runs) / n,
-            })
+            }
+            if all("generated_tokens" in r["members"][i] for r in runs):
+                summary["generated_tokens"] = sum(r["members"][i]["generated_tokens"] for r in runs) / n
+            members.append(summary)
         out["members"] = members
     return out
 
@@ -294,8 +352,14 @@ def _by_repeat(case: Mapping[str, Any], metric: str) -> dict[int, float]:
     return {int(r["repeat"]): float(r[metric]) for r in case.get("runs", [])}
 
 
-def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleConfig) -> dict[str, Any]:
-    """Ratios for one ensemble from the case summaries (ratios of medians, and paired)."""
+def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleConfig,
+                    ce_note: str | None = None) -> dict[str, Any]:
+    """Ratios for one ensemble from the case summaries (ratios of medians, and paired).
+    Members with one vocabulary: ``me`` (token by token) against ``ce`` and against its
+    members alone in tokens/s, and ``me`` word by word against token by token. Members with
+    different vocabularies: word-level ``me`` against each member alone and against their
+    weighted harmonic mean in bytes/s (tokens are not comparable), and its time to first
+    token against the slower member's; ``ce_note`` says why there is no ``ce``."""
 
     def med(key: str | None, metric: str) -> float | None:
         if key is None or key not in cases or metric not in cases[key]:
@@ -303,19 +367,48 @@ def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleC
         return float(cases[key][metric]["median"])
 
     single_keys = [plan.single[m] for m in plan.members]
+    base = {}
+    for m in plan.members:
+        if m in plan.baseline:
+            s = _by_repeat(cases[plan.single[m]], "tokens_per_s")
+            b = _by_repeat(cases[plan.baseline[m]], "tokens_per_s")
+            base[m] = paired_ratio([s[r] for r in sorted(s)], [b.get(r) for r in sorted(s)])
+    single_vs_baseline = {
+        m: ratio(med(plan.single[m], "tokens_per_s"), med(plan.baseline.get(m), "tokens_per_s"))
+        for m in plan.members
+        if m in plan.baseline
+    }
+    report: dict[str, Any] = {
+        "label": plan.label,
+        "members": plan.members,
+        "weights": [round(w, 6) for w in plan.weights],
+        "n_ctx": ens.n_ctx,
+        "granularity": "token" if plan.shared_vocabulary else "word",
+        "shared_vocabulary": plan.shared_vocabulary,
+        "cases": {"me": plan.me, "ce": plan.ce if plan.shared_vocabulary else None, "single": plan.single,
+                  "baseline": plan.baseline},
+    }
+    if not plan.shared_vocabulary:
+        report["ce"] = ce_note or "not run: mode ce needs members that share a vocabulary"
+        report.update(_word_ratios(plan, cases, med, single_keys))
+        report["ratios"]["single/" + BASELINE] = single_vs_baseline
+        report["paired_ratios"]["single/" + BASELINE] = base
+        return report
+
     single_speed = mixture_speed([med(k, "tokens_per_s") or 0.0 for k in single_keys], plan.weights)
     has_ens = plan.me in cases
+    has_word = plan.me_word is not None and plan.me_word in cases
     ratios: dict[str, Any] = {
         "me/ce": ratio(med(plan.me, "tokens_per_s"), med(plan.ce, "tokens_per_s")) if has_ens else None,
         "me/single": ratio(med(plan.me, "tokens_per_s"), single_speed) if has_ens else None,
         "ce_ttft/me_ttft": ratio(med(plan.ce, "ttft_ms"), med(plan.me, "ttft_ms")) if has_ens else None,
         "me/ce_cold_prompt": ratio(med(plan.me, "cold_tokens_per_s"), med(plan.ce, "cold_tokens_per_s"))
         if has_ens else None,
-        "single/" + BASELINE: {
-            m: ratio(med(plan.single[m], "tokens_per_s"), med(plan.baseline.get(m), "tokens_per_s"))
-            for m in plan.members
-            if m in plan.baseline
-        },
+        "me_word/me_token": ratio(med(plan.me_word, "tokens_per_s"), med(plan.me, "tokens_per_s"))
+        if has_word and has_ens else None,
+        "me_word_ttft/me_token_ttft": ratio(med(plan.me_word, "ttft_ms"), med(plan.me, "ttft_ms"))
+        if has_word and has_ens else None,
+        "single/" + BASELINE: single_vs_baseline,
     }
     # paired: per repeat, then the median over repeats
     paired: dict[str, Any] = {}
@@ -328,23 +421,46 @@ def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleC
         paired["me/ce"] = paired_ratio([me_s[r] for r in reps], [ce_s.get(r) for r in reps])
         paired["me/single"] = paired_ratio([me_s[r] for r in reps], mix)
         paired["ce_ttft/me_ttft"] = paired_ratio([ce_t.get(r) for r in reps], [me_t.get(r) for r in reps])
-    base = {}
-    for m in plan.members:
-        if m in plan.baseline:
-            s = _by_repeat(cases[plan.single[m]], "tokens_per_s")
-            b = _by_repeat(cases[plan.baseline[m]], "tokens_per_s")
-            base[m] = paired_ratio([s[r] for r in sorted(s)], [b.get(r) for r in sorted(s)])
+        if has_word:
+            assert plan.me_word is not None
+            word_s = _by_repeat(cases[plan.me_word], "tokens_per_s")
+            paired["me_word/me_token"] = paired_ratio([word_s.get(r) for r in reps], [me_s[r] for r in reps])
     paired["single/" + BASELINE] = base
-    return {
-        "label": plan.label,
-        "members": plan.members,
-        "weights": [round(w, 6) for w in plan.weights],
-        "n_ctx": ens.n_ctx,
-        "cases": {"me": plan.me, "ce": plan.ce, "single": plan.single, "baseline": plan.baseline},
-        "single_mixture_tokens_per_s": single_speed,
-        "ratios": ratios,
-        "paired_ratios": paired,
+    report["cases"]["me_word"] = plan.me_word
+    report["single_mixture_tokens_per_s"] = single_speed
+    report["ratios"] = ratios
+    report["paired_ratios"] = paired
+    return report
+
+
+def _word_ratios(plan: EnsemblePlan, cases: Mapping[str, Any], med: Callable[[str | None, str], float | None],
+                 single_keys: Sequence[str]) -> dict[str, Any]:
+    """Word-level ``me`` against its members alone, in bytes/s, and its time to first token
+    against the slower member's (see :func:`ensemble_report`)."""
+    mix = mixture_speed([med(k, "bytes_per_s") or 0.0 for k in single_keys], plan.weights)
+    ttfts = [med(k, "ttft_ms") for k in single_keys]
+    slower = max((t for t in ttfts if t is not None), default=None)
+    has_me = plan.me in cases
+    ratios: dict[str, Any] = {
+        "me/ce": None,
+        "me/single_mixture_bytes": ratio(med(plan.me, "bytes_per_s"), mix) if has_me else None,
+        "me/single_bytes": {m: ratio(med(plan.me, "bytes_per_s"), med(plan.single[m], "bytes_per_s"))
+                            for m in plan.members} if has_me else {},
+        "me_ttft/slower_single_ttft": ratio(med(plan.me, "ttft_ms"), slower) if has_me else None,
     }
+    paired: dict[str, Any] = {}
+    if has_me:
+        me_b, me_t = _by_repeat(cases[plan.me], "bytes_per_s"), _by_repeat(cases[plan.me], "ttft_s")
+        singles_b = [_by_repeat(cases[k], "bytes_per_s") for k in single_keys]
+        singles_t = [_by_repeat(cases[k], "ttft_s") for k in single_keys]
+        reps = sorted(me_b)
+        per_rep_mix = [mixture_speed([s.get(r, 0.0) for s in singles_b], plan.weights) for r in reps]
+        paired["me/single_mixture_bytes"] = paired_ratio([me_b[r] for r in reps], per_rep_mix)
+        paired["me/single_bytes"] = {m: paired_ratio([me_b[r] for r in reps], [s.get(r) for r in reps])
+                                     for m, s in zip(plan.members, singles_b)}
+        paired["me_ttft/slower_single_ttft"] = paired_ratio(
+            [me_t.get(r) for r in reps], [max((s[r] for s in singles_t if r in s), default=None) for r in reps])
+    return {"single_mixture_bytes_per_s": mix, "ratios": ratios, "paired_ratios": paired}
 
 
 def ce_mixture_cost(engine: Any, ens: EnsembleConfig, n_tokens: int, ce_case: Mapping[str, Any],

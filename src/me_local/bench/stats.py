@@ -73,6 +73,13 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def bytes_per_second(total_bytes: int, first_bytes: int, span_s: float) -> float:
+    """Text speed after the first token, as tokens/s is measured: the bytes that came after
+    the first token's over the ``span_s`` seconds from the first token to the last (0 when
+    no time passed). Across vocabularies tokens are not comparable; bytes are."""
+    return (total_bytes - first_bytes) / span_s if span_s > 0 else 0.0
+
+
 def paired_ratio(numerators: Sequence[float | None], denominators: Sequence[float | None]) -> float | None:
     """The median of per-repeat ratios (pairs with a missing side are skipped)."""
     rs = [r for r in (ratio(a, b) for a, b in zip(numerators, denominators)) if r is not None]

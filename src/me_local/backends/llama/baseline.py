@@ -34,11 +34,21 @@ class CompletionTiming:
     generated_tokens: int
     prompt_tokens: int
     finish_reason: str | None
+    generated_bytes: int = 0
+    """UTF-8 bytes of the text generated."""
+    first_bytes: int = 0
+    """UTF-8 bytes of the text the first chunk carried."""
 
     @property
     def tokens_per_s(self) -> float:
         """Generation speed after the first token, as the engine reports it."""
         return tokens_per_second(self.generated_tokens, self.total_s - self.ttft_s)
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Text speed after the first chunk: its bytes over the time from the first chunk to the last."""
+        span = self.total_s - self.ttft_s
+        return (self.generated_bytes - self.first_bytes) / span if span > 0 else 0.0
 
 
 @dataclass
@@ -173,6 +183,7 @@ class BaselineCompletion:
         t0 = clock()
         first: float | None = None
         finish: str | None = None
+        n_bytes = first_bytes = 0
         # with stream=True the result is an iterator of chunks (the stubs do not say so)
         chunks = cast(Iterator[CreateCompletionStreamResponse], llm.create_completion(
             prompt,
@@ -186,8 +197,11 @@ class BaselineCompletion:
             stream=True,
         ))
         for chunk in chunks:
+            size = len(chunk["choices"][0]["text"].encode("utf-8"))
             if first is None:
                 first = clock()
+                first_bytes = size
+            n_bytes += size
             finish = chunk["choices"][0].get("finish_reason") or finish
         total = clock() - t0
         # llm.n_tokens counts what was evaluated: the prompt and every sampled token but the
@@ -200,6 +214,8 @@ class BaselineCompletion:
             generated_tokens=max(0, generated),
             prompt_tokens=len(prompt),
             finish_reason=finish,
+            generated_bytes=n_bytes,
+            first_bytes=first_bytes,
         )
 
     def close(self) -> None:
