@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..backends.types import MemberFactory
 from ..config import Config, SamplingDefaults
-from ..core import DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
+from ..core import Cancelled, DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
 from ..core.ensemble import check_fits
+from ..core.likelihood import TextLikelihood
 from ..errors import ConfigError, MeLocalError, RequestError
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
 from .messages import normalize_messages
+from .scoring import ScoreRequest, plan_score, run_score
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -170,6 +172,33 @@ class Engine:
                 granularity=plan.granularity,
                 cancel=cancel or (lambda: False),
             )
+        finally:
+            loaded.leave(ticket)
+
+    def score(
+        self,
+        request: ScoreRequest,
+        cancel: Callable[[], bool] | None = None,
+        *,
+        queue_timeout: float | None = None,
+    ) -> TextLikelihood:
+        """The likelihood of ``request.text`` after ``request.context`` under the ensemble, on the
+        calling thread: each member scores it once, in batched passes (docs/likelihood.md).
+
+        It takes a slot through the ensemble's queue exactly as :meth:`generate` does (counted
+        from admission, first in first out, QueueFullError past ``max_queue`` or
+        ``queue_timeout``). A request that cannot be done is refused before it waits, with a
+        :class:`RequestError` naming the field (a :class:`ContextOverflowError` when the context
+        and text do not fit a member's ``n_ctx``). ``cancel`` firing while it waits or between
+        scoring chunks raises :class:`Cancelled`."""
+        loaded = self.ensemble(request.ensemble)
+        ticket = loaded.admit()
+        try:
+            plan = plan_score(loaded, request)
+            slot = loaded.acquire(ticket, plan.contexts, timeout=queue_timeout, cancel=cancel)
+            if slot is None:  # cancelled while queued: nothing was evaluated
+                raise Cancelled
+            return run_score(slot.members, plan, request, cancel)
         finally:
             loaded.leave(ticket)
 
