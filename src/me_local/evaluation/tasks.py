@@ -54,18 +54,18 @@ def read_tasks(path: str | Path) -> Iterator[Question]:
     UsageError for a file that cannot be read or a line that is not a question."""
     p = Path(path)
     try:
-        f = p.open(encoding="utf-8")
+        f = p.open("rb")
     except OSError as exc:
         raise UsageError(f"cannot read task file {str(p)!r} ({exc.strerror or exc}); check the path") from None
     with f:
-        line_no = 0
-        try:
-            for line_no, line in enumerate(f, start=1):  # noqa: B007 (line_no is read after the loop)
-                if not line.strip():
-                    continue
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM may begin the file
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{p}: line {line_no}: not UTF-8 text (byte {exc.start + 1} of the line); "
+                                 "save the task file as UTF-8") from None
+            if line.strip():
                 yield parse_line(line, line_no, str(p))
-        except UnicodeDecodeError:
-            raise UsageError(f"{p}: line {line_no + 1}: not UTF-8 text; save the task file as UTF-8") from None
 
 
 def parse_line(line: str, line_no: int, file: str = "<task>") -> Question:

@@ -47,6 +47,8 @@ def set_weights(text: str, ensemble: str, weights: Mapping[str, float], *, file:
                 raise refuse("the file uses YAML anchors or aliases (&name, *name, <<), and an edit "
                              "could change every place that shares a node")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            raise refuse("the file is empty")
     except yaml.YAMLError as exc:
         raise refuse(f"the file is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     ens_key = f"ensembles.{ensemble}"
@@ -93,16 +95,17 @@ def set_weights(text: str, ensemble: str, weights: Mapping[str, float], *, file:
     return out
 
 
-def _get(node: Node, key: str, refuse: Any, where: str) -> Node:
+def _get(parent: Node, key: str, refuse: Any, where: str) -> Node:
     """The value of ``key`` in a mapping node (refused when absent, twice, or not a mapping)."""
-    if not isinstance(node, MappingNode):
+    if not isinstance(parent, MappingNode):
         raise refuse("it is not a mapping", where.rpartition(".")[0] or None)
-    found = [v for k, v in node.value if isinstance(k, ScalarNode) and k.value == key]
+    found = [v for k, v in parent.value if isinstance(k, ScalarNode) and k.value == key]
     if not found:
         raise refuse(f"`{key}` is not in the file", where)
     if len(found) > 1:
         raise refuse(f"`{key}` is given twice", where)
-    return found[0]
+    node: Node = found[0]
+    return node
 
 
 def _insertion(text: str, item: MappingNode, value: str, newline: str, refuse: Any, mkey: str
