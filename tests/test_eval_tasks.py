@@ -45,7 +45,8 @@ def test_hellaswag_shape_is_cleaned_as_lm_evaluation_harness_does():
     assert q.choices[1] == "starts pulling up roofing on a roof." and q.answer == 1 and q.shape == "hellaswag"
     bare = parse_line(line({"ctx": "Then she", "endings": ["sat.", "ran."], "label": 0}), 3)
     assert bare.context == "Then she" and bare.answer == 0
-    assert hellaswag_preprocess(" How to cook [title] Boil water. [step] Add salt.  ") == "How to cook. Boil water. Add salt."
+    cleaned = hellaswag_preprocess(" How to cook [title] Boil water. [step] Add salt.  ")
+    assert cleaned == "How to cook. Boil water. Add salt."
 
 
 BAD = [
