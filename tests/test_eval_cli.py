@@ -248,10 +248,13 @@ def test_tune_fits_the_weights_on_the_units_scored_once_and_reports_held_out_fig
     assert f["units"] == fit_part.n_units and f["converged"]
     assert f["log_likelihood"] >= fit_part.total([0.4, 0.6]) - 1e-9
     assert f["log_likelihood"] >= max(fit_part.logp.sum(axis=0)) - 1e-9
+    fb = int(fit_part.n_bytes.sum())
+    assert f["current"] == pytest.approx(bits_per_byte(fit_part.total([0.4, 0.6]), fb), rel=1e-6)
+    assert f["fitted"] <= min(f["current"], *f["members"].values()) + 1e-9
     assert out["written"] is None
     table = run("tune", "--config", config, "-e", "mixed", "--holdout", "0.3", "--seed", "5", a, b).stdout
     assert f"{out['weights']['spm']:8.4f}" in next(x for x in table.splitlines() if x.strip().startswith("spm "))
-    assert "fitted weights" in table and "held-out bits/byte" in table
+    assert "fitted weights" in table and "held out" in table
 
 
 def test_tune_write_changes_only_the_weights_and_keeps_a_backup(config, files, tmp_path):

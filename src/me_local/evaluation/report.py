@@ -152,6 +152,7 @@ def tune_report(ensemble: str, granularity: str, names: Sequence[str], current: 
                 ) -> dict[str, Any]:
     """``me-local tune``'s JSON object (``written``/``backup`` are added by the command)."""
     hb = int(held.n_bytes.sum())
+    fb = int(fit_part.n_bytes.sum())
     return {
         "ensemble": ensemble, "granularity": granularity, "files": list(files),
         "weights": _named(names, fit.weights),
@@ -162,9 +163,12 @@ def tune_report(ensemble: str, granularity: str, names: Sequence[str], current: 
             "fitted": finite(bits_per_byte(held.total(fit.weights), hb)) if held.n_units else None,
             "share": holdout, "seed": seed, "units": held.n_units, "bytes": hb,
         },
-        "fit": {"units": fit_part.n_units, "bytes": int(fit_part.n_bytes.sum()), "iterations": fit.iterations,
-                "converged": fit.converged, "log_likelihood": finite(fit.log_likelihood),
-                "bits_per_byte": finite(bits_per_byte(fit.log_likelihood, int(fit_part.n_bytes.sum())))},
+        "fit": {"units": fit_part.n_units, "bytes": fb, "iterations": fit.iterations, "converged": fit.converged,
+                "log_likelihood": finite(fit.log_likelihood),
+                "members": {n: finite(bits_per_byte(float(fit_part.logp[:, k].sum()), fb))
+                            for k, n in enumerate(names)},
+                "current": finite(bits_per_byte(fit_part.total(current), fb)),
+                "fitted": finite(bits_per_byte(fit.log_likelihood, fb))},
         "written": None, "backup": None,
     }
 
@@ -182,11 +186,11 @@ def tune_table(report: Mapping[str, Any]) -> str:
     lines.append(f"  {'weights':<{width}}  {'current':>8}  {'fitted':>8}")
     for n in names:
         lines.append(f"  {n:<{width}}  {report['current_weights'][n]:8.4f}  {report['weights'][n]:8.4f}")
-    lines += ["", f"  {'held-out bits/byte':<{width}}"]
-    for n in names:
-        lines.append(f"  {n + ' alone':<{width}}  {_num(h['members'][n], '8.4f')}")
-    lines.append(f"  {'current weights':<{width}}  {_num(h['current'], '8.4f')}")
-    lines.append(f"  {'fitted weights':<{width}}  {_num(h['fitted'], '8.4f')}")
+    lines += ["", f"  {'bits/byte':<{width}}  {'fit part':>8}  {'held out':>8}"]
+    rows = [(f"{n} alone", f["members"][n], h["members"][n]) for n in names]
+    rows += [("current weights", f["current"], h["current"]), ("fitted weights", f["fitted"], h["fitted"])]
+    for label, a, b in rows:
+        lines.append(f"  {label:<{width}}  {_num(a, '8.4f')}  {_num(b, '8.4f')}")
     if report.get("written"):
         lines += ["", f"wrote the fitted weights to {report['written']} (backup: {report['backup']})"]
     return "\n".join(lines)
