@@ -309,11 +309,14 @@ def test_tune_write_refuses_the_packaged_file_and_an_unsafe_one_before_scoring(f
     (["eval", "-e", "pair", "--window", "400", "{a}"], "--window 400 does not fit the members' context of 256"),
     (["eval", "-e", "mixed", "--granularity", "token", "{a}"], "granularity token needs members that share"),
     (["eval", "--url", "http://127.0.0.1:1", "{a}"], "--url is not available yet"),
+    (["eval", "-e", "mixed", "{dir}/spm.txt"], "spm.txt: line 3: member 'spm''s tokens do not spell the text byte"),
+    (["tune", "-e", "mixed", "{dir}/spm.txt"], "replace it in the text, or evaluate at --granularity token"),
     (["tune", "-e", "pair", "--holdout", "1", "{a}"], "1.0 is not in the range 0<x<1"),
 ])
 def test_mistakes_are_one_line_with_exit_status_2(config, files, tmp_path, args, message):
     a, _ = files
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "spm.txt").write_text("A first line.\n\nThe second paragraph has a \u2581 in it.\n")
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n'
                                         '{"context": "a", "choices": ["b", "c"], "answer": 3}\n')
     argv = [x.format(a=a, dir=tmp_path) for x in args]

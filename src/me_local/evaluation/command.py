@@ -103,6 +103,18 @@ def _counter(session: Session) -> tuple[Callable[[str], list[int]], int, int]:
     return count, n_ctx, bos
 
 
+def _check_spelling(session: Session, paths: tuple[str, ...]) -> None:
+    """At word granularity, every file must be spelled back by every member's tokens."""
+    from .run import check_spelling
+
+    if session.resolved_granularity() != "word":
+        return
+    members = session.engine.ensemble(session.cfg.name).members
+    distinct = list({id(m.model): m for m in members}.values())
+    for p in paths:
+        check_spelling(p, distinct)
+
+
 @contextmanager
 def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
     """A progress bar on stderr when it is a terminal; otherwise nothing is drawn."""
@@ -184,6 +196,7 @@ def _eval_texts(session: Session, paths: tuple[str, ...], window: int | None) ->
     _check_files(paths)
     count, n_ctx, bos = _counter(session)
     budget = window_budget(n_ctx, bos, window)
+    _check_spelling(session, paths)
     total = sum(os.path.getsize(p) for p in paths)
     results = []
     with _progress(total, "scoring") as advance:
@@ -263,6 +276,7 @@ def tune(textfiles: tuple[str, ...], config_path: str | None, ensemble: str | No
         with _interruptible():
             count, n_ctx, bos = _counter(session)
             budget = window_budget(n_ctx, bos, window)
+            _check_spelling(session, textfiles)
             total = sum(os.path.getsize(p) for p in textfiles)
             with _progress(total, "scoring") as advance:
                 scorer = TextScorer(session.engine.score, session.cfg.name, session.names, count, budget,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from ..core.likelihood import TextLikelihood, UnitScores, count_words
+from ..core.likelihood import TextLikelihood, TextMember, UnitScores, count_words
 from ..engine import ScoreRequest
 from ..errors import ContextOverflowError, UsageError
 from .tasks import Question
@@ -107,6 +107,27 @@ class TextScorer:
             self.units.append(tl.units)
         self.advance(tl.n_bytes)
         return totals
+
+
+def check_spelling(path: str | Path, members: Sequence[TextMember]) -> None:
+    """Word granularity places each member's tokens in the text by their bytes, so they must
+    spell it byte for byte (a SentencePiece vocabulary reads U+2581 as a space). Checked over the
+    whole file before anything is scored (tokenizing is cheap next to scoring), so that a file
+    that cannot be scored fails at once, naming its line, not after its first windows."""
+    line = 1
+    for piece in pieces(read_text(path)):
+        data = piece.encode()
+        for m in members:
+            spelled = b"".join(m.token_bytes(t) for t in m.tokenize_text(piece))
+            if spelled != data:
+                at = next((i for i, (x, y) in enumerate(zip(spelled, data)) if x != y), min(len(spelled), len(data)))
+                near = data[max(0, at - 12):at + 12].decode("utf-8", "replace")
+                where = line + data[:at].count(b"\n")
+                raise UsageError(f"{path}: line {where}: member {m.name!r}'s tokens do not spell the text byte for "
+                                 f"byte (near {near!r}), so its words cannot be placed in it; a SentencePiece "
+                                 "vocabulary reads the character U+2581 as a space: replace it in the text, or "
+                                 "evaluate at --granularity token (members with one vocabulary)")
+        line += piece.count("\n")
 
 
 def window_budget(n_ctx: int, context_tokens: int, requested: int | None = None) -> int:
