@@ -145,7 +145,7 @@ class Echo:
     """The prompt's tokens (usage)."""
 
 
-def _display(member: Any, token: int) -> bytes:
+def display_bytes(member: Any, token: int) -> bytes:
     """A token's text as echoed: its piece, or for a control token (whose piece is empty) its
     vocabulary text (``<|im_start|>``), so that the entries spell a raw prompt's markup."""
     piece: bytes = member.token_bytes(token)
@@ -183,7 +183,7 @@ def echo_prompt(engine: Engine, spec: EchoSpec, prompt: Prompt, cancel: Callable
     else:
         ids, k = list(prompt), 0
     shown = ids[k:]
-    pieces = [_display(m, t) for t in shown]
+    pieces = [display_bytes(m, t) for t in shown]
     text = prompt if isinstance(prompt, str) else b"".join(pieces).decode("utf-8", "replace")
     if not spec.logprobs:
         return Echo(text, None, len(ids))
@@ -207,7 +207,7 @@ def echo_prompt(engine: Engine, spec: EchoSpec, prompt: Prompt, cancel: Callable
             if spec.with_top and tl.mixture_top is not None:
                 top: dict[str, float | None] = {}
                 for tid, v in tl.mixture_top[i - n_ctx]:
-                    top.setdefault(wire.token_text(_display(m, tid)), wire.logprob_value(v))
+                    top.setdefault(wire.token_text(display_bytes(m, tid)), wire.logprob_value(v))
                 if any(tid == ids[i] for tid, _ in tl.mixture_top[i - n_ctx]):
                     top[texts[j]] = lps[j]  # the same number as token_logprobs: "is it the best?" compares them
                 tops[j] = top
