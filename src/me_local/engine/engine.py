@@ -30,7 +30,8 @@ log = logging.getLogger("me_local.engine")
 
 @dataclass
 class Request:
-    """One generation. Exactly one of ``messages`` (chat) and ``prompt`` (raw text) is set."""
+    """One generation. Exactly one of ``messages`` (chat), ``prompt`` (raw text) and ``tokens``
+    (a raw prompt as token ids, for members that share one vocabulary) is set."""
 
     ensemble: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -42,6 +43,8 @@ class Request:
     member: str | None = None
     granularity: str | None = None
     """token | word (None: the ensemble's)."""
+    tokens: list[int] | None = None
+    """A raw prompt as token ids, taken as they are (no BOS added)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ class Engine:
                 mode = "single"
         weights = [m.weight for m in cfg.members]
         active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
-        if (request.messages is None) == (request.prompt is None):
+        if sum(x is not None for x in (request.messages, request.prompt, request.tokens)) != 1:
             raise RequestError("give either chat messages or a raw prompt", param="messages")
         messages = normalize_messages(request.messages) if request.messages is not None else None
         members = loaded.members
@@ -133,6 +136,8 @@ class Engine:
             if key not in cache:
                 if messages is not None:
                     cache[key] = m.chat_prompt(messages)
+                elif request.tokens is not None:
+                    cache[key] = prompt_ids(loaded, active, request.tokens)
                 else:
                     cache[key] = m.raw_prompt(request.prompt or "")
             prompts[i] = cache[key]
@@ -230,6 +235,20 @@ class Engine:
         run.thread = threading.Thread(target=work, name=name, daemon=True)
         run.thread.start()
         return run
+
+
+def prompt_ids(loaded: LoadedEnsemble, active: list[int], tokens: list[int], param: str = "prompt") -> list[int]:
+    """A prompt of token ids checked for members ``active`` of ``loaded``: they must share one
+    vocabulary, and every id must be in it."""
+    if len(active) > 1 and not loaded.vocabulary.shared:
+        raise RequestError(f"a prompt of token ids needs members that share one vocabulary "
+                           f"({loaded.vocabulary.mismatch}); send the prompt as text", param=param)
+    n_vocab = loaded.members[active[0]].n_vocab if active else 0
+    for j, t in enumerate(tokens):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+            raise RequestError(f"{param}[{j}] is {t!r}, not a token id of the vocabulary (0..{n_vocab - 1})",
+                               param=param)
+    return list(tokens)
 
 
 class Run:
