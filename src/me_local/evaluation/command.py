@@ -191,7 +191,7 @@ def eval_command(textfiles: tuple[str, ...], config_path: str | None, ensemble: 
 
 def _eval_texts(session: Session, paths: tuple[str, ...], window: int | None) -> dict[str, Any]:
     from .report import text_report
-    from .run import TextScorer, window_budget
+    from .run import EngineScorer, TextScorer, window_budget
 
     _check_files(paths)
     count, n_ctx, bos = _counter(session)
@@ -200,8 +200,8 @@ def _eval_texts(session: Session, paths: tuple[str, ...], window: int | None) ->
     total = sum(os.path.getsize(p) for p in paths)
     results = []
     with _progress(total, "scoring") as advance:
-        scorer = TextScorer(session.engine.score, session.cfg.name, session.names, count, budget,
-                            weights=session.override, granularity=session.granularity, advance=advance)
+        score = EngineScorer(session.engine, session.cfg.name, session.override, session.granularity)
+        scorer = TextScorer(score, session.names, count, budget, advance=advance)
         for p in paths:
             results.append((p, scorer.file(p)))
     return text_report(session.cfg.name, session.resolved_granularity(), session.current, results, budget)
@@ -215,13 +215,14 @@ def _check_files(paths: tuple[str, ...]) -> None:
 
 def _eval_task(session: Session, path: str, delimiter: str, limit: int | None) -> dict[str, Any]:
     from .report import task_report
-    from .run import TaskTally, score_question
+    from .run import EngineScorer, TaskTally, score_question
     from .tasks import read_tasks
 
     if not os.path.isfile(path):
         raise UsageError(f"task file {path!r} does not exist; check the path")
     session.engine.ensemble(session.cfg.name)  # load the models before the bar starts
     tally = TaskTally((*session.names, "ensemble"))
+    score = EngineScorer(session.engine, session.cfg.name, session.override, session.granularity)
     shapes: dict[str, int] = {}
     total = _count_lines(path) if sys.stderr.isatty() else 0
     if limit is not None and total:
@@ -230,8 +231,7 @@ def _eval_task(session: Session, path: str, delimiter: str, limit: int | None) -
         for q in read_tasks(path):
             if limit is not None and tally.n >= limit:
                 break
-            cs = score_question(session.engine.score, session.cfg.name, q, delimiter=delimiter,
-                                weights=session.override, granularity=session.granularity, file=path)
+            cs = score_question(score, q, delimiter=delimiter, file=path)
             tally.add(cs)
             shapes[q.shape] = shapes.get(q.shape, 0) + 1
             advance(1)
@@ -265,7 +265,7 @@ def tune(textfiles: tuple[str, ...], config_path: str | None, ensemble: str | No
     probabilities computed once) and compare them with the current weights on held-out text."""
     from ..core.likelihood import UnitScores, fit_weights, split_units
     from .report import tune_report, tune_table
-    from .run import TextScorer, window_budget
+    from .run import EngineScorer, TextScorer, window_budget
 
     _check_files(textfiles)
     session = _session(config_path, ensemble, weights, granularity, url)
@@ -279,9 +279,8 @@ def tune(textfiles: tuple[str, ...], config_path: str | None, ensemble: str | No
             _check_spelling(session, textfiles)
             total = sum(os.path.getsize(p) for p in textfiles)
             with _progress(total, "scoring") as advance:
-                scorer = TextScorer(session.engine.score, session.cfg.name, session.names, count, budget,
-                                    weights=session.override, granularity=session.granularity, keep_units=True,
-                                    advance=advance)
+                score = EngineScorer(session.engine, session.cfg.name, session.override, session.granularity)
+                scorer = TextScorer(score, session.names, count, budget, keep_units=True, advance=advance)
                 for p in textfiles:
                     scorer.file(p)
             units = UnitScores.concat(scorer.units)

@@ -1,8 +1,9 @@
 """Driving the scoring for ``me-local eval`` and ``me-local tune``: text files in windows, task
-files question by question, each piece scored once per member through a :data:`Score`
-function (``Engine.score`` in-process). Everything is summed as it goes, so memory stays
-bounded by a window (``tune`` keeps the per-unit member log-probabilities, a few numbers per
-token or word, to fit the weights on)."""
+files question by question, each piece scored once per member through a :class:`Scorer`
+(:class:`EngineScorer`: ``Engine.score`` in-process; :class:`.remote.RemoteScorer`: a running
+daemon's echo). Everything is summed as it goes, so memory stays bounded by a window (``tune``
+keeps the per-unit member log-probabilities, a few numbers per token or word, to fit the
+weights on)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,48 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from ..core.likelihood import TextLikelihood, TextMember, UnitScores, count_words
-from ..engine import ScoreRequest
+from ..engine import Engine, ScoreRequest
 from ..errors import ContextOverflowError, UsageError
 from .tasks import Question
 from .windows import Counter, pieces, read_text, split_half, windows
 
-Score = Callable[[ScoreRequest], TextLikelihood]
-"""Score a request (``Engine.score``, bound to its engine)."""
+
+@dataclass(frozen=True)
+class Scored:
+    """A continuation's log-likelihood under each member alone and under the ensemble at its
+    weights (``units``: the per-unit member log-probabilities, where the scorer has them)."""
+
+    member_logp: npt.NDArray[np.float64]
+    ensemble_logp: float
+    units: UnitScores | None = None
+
+
+class Scorer(Protocol):
+    """Scores ``text`` as the continuation of ``context`` (empty: the members' BOS alone).
+    Raises ContextOverflowError when they do not fit a member's context."""
+
+    def __call__(self, context: str, text: str) -> Scored: ...
+
+
+@dataclass(frozen=True)
+class EngineScorer:
+    """In-process: ``Engine.score`` (each member scores the text once)."""
+
+    engine: Engine
+    ensemble: str
+    weights: dict[str, float] | None = None
+    granularity: str | None = None
+
+    def __call__(self, context: str, text: str) -> Scored:
+        tl = self.engine.score(ScoreRequest(ensemble=self.ensemble, context=context, text=text, weights=self.weights,
+                                            granularity=self.granularity, end="prefix"))
+        return Scored(tl.member_logp(), tl.logp(_weights(tl)), tl.units)
 
 WINDOW_MARGIN = 8
 """Tokens a window leaves free below a member's context (tokenizing joined pieces may differ
@@ -44,10 +75,10 @@ class Totals:
     def empty(cls, members: Sequence[str]) -> Totals:
         return cls(tuple(members), np.zeros(len(members)))
 
-    def add(self, tl: TextLikelihood, text: str) -> None:
-        self.member_logp = self.member_logp + tl.member_logp()
-        self.ensemble_logp += tl.logp(_weights(tl))
-        self.n_bytes += tl.n_bytes
+    def add(self, s: Scored, text: str) -> None:
+        self.member_logp = self.member_logp + s.member_logp
+        self.ensemble_logp += s.ensemble_logp
+        self.n_bytes += len(text.encode())
         self.n_words += count_words(text)
         self.windows += 1
 
@@ -69,13 +100,10 @@ def _weights(tl: TextLikelihood) -> tuple[float, ...]:
 class TextScorer:
     """Scores text files in windows of at most ``budget`` tokens per member."""
 
-    score: Score
-    ensemble: str
+    score: Scorer
     members: tuple[str, ...]
     count: Counter
     budget: int
-    weights: dict[str, float] | None = None
-    granularity: str | None = None
     keep_units: bool = False
     advance: Callable[[int], None] = lambda n: None
     """Called with the bytes of each window scored (a progress bar)."""
@@ -94,18 +122,19 @@ class TextScorer:
         """One window's totals; a window that does not fit after all is halved."""
         totals = Totals.empty(self.members)
         try:
-            tl = self.score(ScoreRequest(ensemble=self.ensemble, context="", text=text, weights=self.weights,
-                                         granularity=self.granularity, end="prefix"))
+            s = self.score("", text)
         except ContextOverflowError:
             if len(text) < 2:
                 raise
             for half in split_half(text):
                 totals.merge(self.text(half))
             return totals
-        totals.add(tl, text)
+        totals.add(s, text)
         if self.keep_units:
-            self.units.append(tl.units)
-        self.advance(tl.n_bytes)
+            if s.units is None:
+                raise UsageError("this scorer gives no per-unit figures to fit weights on")
+            self.units.append(s.units)
+        self.advance(len(text.encode()))
         return totals
 
 
@@ -168,17 +197,15 @@ class ChoiceScores:
         return out
 
 
-def score_question(score: Score, ensemble: str, q: Question, *, delimiter: str, weights: dict[str, float] | None,
-                   granularity: str | None, file: str) -> ChoiceScores:
+def score_question(score: Scorer, q: Question, *, delimiter: str, file: str) -> ChoiceScores:
     """Each choice scored as the continuation ``delimiter + choice`` of the question's context."""
     cols = []
     for choice in q.choices:
         try:
-            tl = score(ScoreRequest(ensemble=ensemble, context=q.context, text=delimiter + choice, weights=weights,
-                                    granularity=granularity, end="prefix"))
+            s = score(q.context, delimiter + choice)
         except ContextOverflowError as exc:
             raise UsageError(f"{file}: line {q.line}: {exc}") from None
-        cols.append(np.append(tl.member_logp(), tl.logp(_weights(tl))))
+        cols.append(np.append(s.member_logp, s.ensemble_logp))
     n_bytes = np.array([max(1, len(c.encode())) for c in q.choices], dtype=np.int64)
     return ChoiceScores(q, np.stack(cols, axis=1), n_bytes)
 
