@@ -10,7 +10,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +17,13 @@ import click
 
 from .. import settings as S
 from ..cli.options import setting_option
-from ..config import EnsembleConfig, load_config, packaged_config_path, parse_weights
+from ..config import load_config, packaged_config_path, parse_weights
 from ..errors import ConfigError, RequestError, UsageError
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from .remote import RemoteScorer
+    from .run import Scorer
 
 
 def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,71 +49,90 @@ def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@dataclass
 class Session:
-    """An engine, the ensemble's configuration and the weights the figures use."""
+    """What a command scores with: in-process (an engine over models.yaml) or a daemon (--url).
+    The models load on first use (:meth:`scorer`), so a refusal can come before that."""
 
-    engine: Engine
-    cfg: EnsembleConfig
-    override: dict[str, float] | None
-    granularity: str | None
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self.cfg.member_names)
-
-    @property
-    def current(self) -> list[float]:
+    def __init__(self, ensemble: str, names: tuple[str, ...], current: list[float], granularity: str | None,
+                 override: dict[str, float] | None, *, engine: Engine | None = None,
+                 remote: RemoteScorer | None = None) -> None:
+        self.ensemble = ensemble
+        self.names = names
+        self.current = current
         """The ensemble's weights (with --weights), normalised, in member order."""
-        cfg = self.cfg.with_weights(self.override) if self.override else self.cfg
-        return cfg.normalized_weights()
+        self.granularity = granularity
+        self.override = override
+        self.engine = engine
+        self.remote = remote
 
     def resolved_granularity(self) -> str:
-        return self.granularity or self.engine.ensemble(self.cfg.name).vocabulary.granularity
+        if self.remote is not None:
+            return self.remote.granularity
+        assert self.engine is not None
+        return self.granularity or self.engine.ensemble(self.ensemble).vocabulary.granularity
+
+    def scorer(self) -> Scorer:
+        if self.remote is not None:
+            return self.remote
+        from .run import EngineScorer
+
+        assert self.engine is not None
+        return EngineScorer(self.engine, self.ensemble, self.override, self.granularity)
+
+    def counter(self) -> tuple[Callable[[str], list[int]], int, int]:
+        """Token counts per distinct vocabulary, the smallest member context, the BOS's tokens."""
+        if self.remote is not None:
+            return self.remote.count, self.remote.n_ctx, self.remote.context_tokens()
+        assert self.engine is not None
+        members = self.engine.ensemble(self.ensemble).members
+        distinct = list({id(m.model): m for m in members}.values())
+        n_ctx = min(m.n_ctx for m in members)
+        bos = max(len(m.raw_prompt("")) or 1 for m in members)
+
+        def count(text: str) -> list[int]:
+            return [len(m.tokenize_text(text)) for m in distinct]
+
+        return count, n_ctx, bos
+
+    def check_spelling(self, paths: tuple[str, ...]) -> None:
+        """At word granularity, every file must be spelled back by every member's tokens (in-process;
+        a daemon says so for the window it meets it in)."""
+        from .run import check_spelling
+
+        if self.engine is None or self.resolved_granularity() != "word":
+            return
+        members = self.engine.ensemble(self.ensemble).members
+        distinct = list({id(m.model): m for m in members}.values())
+        for p in paths:
+            check_spelling(p, distinct)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
 
 def _session(config_path: str | None, ensemble: str | None, weights: str | None, granularity: str | None,
-             url: str | None) -> Session:
+             url: str | None, api_key: str | None) -> Session:
+    override = parse_weights(weights) if weights else None
     if url:
-        raise UsageError("--url is not available yet: the daemon's scoring endpoint (completions with echo) is "
-                         "not in this version; run eval/tune in-process with --config instead")
+        if config_path:
+            raise UsageError("--config is for runs in this process; with --url the daemon's models.yaml is used: "
+                             "give one or the other")
+        from .remote import RemoteScorer
+
+        remote = RemoteScorer(url, ensemble, api_key=api_key, weights=override, granularity=granularity)
+        return Session(remote.ensemble, remote.names, remote.weights, granularity, override, remote=remote)
     config = load_config(config_path)
     cfg = config.get(ensemble)
-    override = parse_weights(weights) if weights else None
     if override:
         try:
-            cfg.with_weights(override)
+            cfg = cfg.with_weights(override)
         except ConfigError as exc:
             raise RequestError(exc.reason, param="weights") from None
     from ..engine import Engine
 
-    return Session(Engine(config), cfg, override, granularity)
-
-
-def _counter(session: Session) -> tuple[Callable[[str], list[int]], int, int]:
-    """Token counts per distinct vocabulary, the smallest member context, the BOS's tokens."""
-    loaded = session.engine.ensemble(session.cfg.name)
-    members = loaded.members
-    distinct = list({id(m.model): m for m in members}.values())
-    n_ctx = min(m.n_ctx for m in members)
-    bos = max(len(m.raw_prompt("")) or 1 for m in members)
-
-    def count(text: str) -> list[int]:
-        return [len(m.tokenize_text(text)) for m in distinct]
-
-    return count, n_ctx, bos
-
-
-def _check_spelling(session: Session, paths: tuple[str, ...]) -> None:
-    """At word granularity, every file must be spelled back by every member's tokens."""
-    from .run import check_spelling
-
-    if session.resolved_granularity() != "word":
-        return
-    members = session.engine.ensemble(session.cfg.name).members
-    distinct = list({id(m.model): m for m in members}.values())
-    for p in paths:
-        check_spelling(p, distinct)
+    return Session(cfg.name, tuple(cfg.member_names), cfg.normalized_weights(), granularity, override,
+                   engine=Engine(config))
 
 
 @contextmanager
@@ -172,7 +192,7 @@ def eval_command(textfiles: tuple[str, ...], config_path: str | None, ensemble: 
         raise UsageError("--window is for text files; a task's questions are scored whole")
     if textfiles and limit is not None:
         raise UsageError("--limit is for --task; for text files, give a shorter file")
-    session = _session(config_path, ensemble, weights, granularity, url)
+    session = _session(config_path, ensemble, weights, granularity, url, api_key)
     try:
         with _interruptible():
             if task_path:
@@ -186,25 +206,24 @@ def eval_command(textfiles: tuple[str, ...], config_path: str | None, ensemble: 
 
                 _emit(report, text_table(report), as_json, out, "eval.json")
     finally:
-        session.engine.close()
+        session.close()
 
 
 def _eval_texts(session: Session, paths: tuple[str, ...], window: int | None) -> dict[str, Any]:
     from .report import text_report
-    from .run import EngineScorer, TextScorer, window_budget
+    from .run import TextScorer, window_budget
 
     _check_files(paths)
-    count, n_ctx, bos = _counter(session)
+    count, n_ctx, bos = session.counter()
     budget = window_budget(n_ctx, bos, window)
-    _check_spelling(session, paths)
+    session.check_spelling(paths)
     total = sum(os.path.getsize(p) for p in paths)
     results = []
     with _progress(total, "scoring") as advance:
-        score = EngineScorer(session.engine, session.cfg.name, session.override, session.granularity)
-        scorer = TextScorer(score, session.names, count, budget, advance=advance)
+        scorer = TextScorer(session.scorer(), session.names, count, budget, advance=advance)
         for p in paths:
             results.append((p, scorer.file(p)))
-    return text_report(session.cfg.name, session.resolved_granularity(), session.current, results, budget)
+    return text_report(session.ensemble, session.resolved_granularity(), session.current, results, budget)
 
 
 def _check_files(paths: tuple[str, ...]) -> None:
@@ -215,14 +234,19 @@ def _check_files(paths: tuple[str, ...]) -> None:
 
 def _eval_task(session: Session, path: str, delimiter: str, limit: int | None) -> dict[str, Any]:
     from .report import task_report
-    from .run import EngineScorer, TaskTally, score_question
+    from .run import TaskTally, score_question
     from .tasks import read_tasks
 
     if not os.path.isfile(path):
         raise UsageError(f"task file {path!r} does not exist; check the path")
-    session.engine.ensemble(session.cfg.name)  # load the models before the bar starts
+    if session.remote is not None and session.resolved_granularity() == "word":
+        raise UsageError("--task through --url needs an ensemble scored token by token: at word granularity the "
+                         "daemon's echo scores one prompt, where a choice's first word counts differently than "
+                         "after its context; run eval --task without --url (in this process)")
+    if session.engine is not None:
+        session.engine.ensemble(session.ensemble)  # load the models before the bar starts
     tally = TaskTally((*session.names, "ensemble"))
-    score = EngineScorer(session.engine, session.cfg.name, session.override, session.granularity)
+    score = session.scorer()
     shapes: dict[str, int] = {}
     total = _count_lines(path) if sys.stderr.isatty() else 0
     if limit is not None and total:
@@ -237,7 +261,7 @@ def _eval_task(session: Session, path: str, delimiter: str, limit: int | None) -
             advance(1)
     if tally.n == 0:
         raise UsageError(f"task file {path} has no questions (every line is blank)")
-    return task_report(path, session.cfg.name, session.resolved_granularity(), session.current, tally, delimiter,
+    return task_report(path, session.ensemble, session.resolved_granularity(), session.current, tally, delimiter,
                        shapes)
 
 
@@ -265,22 +289,26 @@ def tune(textfiles: tuple[str, ...], config_path: str | None, ensemble: str | No
     probabilities computed once) and compare them with the current weights on held-out text."""
     from ..core.likelihood import UnitScores, fit_weights, split_units
     from .report import tune_report, tune_table
-    from .run import EngineScorer, TextScorer, window_budget
+    from .run import TextScorer, window_budget
 
     _check_files(textfiles)
-    session = _session(config_path, ensemble, weights, granularity, url)
+    if url:
+        raise UsageError("tune runs in this process: it needs each member's probability of every unit of the text, "
+                         "which the daemon's API does not return; run it without --url (with --config)")
+    session = _session(config_path, ensemble, weights, granularity, url, api_key)
     try:
         target = before = None
         if write:  # refuse before the work, not after
+            assert session.engine is not None
             target, before = _writable(Path(session.engine.config.path), session)
         with _interruptible():
-            count, n_ctx, bos = _counter(session)
+            count, n_ctx, bos = session.counter()
             budget = window_budget(n_ctx, bos, window)
-            _check_spelling(session, textfiles)
+            session.check_spelling(textfiles)
             total = sum(os.path.getsize(p) for p in textfiles)
             with _progress(total, "scoring") as advance:
-                score = EngineScorer(session.engine, session.cfg.name, session.override, session.granularity)
-                scorer = TextScorer(score, session.names, count, budget, keep_units=True, advance=advance)
+                scorer = TextScorer(session.scorer(), session.names, count, budget, keep_units=True,
+                                    advance=advance)
                 for p in textfiles:
                     scorer.file(p)
             units = UnitScores.concat(scorer.units)
@@ -288,14 +316,14 @@ def tune(textfiles: tuple[str, ...], config_path: str | None, ensemble: str | No
                 raise UsageError("too little text to fit weights and hold part of it out; give more text")
             fit_part, held = split_units(units, holdout, seed=seed)
             fit = fit_weights(fit_part)
-            report = tune_report(session.cfg.name, session.resolved_granularity(), session.names, session.current,
+            report = tune_report(session.ensemble, session.resolved_granularity(), session.names, session.current,
                                  fit, fit_part, held, holdout, seed, textfiles)
             if target is not None and before is not None:
                 written, backup = _write_weights(target, before, session, report["weights"])
                 report["written"], report["backup"] = str(written), str(backup)
         click.echo(json.dumps(report, ensure_ascii=False, indent=2) if as_json else tune_table(report))
     finally:
-        session.engine.close()
+        session.close()
 
 
 def _writable(path: Path, session: Session) -> tuple[Path, str]:
@@ -314,7 +342,7 @@ def _writable(path: Path, session: Session) -> tuple[Path, str]:
         raise UsageError(f"cannot write {real} or a backup beside it (permission denied); fix the permissions, "
                          "or copy the file somewhere writable and pass --config")
     text = _read(real)
-    set_weights(text, session.cfg.name, dict(zip(session.names, session.current)), file=str(path))  # a dry run
+    set_weights(text, session.ensemble, dict(zip(session.names, session.current)), file=str(path))  # a dry run
     return real, text
 
 
@@ -330,7 +358,7 @@ def _write_weights(path: Path, before: str, session: Session, weights: dict[str,
     now = _read(path)
     if now != before:
         raise UsageError(f"{path} changed while tune ran; run tune --write again")
-    new = set_weights(before, session.cfg.name, weights, file=str(path))
+    new = set_weights(before, session.ensemble, weights, file=str(path))
     backup = path.with_name(path.name + ".bak")
     if backup.exists():
         backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
