@@ -174,7 +174,7 @@ def _interruptible() -> Iterator[None]:
 @common_options
 @click.option("--task", "task_path", type=click.Path(dir_okay=False), default=None,
               help="A multiple-choice task file (JSON Lines; see docs/eval.md): report accuracy instead.")
-@click.option("--delimiter", default=" ", show_default=True,
+@click.option("--delimiter", default=" ", show_default="a space",
               help="Put between a question's context and each choice (lm-evaluation-harness's target_delimiter).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N questions of --task.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Also write eval.json into this directory.")
