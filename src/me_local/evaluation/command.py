@@ -19,6 +19,7 @@ from .. import settings as S
 from ..cli.options import setting_option
 from ..config import load_config, packaged_config_path, parse_weights
 from ..errors import ConfigError, RequestError, UsageError
+from .generate import DEFAULT_ANSWER_REGEX
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -177,13 +178,31 @@ def _interruptible() -> Iterator[None]:
 @click.option("--delimiter", default=" ", show_default="a space",
               help="Put between a question's context and each choice (lm-evaluation-harness's target_delimiter).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N questions of --task.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Also write eval.json into this directory.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also write eval.json (and with --generate the answers, samples.jsonl) into this directory.")
+@click.option("--generate", "by_generation", is_flag=True,
+              help="With --task: ask each question and read the letter from the generated answer, per decoding mode "
+                   "(me, ce, each member), instead of comparing likelihoods.")
+@click.option("--seeds", type=click.IntRange(1, 1000), default=None,
+              help="--generate: answers per question and mode, seeds 0..N-1 (default 3).")
+@click.option("--answer-regex", default=None,
+              help=f"--generate: the answer's letter is the first match of this regular expression's group that is "
+                   f"a choice's letter (default {DEFAULT_ANSWER_REGEX!r}).")
+@setting_option(S.MAX_TOKENS, help="--generate: tokens per answer (default 16).")
+@setting_option(S.TEMPERATURE, help="--generate: sampling temperature (default: the ensemble's).")
 def eval_command(textfiles: tuple[str, ...], config_path: str | None, ensemble: str | None, weights: str | None,
                  granularity: str | None, window: int | None, as_json: bool, url: str | None, api_key: str | None,
-                 task_path: str | None, delimiter: str, limit: int | None, out: str | None) -> None:
+                 task_path: str | None, delimiter: str, limit: int | None, out: str | None, by_generation: bool,
+                 seeds: int | None, answer_regex: str | None, max_tokens: int | None,
+                 temperature: float | None) -> None:
     """Measure an ensemble and each of its members on TEXTFILE... (log-likelihood, bits per byte,
     perplexity per word) or on a multiple-choice --task file (accuracy with 95% intervals, and
-    the ensemble against its best member)."""
+    the ensemble against its best member; with --generate, by generated answers per mode)."""
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
     if textfiles and task_path:
         raise UsageError("give TEXTFILE... or --task FILE, not both (run eval twice)")
     if not textfiles and not task_path:
@@ -192,10 +211,31 @@ def eval_command(textfiles: tuple[str, ...], config_path: str | None, ensemble: 
         raise UsageError("--window is for text files; a task's questions are scored whole")
     if textfiles and limit is not None:
         raise UsageError("--limit is for --task; for text files, give a shorter file")
+    generate_only = [f"--{n.replace('_', '-')}" for n in ("seeds", "answer_regex", "max_tokens", "temperature")
+                     if given(n)]
+    if by_generation:
+        if not task_path:
+            raise UsageError("--generate asks the questions of a --task file; give --task FILE.jsonl")
+        if url:
+            raise UsageError("--generate runs in this process; drop --url")
+        if given("delimiter"):
+            raise UsageError("--delimiter is for scoring choices by likelihood; --generate asks the question instead")
+    elif generate_only:
+        raise UsageError(f"{generate_only[0]} is for --generate (answers generated per mode)")
     session = _session(config_path, ensemble, weights, granularity, url, api_key)
     try:
         with _interruptible():
-            if task_path:
+            if by_generation:
+                assert task_path is not None
+                report, samples = _eval_generate(session, task_path, limit, seeds or 3,
+                                                 answer_regex or DEFAULT_ANSWER_REGEX, max_tokens or 16, temperature)
+                from .generate import generate_table
+
+                _emit(report, generate_table(report), as_json, out, "eval.json")
+                if out:
+                    with open(Path(out) / "samples.jsonl", "w", encoding="utf-8") as f:
+                        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+            elif task_path:
                 report = _eval_task(session, task_path, delimiter, limit)
                 from .report import task_table
 
@@ -263,6 +303,53 @@ def _eval_task(session: Session, path: str, delimiter: str, limit: int | None) -
         raise UsageError(f"task file {path} has no questions (every line is blank)")
     return task_report(path, session.ensemble, session.resolved_granularity(), session.current, tally, delimiter,
                        shapes)
+
+
+def _eval_generate(session: Session, path: str, limit: int | None, seeds: int, pattern: str, max_tokens: int,
+                   temperature: float | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from ..engine import Request, collect, sampling_params
+    from .generate import compile_extractor, generate_report, prompt, run_generate
+    from .tasks import Question, read_tasks
+
+    rx = compile_extractor(pattern)
+    if not os.path.isfile(path):
+        raise UsageError(f"task file {path!r} does not exist; check the path")
+    questions: list[Question] = []
+    for q in read_tasks(path):
+        if limit is not None and len(questions) >= limit:
+            break
+        prompt(q)  # refuse a question it cannot ask before generating anything
+        questions.append(q)
+    if not questions:
+        raise UsageError(f"task file {path} has no questions (every line is blank)")
+    engine = session.engine
+    assert engine is not None
+    loaded = engine.ensemble(session.ensemble)
+    cfg = loaded.config
+    modes: list[tuple[str, str, int | None]] = [("me", "me", None)]
+    if loaded.vocabulary.shared:
+        modes.append(("ce", "ce", None))
+    modes += [(f"single:{n}", "single", i) for i, n in enumerate(session.names)]
+    base = sampling_params(cfg.sampling, max_tokens=max_tokens, temperature=temperature)
+
+    def generate(message: str, mode: str, member: int | None, seed: int) -> str:
+        request = Request(ensemble=session.ensemble, messages=[{"role": "user", "content": message}],
+                          params=sampling_params(cfg.sampling, max_tokens=max_tokens, temperature=temperature,
+                                                 seed=seed),
+                          mode=mode, weights=session.override if member is None else None,
+                          member=None if member is None else session.names[member],
+                          granularity=session.granularity if mode == "me" else None)
+        text, _ = collect(engine.generate(request))
+        return text
+
+    samples: list[dict[str, Any]] = []
+    with _progress(len(questions) * len(modes), "answers") as advance:
+        tallies = run_generate(questions, modes, generate, seeds=seeds, rx=rx, advance=advance, samples=samples)
+    params = {"temperature": base.temperature, "top_k": base.top_k, "top_p": base.top_p, "min_p": base.min_p,
+              "max_tokens": base.max_tokens}
+    report = generate_report(path, session.ensemble, tallies, seeds=seeds, pattern=pattern, params=params)
+    report["weights"] = dict(zip(session.names, session.current))
+    return report, samples
 
 
 def _count_lines(path: str) -> int:

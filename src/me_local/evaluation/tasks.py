@@ -43,6 +43,13 @@ class Question:
     """Its line in the task file (1-based)."""
     shape: str
     """Which shape of line it was read from (one of SHAPES)."""
+    question: str = ""
+    """The question as a person would be asked it (``eval --generate``'s prompt): the context,
+    ARC's stem, or HellaSwag's context with the instruction to pick the ending."""
+
+    @property
+    def asked(self) -> str:
+        return self.question or self.context
 
 
 class _Bad(Exception):
@@ -173,7 +180,7 @@ def _arc(obj: Mapping[str, Any], line_no: int) -> Question:
     key = obj["answerKey"]
     if not isinstance(key, (str, int)) or isinstance(key, bool) or str(key) not in labels:
         raise _Bad(f'"answerKey" is {key!r}, which is none of the labels {", ".join(labels)}')
-    return Question(f"Question: {stem}\nAnswer:", choices, labels.index(str(key)), line_no, "arc")
+    return Question(f"Question: {stem}\nAnswer:", choices, labels.index(str(key)), line_no, "arc", stem)
 
 
 _BRACKETS = re.compile(r"\[.*?\]")
@@ -205,4 +212,6 @@ def _hellaswag(obj: Mapping[str, Any], line_no: int) -> Question:
             raise _Bad(f'"endings"[{i}] is empty once cleaned')
     if "label" not in obj:
         raise _Bad('"label" is missing')
-    return Question(context, endings, _index(obj["label"], "label", len(endings), digits=True), line_no, "hellaswag")
+    answer = _index(obj["label"], "label", len(endings), digits=True)
+    asked = f"Which ending continues this text best?\n{context}"
+    return Question(context, endings, answer, line_no, "hellaswag", asked)
