@@ -349,7 +349,6 @@ def test_as_a_process_errors_exit_2_without_a_traceback_and_results_exit_0(confi
 def test_a_progress_bar_on_a_terminal(config, tmp_path):
     long = tmp_path / "long.txt"
     long.write_text(TEXT * 4)
-    out = tmp_path / "out.json"
     pid, fd = pty.fork()
     if pid == 0:  # the child: stderr (and stdout) on the terminal, results in a file
         os.environ["PYTHONPATH"] = str(ROOT / "src")
@@ -371,4 +370,3 @@ def test_a_progress_bar_on_a_terminal(config, tmp_path):
     text = seen.decode(errors="replace")
     assert "scoring" in text and "100%" in text
     assert json.loads((tmp_path / "eval.json").read_text())["windows"] > 1
-    assert not out.exists()
