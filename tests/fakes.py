@@ -131,7 +131,7 @@ class EngineMember(FakeMember):
 
     def __init__(self, name: str, factory: FakeFactory, **kw: Any) -> None:
         super().__init__(name, 0, **kw)
-        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"))
+        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1)
         self.system: str | None = None
         self.chat_template: str | None = None
         self._factory = factory
@@ -143,6 +143,10 @@ class EngineMember(FakeMember):
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         return self.raw_prompt("".join(m["content"] for m in messages))
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """A continuation's tokens: each byte (as :meth:`raw_prompt`, not held by the gate)."""
+        return [b % self.n_vocab for b in text.encode()]
 
     def close(self) -> None:
         self.closed = True

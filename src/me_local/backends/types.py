@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..chat_templates import ChatTemplate
-from ..core.scoring import ScoringMember
+from ..core.likelihood import TextMember
 
 if TYPE_CHECKING:
     from ..config import EnsembleConfig, MemberConfig
@@ -96,9 +96,10 @@ class ModelHandle(Protocol):
         ...
 
 
-class MemberContext(ScoringMember, Protocol):
+class MemberContext(TextMember, Protocol):
     """One member in one slot: the core's :class:`Member` over a model (a
-    :class:`ScoringMember`: it can score text too), with its prompts."""
+    :class:`~me_local.core.likelihood.TextMember`: it can score text too, and tokenize text as a
+    continuation), with its prompts."""
 
     @property
     def model(self) -> ModelHandle: ...

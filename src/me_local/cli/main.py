@@ -32,6 +32,8 @@ LAZY_COMMANDS = {
     "serve": "me_local.server.command:serve",
     "service": "me_local.service.command:service",
     "bench": "me_local.bench.command:bench",
+    "eval": "me_local.evaluation.command:eval_command",
+    "tune": "me_local.evaluation.command:tune",
 }
 
 

@@ -61,7 +61,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -397,6 +397,7 @@ def _check_end(end: str) -> None:
 # ------------------------------------------------------------------------ from members
 
 
+@runtime_checkable
 class TextMember(ScoringMember, Protocol):
     """A member that can score a text: :class:`ScoringMember` plus its tokenizer for
     continuation text (as :class:`~.words.WordMember` has it)."""
@@ -421,6 +422,9 @@ class TextLikelihood:
     mixture_top: list[TopList] | None = None
     """Token granularity with ``top_n``: per row (``n + 1``, as :class:`TokenScores`) the
     mixture's most probable tokens ``(id, log Σ_k λ_k p_k)`` at the weights given."""
+    weights: tuple[float, ...] | None = None
+    """The ensemble's weights for these members (normalised), where the caller knows them
+    (``Engine.score`` sets them): ``logp(tl.weights)`` is the ensemble's likelihood."""
 
     @property
     def n_bytes(self) -> int:
@@ -475,16 +479,37 @@ def text_likelihood(
         return token_likelihood(members, contexts, tokens, end=end, weights=weights, top_n=top_n, cancel=cancel)
     if granularity != "word":
         raise RequestError(f"unknown granularity {granularity!r}; choose one of token, word", param="granularity")
-    data = text.encode()
+    return word_likelihood(members, contexts, [m.tokenize_text(text) for m in members], text=text.encode(),
+                           end=end, top_n=top_n, cancel=cancel)
+
+
+def word_likelihood(
+    members: Sequence[ScoringMember],
+    contexts: Sequence[Sequence[int]],
+    tokens: Sequence[Sequence[int]],
+    *,
+    text: bytes | None = None,
+    end: End = "prefix",
+    top_n: int = 0,
+    cancel: Callable[[], bool] | None = None,
+) -> TextLikelihood:
+    """Word granularity over each member's own tokens of one text (``tokens[k]``: member k's
+    tokenization of it, as ``tokenize_text`` gives it; their bytes must spell ``text``,
+    default the first member's bytes): score them after each member's context (one batched
+    pass per member) and place the members' words in the text. ``top_n`` gives each
+    member's own top tokens."""
+    _check_end(end)
+    if len(members) != len(contexts) or len(members) != len(tokens) or not members:
+        raise ValueError("one context and one token list per member, and at least one member")
     scores = []
     pieces = []
     starts = []
-    for m, ctx in zip(members, contexts):
-        toks = m.tokenize_text(text)
+    for m, ctx, toks in zip(members, contexts, tokens):
         prime(m, ctx, len(toks), cancel)
         scores.append(score(m, toks, top_n=top_n, cancel=cancel))
         pieces.append([m.token_bytes(t) for t in toks])
-        starts.append(np.asarray(m.word_start, dtype=bool)[np.asarray(toks, dtype=np.int64)])
+        starts.append(np.asarray(m.word_start, dtype=bool)[np.asarray(list(toks), dtype=np.int64)])
+    data = b"".join(pieces[0]) if text is None else text
     names = tuple(m.name for m in members)
     units, spans = word_units(data, scores, pieces, starts, end=end, names=names)
     return TextLikelihood("word", end, names, data, units, spans, tuple(scores))

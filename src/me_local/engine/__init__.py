@@ -9,6 +9,7 @@ requests in arrival order, gives each the free slot with the longest cached
 prefix, and runs the pure core's generation loop.
 
     engine.py    Engine, Request, Run, collect, sampling_params
+    scoring.py   ScoreRequest (Engine.score: a text's likelihood under the ensemble), plan_score
     ensemble.py  LoadedEnsemble (slots and the line of waiting requests), Slot, Ticket,
                  plan_vocabulary, VocabularyPlan
     messages.py  ROLES, normalize_messages
@@ -23,6 +24,7 @@ from .engine import Engine, Plan, Request, Run, SamplingOverrides, collect, samp
 from .ensemble import CANCEL_POLL_S, LoadedEnsemble, Slot, Ticket, VocabularyPlan, plan_vocabulary
 from .factory import LlamaMemberFactory, llama_member_factory
 from .messages import ROLES, Messages, normalize_messages
+from .scoring import ScorePlan, ScoreRequest, plan_score
 
 __all__ = [
     "CANCEL_POLL_S",
@@ -38,12 +40,15 @@ __all__ = [
     "Request",
     "Run",
     "SamplingOverrides",
+    "ScorePlan",
+    "ScoreRequest",
     "Slot",
     "Ticket",
     "VocabularyPlan",
     "collect",
     "llama_member_factory",
     "normalize_messages",
+    "plan_score",
     "plan_vocabulary",
     "sampling_params",
 ]

@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..backends.types import MemberFactory
 from ..config import Config, SamplingDefaults
-from ..core import DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
+from ..core import Cancelled, DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
 from ..core.ensemble import check_fits
+from ..core.likelihood import TextLikelihood
 from ..errors import ConfigError, MeLocalError, RequestError
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
 from .messages import normalize_messages
+from .scoring import ScoreRequest, plan_score, run_score
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -28,7 +30,8 @@ log = logging.getLogger("me_local.engine")
 
 @dataclass
 class Request:
-    """One generation. Exactly one of ``messages`` (chat) and ``prompt`` (raw text) is set."""
+    """One generation. Exactly one of ``messages`` (chat), ``prompt`` (raw text) and ``tokens``
+    (a raw prompt as token ids, for members that share one vocabulary) is set."""
 
     ensemble: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -40,6 +43,8 @@ class Request:
     member: str | None = None
     granularity: str | None = None
     """token | word (None: the ensemble's)."""
+    tokens: list[int] | None = None
+    """A raw prompt as token ids, taken as they are (no BOS added)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class Engine:
                 mode = "single"
         weights = [m.weight for m in cfg.members]
         active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
-        if (request.messages is None) == (request.prompt is None):
+        if sum(x is not None for x in (request.messages, request.prompt, request.tokens)) != 1:
             raise RequestError("give either chat messages or a raw prompt", param="messages")
         messages = normalize_messages(request.messages) if request.messages is not None else None
         members = loaded.members
@@ -131,6 +136,8 @@ class Engine:
             if key not in cache:
                 if messages is not None:
                     cache[key] = m.chat_prompt(messages)
+                elif request.tokens is not None:
+                    cache[key] = prompt_ids(loaded, active, request.tokens)
                 else:
                     cache[key] = m.raw_prompt(request.prompt or "")
             prompts[i] = cache[key]
@@ -173,6 +180,33 @@ class Engine:
         finally:
             loaded.leave(ticket)
 
+    def score(
+        self,
+        request: ScoreRequest,
+        cancel: Callable[[], bool] | None = None,
+        *,
+        queue_timeout: float | None = None,
+    ) -> TextLikelihood:
+        """The likelihood of ``request.text`` after ``request.context`` under the ensemble, on the
+        calling thread: each member scores it once, in batched passes (docs/likelihood.md).
+
+        It takes a slot through the ensemble's queue exactly as :meth:`generate` does (counted
+        from admission, first in first out, QueueFullError past ``max_queue`` or
+        ``queue_timeout``). A request that cannot be done is refused before it waits, with a
+        :class:`RequestError` naming the field (a :class:`ContextOverflowError` when the context
+        and text do not fit a member's ``n_ctx``). ``cancel`` firing while it waits or between
+        scoring chunks raises :class:`Cancelled`."""
+        loaded = self.ensemble(request.ensemble)
+        ticket = loaded.admit()
+        try:
+            plan = plan_score(loaded, request)
+            slot = loaded.acquire(ticket, plan.contexts, timeout=queue_timeout, cancel=cancel)
+            if slot is None:  # cancelled while queued: nothing was evaluated
+                raise Cancelled
+            return run_score(slot.members, plan, request, cancel)
+        finally:
+            loaded.leave(ticket)
+
     def start(
         self,
         request: Request,
@@ -201,6 +235,20 @@ class Engine:
         run.thread = threading.Thread(target=work, name=name, daemon=True)
         run.thread.start()
         return run
+
+
+def prompt_ids(loaded: LoadedEnsemble, active: list[int], tokens: list[int], param: str = "prompt") -> list[int]:
+    """A prompt of token ids checked for members ``active`` of ``loaded``: they must share one
+    vocabulary, and every id must be in it."""
+    if len(active) > 1 and not loaded.vocabulary.shared:
+        raise RequestError(f"a prompt of token ids needs members that share one vocabulary "
+                           f"({loaded.vocabulary.mismatch}); send the prompt as text", param=param)
+    n_vocab = loaded.members[active[0]].n_vocab if active else 0
+    for j, t in enumerate(tokens):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+            raise RequestError(f"{param}[{j}] is {t!r}, not a token id of the vocabulary (0..{n_vocab - 1})",
+                               param=param)
+    return list(tokens)
 
 
 class Run:

@@ -8,8 +8,9 @@ logprobs; the engine's figures in ``usage.me_local``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from .. import settings as S
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, Request
 from . import wire
+from .echo import Echo, EchoSpec, Prompt, check_token_prompts, completion_prompts, echo_prompt, echo_spec, join_logprobs
 from .errors import ApiError, bad_request
 from .params import (
     ModelRef,
@@ -96,24 +98,52 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> Call:
     return Call(ref, request, stream, include_usage, logprobs, top)
 
 
-def parse_completion(body: dict[str, Any], engine: Engine) -> Call:
+@dataclass
+class CompletionCall(Call):
+    """A completions request: one engine request per prompt (``request`` is the first), whether
+    the prompts are echoed (how: ``echo``) and whether anything is generated after them."""
+
+    prompts: list[Prompt] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    echo: EchoSpec | None = None
+    generate: bool = True
+    batch: bool = False
+
+
+def _zero_max_tokens(body: dict[str, Any]) -> bool:
+    """``max_tokens`` (or ``max_completion_tokens``) is 0: with ``echo``, score the prompt only."""
+    return any(not isinstance(body.get(k), bool) and body.get(k) == 0 for k in _MAX_TOKEN_KEYS)
+
+
+_MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens")
+
+
+def parse_completion(body: dict[str, Any], engine: Engine) -> CompletionCall:
+    echo = opt_bool(body, "echo")
+    generate = True
+    if echo and _zero_max_tokens(body):  # echo alone: nothing generated (as lm-evaluation-harness asks)
+        generate = False
+        body = {k: v for k, v in body.items() if k not in _MAX_TOKEN_KEYS}
     ref, overrides, stream, include_usage = _common(body, engine)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise bad_request("`prompt` must be a string (one prompt per request)", "prompt")
-    if opt_bool(body, "echo"):
-        raise bad_request("`echo` is not supported", "echo")
+    prompts, batch = completion_prompts(body.get("prompt"))
     if body.get("suffix"):
         raise bad_request("`suffix` (fill-in-the-middle) is not supported", "suffix")
     best_of = opt_number(body, "best_of", 1, integer=True)
     if best_of not in (None, 1):
         raise bad_request("only best_of=1 is supported", "best_of")
+    if stream and (echo or batch):
+        raise bad_request(f"`stream` is not supported with {'`echo`' if echo else 'several prompts'}; "
+                          "drop `stream` to get the whole answer at once", "stream")
     logprobs = opt_setting(body, S.TOP_LOGPROBS, "logprobs")  # completions: an integer, the top count
     want = logprobs is not None
-    request = _request(ref, body, dict(overrides, logprobs=want, top_logprobs=logprobs or 0), prompt=prompt)
-    return Call(ref, request, stream, include_usage, want, logprobs or 0)
+    choice = ensemble_extension(body, ref)
+    check_token_prompts(engine, ref, choice, prompts)
+    spec = echo_spec(engine, ref, choice, prompts, logprobs) if echo else None
+    params = dict(overrides, logprobs=want, top_logprobs=logprobs or 0)
+    requests = [engine_request(ref, choice, params, **({"prompt": p} if isinstance(p, str) else {"tokens": p}))
+                for p in prompts]
+    return CompletionCall(ref, requests[0], stream, include_usage, want, logprobs or 0, prompts=prompts,
+                          requests=requests, echo=spec, generate=generate, batch=batch)
 
 
 def _error_frame(err: ApiError) -> bytes:
@@ -131,7 +161,57 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
     call = parse_completion(body, state.require_engine())
-    return await _run(request, state, call, chat=False)
+    if call.echo is None and not call.batch:
+        return await _run(request, state, call, chat=False)
+    return await _run_choices(request, state, call)
+
+
+async def _run_choices(request: web.Request, state: ServerState, call: CompletionCall) -> web.Response:
+    """Several prompts, or echoed ones: one choice per prompt, each run to its end in turn."""
+    note = request[NOTE]
+    note.model = call.model
+    note.prompt = "\n".join(p if isinstance(p, str) else str(p) for p in call.prompts)
+    choices: list[dict[str, Any]] = []
+    prompt_tokens = completion_tokens = cached = 0
+    dones: list[DoneEvent] = []
+    for index, (prompt, req) in enumerate(zip(call.prompts, call.requests)):
+        text, logprobs, reason = "", None, "length"
+        spec = call.echo
+        if spec is not None:
+            echoed = await state.run_job(functools.partial(_echo, spec=spec, prompt=prompt))
+            text, logprobs = echoed.text, echoed.logprobs
+            if not call.generate:
+                prompt_tokens += echoed.n_tokens
+        if call.generate:
+            stream = state.open_stream(req, call.ref.ensemble.name)
+            try:
+                first = await state.first_event(stream)
+                tokens, done = await collect(stream, first)
+            finally:
+                stream.cancel("client_disconnect")  # a no-op once the generation has ended
+            tb = token_bytes(stream.engine, call.ref.ensemble.name) if call.logprobs else _no_bytes
+            gen_lp = wire.completion_logprobs(tokens, tb, len(text), call.top_logprobs > 0) if call.logprobs else None
+            text += joined_text(tokens, done)
+            logprobs = join_logprobs(logprobs, gen_lp)
+            reason = wire.openai_finish_reason(done.finish_reason)
+            prompt_tokens += done.stats.prompt_tokens
+            completion_tokens += done.stats.generated_tokens
+            cached += done.stats.cached_prompt_tokens
+            dones.append(done)
+        choices.append({"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason})
+    note.prompt_tokens, note.completion_tokens = prompt_tokens, completion_tokens
+    if len(dones) == 1 and len(choices) == 1:
+        usage = wire.openai_usage(dones[0].stats, dones[0].finish_reason)
+    else:
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+    body = {"id": wire.new_id("cmpl"), "object": "text_completion", "created": wire.now_unix(), "model": call.model,
+            "choices": choices, "usage": usage}
+    return web.json_response(body, dumps=wire.dumps)
+
+
+def _echo(engine: Engine, cancel: Callable[[], bool], *, spec: EchoSpec, prompt: Prompt) -> Echo:
+    return echo_prompt(engine, spec, prompt, cancel)
 
 
 async def _run(request: web.Request, state: ServerState, call: Call, *, chat: bool) -> web.StreamResponse:

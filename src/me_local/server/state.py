@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from ..core import DoneEvent
+from ..core import Cancelled, DoneEvent
 from ..engine import Engine, Request
 from ..errors import MeLocalError
 from ..logs import AccessLog
@@ -31,6 +32,7 @@ log = logging.getLogger("me_local.server")
 
 Loader = Callable[[], Engine]
 """Builds and fully loads an Engine; runs on a worker thread."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,7 +52,19 @@ def prompt_text(request: Request) -> str:
     """The request's input as text, for ``--log-prompts``."""
     if request.messages is not None:
         return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in request.messages)
+    if request.tokens is not None:
+        return str(request.tokens)
     return request.prompt or ""
+
+
+class Job:
+    """Blocking engine work other than a generation (scoring a text) on a thread of its own,
+    with the cancel flag the engine checks: set when the client leaves or the server stops."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cancelled = threading.Event()
+        self.finished = asyncio.Event()
 
 
 class ServerState:
@@ -77,6 +91,8 @@ class ServerState:
         self.loaded = asyncio.Event()
         """Set when loading ended, well or not (see ``status``)."""
         self.streams: set[EventStream] = set()
+        self.jobs: set[Job] = set()
+        """Scoring work in flight (echo), each on its own thread."""
         self._notes: dict[EventStream, AccessNote] = {}
         self._retired: set[Engine] = set()
         self._load_task: asyncio.Task[None] | None = None
@@ -125,8 +141,11 @@ class ServerState:
             self._retire(old)
         return old
 
+    def _in_use(self, engine: Engine) -> bool:
+        return any(s.engine is engine for s in self.streams) or any(j.engine is engine for j in self.jobs)
+
     def _retire(self, engine: Engine) -> None:
-        if any(s.engine is engine for s in self.streams):
+        if self._in_use(engine):
             self._retired.add(engine)
         else:
             asyncio.get_running_loop().run_in_executor(None, _close_retired, engine)
@@ -164,10 +183,59 @@ class ServerState:
             if note is not None:
                 note.prompt_tokens = stream.done.stats.prompt_tokens
                 note.completion_tokens = stream.done.stats.generated_tokens
-        engine = stream.engine
-        if engine in self._retired and not any(s.engine is engine for s in self.streams):
+        self._release(stream.engine)
+
+    def _release(self, engine: Engine) -> None:
+        if engine in self._retired and not self._in_use(engine):
             self._retired.discard(engine)
             asyncio.get_running_loop().run_in_executor(None, _close_retired, engine)
+
+    # -- other engine work ------------------------------------------------------------------
+    async def run_job(self, work: Callable[[Engine, Callable[[], bool]], T], name: str = "me-local-score") -> T:
+        """Run ``work(engine, cancel)`` on a thread of its own (it may wait for a slot: never on
+        the loop, nor in the loop's shared executor). A client that leaves (this coroutine
+        cancelled) or a server that stops sets the cancel flag; the engine's errors become
+        their HTTP answers, and a cancelled job while stopping is a 503."""
+        engine = self.require_engine()
+        job = Job(engine)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not future.done():
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            job.finished.set()
+            self.jobs.discard(job)
+            self._release(engine)
+
+        def run() -> None:
+            try:
+                result: tuple[bool, Any] = (True, work(engine, job.cancelled.is_set))
+            except BaseException as exc:  # delivered to the handler, never lost
+                if not isinstance(exc, (MeLocalError, Cancelled)):
+                    log.exception("scoring failed")
+                result = (False, exc)
+            try:
+                loop.call_soon_threadsafe(settle, *result)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+        self.jobs.add(job)
+        threading.Thread(target=run, name=name, daemon=True).start()
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            job.cancelled.set()  # the client left: the engine stops at its next check
+            future.add_done_callback(_retrieved)  # its outcome (Cancelled, usually) has no reader now
+            raise
+        except Cancelled:
+            raise ApiError(503, "me-local is shutting down", code="shutting_down",
+                           headers={"Retry-After": str(self.retry_after)}) from None
+        except MeLocalError as exc:
+            raise from_exception(exc, retry_after=self.retry_after) from None
 
     async def first_event(self, stream: EventStream) -> Any:
         """The first event of a stream, or the error response it turned into (before any header went out)."""
@@ -184,12 +252,16 @@ class ServerState:
         """Stop accepting generations, cancel those in flight, and wait for their workers."""
         self.status = "stopping"
         streams = list(self.streams)
+        jobs = list(self.jobs)
         for s in streams:
             s.cancel(reason)
-        if streams:
-            log.info("ending %d stream(s) in flight", len(streams))
-            await asyncio.wait([asyncio.ensure_future(s.wait()) for s in streams],
-                               timeout=self.shutdown_grace if timeout is None else timeout)
+        for j in jobs:
+            j.cancelled.set()
+        if streams or jobs:
+            log.info("ending %d stream(s) in flight", len(streams) + len(jobs))
+            waits = [asyncio.ensure_future(s.wait()) for s in streams]
+            waits += [asyncio.ensure_future(j.finished.wait()) for j in jobs]
+            await asyncio.wait(waits, timeout=self.shutdown_grace if timeout is None else timeout)
 
     async def close(self) -> None:
         if self._load_task is not None and not self._load_task.done():
@@ -200,9 +272,10 @@ class ServerState:
                 pass
         await self.stop_streams()
         loop = asyncio.get_running_loop()
-        stuck = {s.engine for s in self.streams}
+        stuck = {s.engine for s in self.streams} | {j.engine for j in self.jobs}
         if stuck:
-            log.warning("%d generation(s) did not stop in time; leaving their models to the exit", len(self.streams))
+            log.warning("%d generation(s) did not stop in time; leaving their models to the exit",
+                        len(self.streams) + len(self.jobs))
         for engine in [self.engine, *self._retired]:
             if engine is not None and engine not in stuck:
                 await loop.run_in_executor(None, engine.close)
@@ -218,6 +291,11 @@ class ServerState:
             out[name] = {"slots": loaded.config.parallel, "busy_slots": loaded.busy_slots,
                          "queued": loaded.waiting}
         return out
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _close_retired(engine: Engine) -> None:
