@@ -113,9 +113,10 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) ->
 
 
 def run_lm_eval(exe: Path, url: str, ensemble: str, n_ctx: int, out: Path) -> float:
-    args = ",".join([f"model={ensemble}", f"base_url={url}/v1/completions", "tokenizer_backend=remote",
-                     "tokenized_requests=True", "num_concurrent=1", "max_retries=1", f"max_length={n_ctx}",
-                     "timeout=600"])
+    # the model-scoped path: lm-eval's remote tokenizer names no model, so its routes must be the ensemble's
+    args = ",".join([f"model={ensemble}", f"base_url={url}/models/{ensemble}/v1/completions",
+                     "tokenizer_backend=remote", "tokenized_requests=True", "num_concurrent=1", "max_retries=1",
+                     f"max_length={n_ctx}", "timeout=600"])
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(out / "hf-home"),
                TOKENIZERS_PARALLELISM="false")
     cmd = [str(exe), "--model", "local-completions", "--model_args", args, "--tasks", "me_local_mc,me_local_ppl",
