@@ -260,6 +260,13 @@ def test_eog_of_the_selected_member_ends_the_generation():
     assert [t.text for t in tokens] == ["a", "b"]
     assert done.finish_reason == "stop"
     assert done.stats.generated_tokens == 2
+    # the end token is not text, but the done event names it (completions' echo lists it)
+    assert done.end is not None and (done.end.id, done.end.index, done.end.member, done.end.text) == (2, 2, "s", "")
+    assert tokens[-1].logprob is None and done.end.logprob is None  # logprobs not asked for
+    tokens, done = run([m], [1], [[0]], SamplingParams(seed=0, max_tokens=10, logprobs=True))
+    assert done.end.logprob == pytest.approx(0.0, abs=1e-6)
+    tokens, done = run([m], [1], [[0]], SamplingParams(seed=0, max_tokens=2))
+    assert done.finish_reason == "length" and done.end is None
 
 
 def test_a_full_context_ends_with_length():

@@ -15,6 +15,7 @@ from me_local.core.sampling import log_softmax
 from me_local.engine import ScoreRequest
 from me_local.server import ServerState, create_app
 
+from .fakes import EngineMember, FakeFactory
 from .server_helpers import Throttle, ThrottledFactory, async_wait_until, engine_loader
 
 PROMPT = "The quick brown fox jumps over the lazy dog.\n\nThe end"
@@ -228,3 +229,37 @@ async def test_an_echo_waiting_for_a_slot_leaves_the_line_when_its_client_goes(a
     held.open()
     resp = await gen
     assert resp.status == 200 and ens.busy_slots == 0
+
+
+class EndingFactory(FakeFactory):
+    """Fake members whose every next token is the end of generation (id 3)."""
+
+    def __call__(self, mc, ens):
+        return EngineMember(mc.name, self, n_ctx=256, eog=3, script=[3])
+
+
+async def test_a_generation_ended_by_the_model_lists_its_end_token_after_the_echo(aiohttp_client, write_config):
+    """lm-eval drops the last entry of an echo with max_tokens 1: it must be there even when the
+    model's next token ends the generation (it was missing, and a one-token answer then read 0)."""
+    cfg = write_config("""
+        ensembles:
+          q:
+            members: [{name: a, path: a.gguf}, {name: b, path: b.gguf}]
+        """)
+    state = ServerState(engine_loader(cfg, EndingFactory()))
+    client = await aiohttp_client(create_app(state))
+    await state.wait_loaded()
+    alone = (await complete(client, model="q", prompt="ab", echo=True, logprobs=1, max_tokens=0))["choices"][0]
+    data = await complete(client, model="q", prompt="ab", echo=True, logprobs=1, max_tokens=1)
+    choice = data["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == "ab" and choice["finish_reason"] == "stop"
+    assert lp["tokens"] == alone["logprobs"]["tokens"] + ["<3>"] and lp["token_ids"][-1] == 3
+    assert lp["token_logprobs"][:-1] == alone["logprobs"]["token_logprobs"]
+    assert lp["token_logprobs"][-1] == pytest.approx(0.0, abs=1e-6) and lp["text_offset"][-1] == 2
+    assert lp["members"][-1] in ("a", "b") and data["usage"]["completion_tokens"] == 0
+    # the prompt's own entries are what lm-eval sums: [ctxlen:-1]
+    assert sum(lp["token_logprobs"][1:-1]) == sum(alone["logprobs"]["token_logprobs"][1:])
+    # without echo, the end token is not an entry (as before)
+    plain = await complete(client, model="q", prompt="ab", logprobs=1, max_tokens=1)
+    assert plain["choices"][0]["logprobs"]["tokens"] == [] and plain["choices"][0]["text"] == ""

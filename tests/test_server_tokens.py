@@ -180,3 +180,26 @@ async def test_lm_eval_loglikelihood_and_rolling_requests_give_the_engines_likel
     tl = state.engine.score(ScoreRequest(ensemble="pair", context="", text=doc))  # me-local eval's reading
     assert rolling == pytest.approx(tl.logp(tl.weights), abs=1e-6)
     assert math.isfinite(rolling) and rolling < 0
+
+
+async def test_a_model_scoped_path_serves_lm_eval_a_model_other_than_the_default(server):
+    """lm-eval's remote tokenizer names no model: it calls BASE/tokenizer_info and BASE/tokenize,
+    BASE being its completions URL less /v1/completions. Under /models/NAME/ every route is NAME's."""
+    client, state = server
+    spm = state.engine.ensemble("mixed").members[1].model
+    base = "/models/mixed/spm"
+    info = await ok(await client.get(base + "/tokenizer_info"))
+    assert info["model"] == "mixed/spm" and info["bos_token"] == spm.bos_text
+    ids = (await ok(await client.post(base + "/tokenize", json={"prompt": "Hello there",
+                                                                "add_special_tokens": False})))["tokens"]
+    assert ids == spm.tokenize("Hello there", add_special=False)
+    assert (await ok(await client.post(base + "/detokenize", json={"tokens": ids})))["prompt"] == "Hello there"
+    out = await ok(await client.post(base + "/v1/completions", json={**lm_eval_payload([spm.bos] + ids),
+                                                                     "model": "mixed/spm"}))
+    tl = state.engine.score(ScoreRequest(ensemble="mixed", member="spm", context="", text="Hello there"))
+    assert lm_eval_read(out, [1])[0][0] == pytest.approx(tl.logp([1.0]), abs=1e-6)
+    assert out["model"] == "mixed/spm"
+    await bad(await client.post(base + "/v1/completions", json=lm_eval_payload(ids)), "model",
+              "`model` is 'pair' but this path is for model 'mixed/spm'")
+    await bad(await client.post("/models/mixed/tokenize", json={"prompt": "x"}), "model", "no single tokenizer")
+    assert (await client.post("/models/nope/tokenize", json={"prompt": "x"})).status == 404

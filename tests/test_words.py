@@ -260,6 +260,11 @@ def test_stop_strings_eog_and_limits_across_members():
     # an end-of-generation token as a word's first token ends the text at the boundary
     ends = [run(pair(eog_bias=1.0), [0.5, 0.5], dict(seed=s, max_tokens=50, **T1)) for s in range(30)]
     assert any(d.finish_reason == "stop" for _, d in ends)
+    eog = {m.name: m.eog_id for m in pair()}  # each vocabulary's own
+    for _, d in ends:  # no stop strings: a stop is the end token, which the done event names
+        assert (d.end is not None) == (d.finish_reason == "stop")
+        if d.end is not None:
+            assert d.end.id == eog[d.end.member] and d.end.text == ""
 
 
 def test_text_without_whitespace_gets_forced_boundaries_so_members_keep_mixing():

@@ -127,6 +127,7 @@ def _generate_tokens(
         return float(lp[token]), tops
 
     finish = "length"
+    end: TokenEvent | None = None
     try:
         while len(generated) < params.max_tokens:
             if cancel():
@@ -161,6 +162,7 @@ def _generate_tokens(
                 stats.prompt_eval_s = stats.ttft_s
             if members[k].is_eog(token):
                 finish = "stop"
+                end = TokenEvent(len(generated), token, "", name, logprob, tops, b"", _pieces(members[k], tops))
                 break
             generated.append(token)
             piece = members[k].token_bytes(token)
@@ -178,4 +180,4 @@ def _generate_tokens(
     if first_drawn is not None:
         stats.cached_prompt_tokens = stats.members[first_drawn].cached_prompt_tokens
     stats.total_s = clock() - t0
-    yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "")
+    yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "", end)

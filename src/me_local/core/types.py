@@ -172,6 +172,9 @@ class DoneEvent:
     finish_reason: str
     stats: GenerationStats
     text: str = ""
+    end: TokenEvent | None = None
+    """The end-of-generation token the model drew to end it (finish ``stop``), which is not part
+    of the text: completions' ``echo`` lists it after the generated tokens, as OpenAI does."""
 
 
 Event = TokenEvent | DoneEvent

@@ -170,6 +170,7 @@ def generate_words(
         return token, float(lp[token]), tops
 
     finish = "length"
+    end: TokenEvent | None = None
     forced = False
     last: int | None = None
     try:
@@ -201,6 +202,8 @@ def generate_words(
             while True:  # the word: token by token until one begins the next word
                 if member.is_eog(token):
                     finish = "stop"
+                    pieces = [member.token_bytes(t) for t, _ in tops] if tops is not None else None
+                    end = TokenEvent(n_out, token, "", member.name, logprob, tops, b"", pieces)
                     break
                 piece = member.token_bytes(token)
                 gen.extend(piece)
@@ -236,7 +239,7 @@ def generate_words(
     if first_drawn is not None:
         stats.cached_prompt_tokens = stats.members[first_drawn].cached_prompt_tokens
     stats.total_s = setup.clock() - setup.t0
-    yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "")
+    yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "", end)
 
 
 def _holds(ends: list[int], offset: int) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -19,9 +19,20 @@ from .. import settings as S
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, Request
 from . import wire
-from .echo import Echo, EchoSpec, Prompt, check_token_prompts, completion_prompts, echo_prompt, echo_spec, join_logprobs
+from .echo import (
+    Echo,
+    EchoSpec,
+    Prompt,
+    check_token_prompts,
+    completion_prompts,
+    display_bytes,
+    echo_prompt,
+    echo_spec,
+    join_logprobs,
+)
 from .errors import ApiError, bad_request
 from .params import (
+    SCOPE,
     ModelRef,
     chat_messages,
     engine_request,
@@ -34,6 +45,7 @@ from .params import (
     read_json,
     resolve_model,
     sampling_fields,
+    scoped,
     stop_strings,
     token_bytes,
 )
@@ -159,7 +171,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = await read_json(request)
+    body = scoped(await read_json(request), request)
     call = parse_completion(body, state.require_engine())
     if call.echo is None and not call.batch:
         return await _run(request, state, call, chat=False)
@@ -190,6 +202,8 @@ async def _run_choices(request: web.Request, state: ServerState, call: Completio
             finally:
                 stream.cancel("client_disconnect")  # a no-op once the generation has ended
             tb = token_bytes(stream.engine, call.ref.ensemble.name) if call.logprobs else _no_bytes
+            if spec is not None and done.end is not None:  # the end token follows, as OpenAI lists it
+                tokens = [*tokens, _end_token(stream.engine, call.ref.ensemble.name, done.end)]
             gen_lp = wire.completion_logprobs(tokens, tb, len(text), call.top_logprobs > 0) if call.logprobs else None
             text += joined_text(tokens, done)
             logprobs = join_logprobs(logprobs, gen_lp)
@@ -208,6 +222,13 @@ async def _run_choices(request: web.Request, state: ServerState, call: Completio
     body = {"id": wire.new_id("cmpl"), "object": "text_completion", "created": wire.now_unix(), "model": call.model,
             "choices": choices, "usage": usage}
     return web.json_response(body, dumps=wire.dumps)
+
+
+def _end_token(engine: Engine, ensemble: str, end: TokenEvent) -> TokenEvent:
+    """The end-of-generation token as an entry: its control text (``<|im_end|>``), no output text."""
+    members = engine.ensemble(ensemble).members
+    member = next((m for m in members if m.name == end.member), members[0])
+    return replace(end, piece=display_bytes(member, end.id), text="")
 
 
 def _echo(engine: Engine, cancel: Callable[[], bool], *, spec: EchoSpec, prompt: Prompt) -> Echo:
@@ -343,3 +364,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{name:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post(SCOPE + "/v1/completions", completions)

@@ -264,6 +264,25 @@ def resolve_model(config: Config, name: Any, *, ollama: bool = False) -> ModelRe
                    param="model")
 
 
+SCOPE = "/models/{model:[^/]+(?:/[^/]+)?}"
+"""A path prefix that fixes the model for the routes under it (``/models/NAME/v1/completions``,
+``/models/NAME/tokenize``...): for clients that cannot name a model on every call, such as
+lm-evaluation-harness's remote tokenizer, which derives its URLs from the completions URL."""
+
+
+def scoped(body: dict[str, Any], request: web.Request, key: str = "model") -> dict[str, Any]:
+    """``body`` with the model of the path's scope (if any): a ``model`` the body names must be
+    that one."""
+    scope = request.match_info.get("model")
+    if scope is None:
+        return body
+    given = body.get(key)
+    if given not in (None, "", scope):
+        raise bad_request(f"`{key}` is {given!r} but this path is for model {scope!r}; drop `{key}` or use "
+                          f"/models/{given}/...", key)
+    return {**body, key: scope}
+
+
 @dataclass(frozen=True)
 class EnsembleChoice:
     mode: str | None = None

@@ -27,7 +27,7 @@ from ..engine import Engine
 from . import wire
 from .echo import display_bytes
 from .errors import bad_request
-from .params import ModelRef, opt_bool, opt_str, read_json, resolve_model
+from .params import SCOPE, ModelRef, opt_bool, opt_str, read_json, resolve_model, scoped
 from .state import STATE
 
 TOKENIZE_FIELDS = ("model", "content", "prompt", "add_special", "add_special_tokens", "parse_special",
@@ -63,7 +63,7 @@ def _piece(data: bytes) -> str | list[int]:
 
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = await read_json(request)
+    body = scoped(await read_json(request), request)
     engine = state.require_engine()
     _unknown(body, TOKENIZE_FIELDS, "/tokenize")
     ref = resolve_model(engine.config, body.get("model"))
@@ -95,7 +95,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = await read_json(request)
+    body = scoped(await read_json(request), request)
     engine = state.require_engine()
     _unknown(body, DETOKENIZE_FIELDS, "/detokenize")
     ref = resolve_model(engine.config, body.get("model"))
@@ -121,7 +121,7 @@ async def tokenizer_info(request: web.Request) -> web.Response:
     extra = sorted(set(request.query) - {"model"})
     if extra:
         raise bad_request(f"`{extra[0]}` is not a parameter of /tokenizer_info; use model", extra[0])
-    ref = resolve_model(engine.config, request.query.get("model"))
+    ref = resolve_model(engine.config, scoped(dict(request.query), request).get("model"))
     member = tokenizer_member(engine, ref)
     model = member.model
     adds_bos = bool(member.raw_prompt(""))
@@ -145,6 +145,7 @@ async def tokenizer_info(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_get("/tokenizer_info", tokenizer_info)
+    for prefix in ("", SCOPE):  # SCOPE: /models/NAME/tokenize..., for clients that name no model
+        app.router.add_post(prefix + "/tokenize", tokenize)
+        app.router.add_post(prefix + "/detokenize", detokenize)
+        app.router.add_get(prefix + "/tokenizer_info", tokenizer_info)
