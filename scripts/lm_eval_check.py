@@ -1,7 +1,9 @@
 """Check me-local against lm-evaluation-harness itself: its ``local-completions`` model with
 ``tokenizer_backend=remote`` against a running ``me-local serve``, on a local multiple-choice task
-and a local rolling-loglikelihood (perplexity) task (scripts/lm_eval/), then the same numbers
-computed by me-local in-process (``Engine.score``, what ``me-local eval`` builds on), side by side.
+and a local rolling-loglikelihood (perplexity) task (scripts/lm_eval/); then ``me-local eval --json``
+on the same data (the task file; each perplexity document as a text file of its own, as lm-eval
+scores each document on its own after the BOS or EOS), compared metric by metric and document by
+document; and every request's log-likelihood against ``Engine.score`` in-process.
 
     python scripts/lm_eval_check.py [--venv DIR] [--out DIR] [--config models.yaml --ensemble NAME]
 
@@ -139,68 +141,158 @@ def read_lm_eval(out: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, An
     return data["results"], samples
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_documents(docs: list[dict[str, Any]], into: Path) -> list[Path]:
+    """Each perplexity document as a text file of its own, its bytes exactly the document's (no
+    newline added): lm-eval scores each document on its own after the BOS (or EOS), and
+    ``me-local eval`` each file on its own after the same token, so one file per document is the
+    same computation. (One file holding all of them would be packed into shared windows.)"""
+    into.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, doc in enumerate(docs):
+        path = into / f"doc-{i:02d}.txt"
+        path.write_bytes(doc["text"].encode())
+        paths.append(path)
+    return paths
+
+
+def me_local_eval(config: Path, ensemble: str, out: Path) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """``me-local eval --json`` as a user runs it: on the task file, then on the documents."""
+    base = [sys.executable, "-m", "me_local.cli", "eval", "--config", str(config), "--ensemble", ensemble, "--json"]
+    docs = write_documents(read_jsonl(TASKS / "data" / "ppl.jsonl"), out / "ppl-docs")
+    t0 = time.monotonic()
+    reports = []
+    for args in (["--task", str(TASKS / "data" / "mc.jsonl")], [str(p) for p in docs]):
+        log("running: me-local eval " + " ".join(base[4:] + args))
+        done = subprocess.run(base + args, check=True, stdout=subprocess.PIPE)
+        reports.append(json.loads(done.stdout))
+    return reports[0], reports[1], time.monotonic() - t0
+
+
 def reference(config: Path, ensemble: str) -> dict[str, Any]:
-    """The same tasks scored by me-local in-process, as lm-eval reads them: a choice is
-    " " + choice after the context; a document is scored after the start of text."""
+    """Every request's log-likelihood scored by me-local in-process (``Engine.score``), as lm-eval
+    builds it: a choice is " " + choice after the context; a document is scored after the start
+    of text."""
     from me_local.config import load_config
     from me_local.engine import Engine, ScoreRequest
 
     engine = Engine(load_config(config))
     try:
-        mc = [json.loads(line) for line in (TASKS / "data" / "mc.jsonl").read_text().splitlines()]
-        ppl = [json.loads(line) for line in (TASKS / "data" / "ppl.jsonl").read_text().splitlines()]
         t0 = time.monotonic()
-        lls, acc, acc_norm = [], 0, 0
-        for doc in mc:
+        lls = []
+        for doc in read_jsonl(TASKS / "data" / "mc.jsonl"):
             row = []
             for choice in doc["choices"]:
                 tl = engine.score(ScoreRequest(ensemble=ensemble, context=doc["context"], text=" " + choice))
+                assert tl.weights is not None
                 row.append(tl.logp(tl.weights))
             lls.append(row)
-            acc += int(max(range(len(row)), key=row.__getitem__) == doc["answer"])
-            norm = [ll / len(c) for ll, c in zip(row, doc["choices"])]
-            acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == doc["answer"])
-        docs, total, words, n_bytes = [], 0.0, 0, 0
-        for doc in ppl:
+        docs = []
+        for doc in read_jsonl(TASKS / "data" / "ppl.jsonl"):
             tl = engine.score(ScoreRequest(ensemble=ensemble, context="", text=doc["text"]))
-            lp = tl.logp(tl.weights)
-            docs.append(lp)
-            total += lp
-            words += len(re.split(r"\s+", doc["text"]))  # lm-eval's count_words
-            n_bytes += len(doc["text"].encode())
-        return {
-            "seconds": time.monotonic() - t0,
-            "mc_lls": lls,
-            "ppl_lls": docs,
-            "me_local_mc": {"acc": acc / len(mc), "acc_norm": acc_norm / len(mc)},
-            "me_local_ppl": {"word_perplexity": math.exp(-total / words), "byte_perplexity": math.exp(-total / n_bytes),
-                             "bits_per_byte": -total / n_bytes / math.log(2)},
-        }
+            assert tl.weights is not None
+            docs.append(tl.logp(tl.weights))
+        return {"seconds": time.monotonic() - t0, "mc_lls": lls, "ppl_lls": docs}
     finally:
         engine.close()
 
 
-def compare(results: dict[str, Any], samples: dict[str, list[dict[str, Any]]], ref: dict[str, Any]) -> dict[str, Any]:
+def lm_eval_words(text: str) -> int:
+    """lm-eval's ``Task.count_words``: ``len(re.split(r"\\s+", doc))``. It counts an empty word
+    for whitespace at either end of a document and splits at Unicode whitespace; me-local counts
+    ``len(text.split())`` over ASCII whitespace. The same for a document that neither begins nor
+    ends with whitespace and has only ASCII whitespace in it."""
+    return len(re.split(r"\s+", text))
+
+
+def eval_metrics(task: dict[str, Any], text: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``me-local eval --json``'s figures for the ensemble, under lm-eval's metric names.
+    me-local's acc_norm divides by a choice's UTF-8 bytes: lm-eval's ``acc_bytes``; lm-eval's
+    ``acc_norm`` divides by characters (the same for ASCII choices)."""
+    ens = text["ensemble"]
+    ll, n_bytes = ens["log_likelihood"], text["bytes"]
+    return {
+        "me_local_mc": {"acc": task["ensemble"]["acc"], "acc_norm": task["ensemble"]["acc_norm"],
+                        "acc_bytes": task["ensemble"]["acc_norm"]},
+        "me_local_ppl": {"word_perplexity": ens["perplexity_per_word"], "byte_perplexity": math.exp(-ll / n_bytes),
+                         "bits_per_byte": ens["bits_per_byte"]},
+    }
+
+
+METRICS = (("me_local_mc", ("acc", "acc_norm", "acc_bytes")),
+           ("me_local_ppl", ("word_perplexity", "byte_perplexity", "bits_per_byte")))
+RELATIVE = 1e-9
+"""Relative difference a metric may show between lm-eval and me-local eval: the same sums of the
+same numbers in another order (accuracies are counts over the same n: they must be equal)."""
+
+
+def compare_metrics(results: dict[str, Any], ours: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """lm-eval's reported metrics against me-local eval's, each with whether it agrees."""
     rows = []
-    for task, metrics in (("me_local_mc", ("acc", "acc_norm")),
-                          ("me_local_ppl", ("word_perplexity", "byte_perplexity", "bits_per_byte"))):
+    for task, metrics in METRICS:
         for m in metrics:
-            theirs = results[task][f"{m},none"]
-            ours = ref[task][m]
-            rows.append({"task": task, "metric": m, "lm_eval": theirs, "me_local": ours, "diff": theirs - ours})
-    # each request's log-likelihood, lm-eval's (from its samples) against me-local's
+            theirs = float(results[task][f"{m},none"])
+            mine = float(ours[task][m])
+            tol = RELATIVE * max(1.0, abs(mine))
+            rows.append({"task": task, "metric": m, "lm_eval": theirs, "me_local_eval": mine, "diff": theirs - mine,
+                         "agree": abs(theirs - mine) <= tol})
+    return rows
+
+
+def compare_documents(samples: list[dict[str, Any]], docs: list[dict[str, Any]], text: dict[str, Any]
+                      ) -> list[dict[str, Any]]:
+    """Each perplexity document: lm-eval's rolling log-likelihood, words and bytes against
+    me-local eval's figures for its file (one window each, or the two are not the same sum)."""
+    rows = []
+    for s in sorted(samples, key=lambda s: int(s["doc_id"])):
+        i = int(s["doc_id"])
+        f = text["files"][i]
+        theirs = float(s["resps"][0][0])
+        mine = float(f["ensemble"]["log_likelihood"])
+        words = lm_eval_words(docs[i]["text"])
+        n_bytes = len(docs[i]["text"].encode())
+        rows.append({"doc": i, "lm_eval": theirs, "me_local_eval": mine, "diff": theirs - mine,
+                     "lm_eval_words": words, "me_local_words": f["words"], "bytes": n_bytes,
+                     "me_local_bytes": f["bytes"], "windows": f["windows"],
+                     "agree": abs(theirs - mine) <= TOLERANCE and words == f["words"] and n_bytes == f["bytes"]
+                     and f["windows"] == 1})
+    return rows
+
+
+def request_diffs(samples: dict[str, list[dict[str, Any]]], ref: dict[str, Any]) -> list[float]:
+    """Each request's log-likelihood, lm-eval's (from its samples) less ``Engine.score``'s."""
     diffs = []
     for s in samples["me_local_mc"]:
-        doc = s["doc_id"]
         for j, resp in enumerate(s["resps"]):
-            diffs.append(float(resp[0][0]) - ref["mc_lls"][doc][j])
+            diffs.append(float(resp[0][0]) - ref["mc_lls"][s["doc_id"]][j])
     for s in samples["me_local_ppl"]:
         diffs.append(float(s["resps"][0][0]) - ref["ppl_lls"][s["doc_id"]])
-    absd = sorted(abs(d) for d in diffs)
-    return {"metrics": rows, "requests": len(diffs), "max_abs_ll_diff": absd[-1] if absd else None,
-            "median_abs_ll_diff": absd[len(absd) // 2] if absd else None,
-            "agree": bool(absd) and absd[-1] <= TOLERANCE and all(abs(r["diff"]) <= 1e-6 * max(1.0, abs(r["me_local"]))
-                                                               for r in rows)}
+    return diffs
+
+
+def compare(results: dict[str, Any], samples: dict[str, list[dict[str, Any]]], ref: dict[str, Any],
+            task: dict[str, Any], text: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = compare_metrics(results, eval_metrics(task, text))
+    doc_rows = compare_documents(samples["me_local_ppl"], docs, text)
+    absd = sorted(abs(d) for d in request_diffs(samples, ref))
+    requests_agree = bool(absd) and absd[-1] <= TOLERANCE
+    return {"metrics": rows, "documents": doc_rows, "requests": len(absd),
+            "max_abs_ll_diff": absd[-1] if absd else None, "median_abs_ll_diff": absd[len(absd) // 2] if absd else None,
+            "agree": requests_agree and len(doc_rows) == len(docs) and all(r["agree"] for r in rows + doc_rows)}
+
+
+def versions(exe: Path) -> dict[str, str]:
+    from importlib.metadata import version
+
+    lm = subprocess.run([str(exe.parent / "python"), "-c", "from importlib.metadata import version; "
+                         "print(version('lm_eval'))"], check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                          text=True).stdout.strip()
+    return {"lm_eval": lm, "llama_cpp_python": version("llama_cpp_python"), "python": sys.version.split()[0],
+            "me_local_commit": head or "?"}
 
 
 def main() -> None:
@@ -241,23 +333,33 @@ def main() -> None:
             serve.terminate()
             serve.wait(60)
     results, samples = read_lm_eval(a.out)
-    log("scoring the same data in-process (Engine.score)")
+    task, text, eval_s = me_local_eval(config, ensemble, a.out)
+    log("scoring every request in-process (Engine.score)")
     ref = reference(config, ensemble)
-    report = compare(results, samples, ref)
-    report.update({"lm_eval_seconds": lm_eval_s, "me_local_seconds": ref["seconds"], "config": str(config),
-                   "ensemble": ensemble, "lm_eval": LM_EVAL})
+    report = compare(results, samples, ref, task, text, read_jsonl(TASKS / "data" / "ppl.jsonl"))
+    report.update({"lm_eval_seconds": lm_eval_s, "me_local_eval_seconds": eval_s,
+                   "engine_score_seconds": ref["seconds"], "config": str(config), "ensemble": ensemble,
+                   "versions": versions(exe), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")})
     (a.out / "compare.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{'task':<14} {'metric':<16} {'lm-eval':>12} {'me-local':>12} {'difference':>12}")
+    print(f"\n{'task':<14} {'metric':<16} {'lm-eval':>14} {'me-local eval':>14} {'difference':>11}")
     for r in report["metrics"]:
-        print(f"{r['task']:<14} {r['metric']:<16} {r['lm_eval']:>12.6f} {r['me_local']:>12.6f} {r['diff']:>12.2e}")
-    print(f"\n{report['requests']} requests; log-likelihood |lm-eval - me-local|: median "
+        print(f"{r['task']:<14} {r['metric']:<16} {r['lm_eval']:>14.9f} {r['me_local_eval']:>14.9f} "
+              f"{r['diff']:>11.2e}{'' if r['agree'] else '  DIFFERENT'}")
+    print(f"\n{'document':<9} {'lm-eval nats':>14} {'me-local eval':>14} {'difference':>11} {'words':>11} {'bytes':>5}")
+    for d in report["documents"]:
+        words = f"{d['lm_eval_words']}/{d['me_local_words']}"
+        print(f"{d['doc']:<9} {d['lm_eval']:>14.6f} {d['me_local_eval']:>14.6f} {d['diff']:>11.2e} {words:>11} "
+              f"{d['bytes']:>5}{'' if d['agree'] else '  DIFFERENT'}")
+    print(f"\n{report['requests']} requests; log-likelihood |lm-eval - Engine.score|: median "
           f"{report['median_abs_ll_diff']:.2e}, max {report['max_abs_ll_diff']:.2e} nats")
-    print(f"lm-eval took {lm_eval_s:.0f} s (HTTP, one request at a time); me-local in-process {ref['seconds']:.0f} s")
+    print(f"lm-eval took {lm_eval_s:.0f} s (HTTP, one request at a time); me-local eval {eval_s:.0f} s (two runs, "
+          f"loading the models each time); Engine.score {ref['seconds']:.0f} s")
+    print(f"versions: {report['versions']}")
     print(f"details: {a.out / 'compare.json'}")
     if not report["agree"]:
-        raise SystemExit(f"lm-eval and me-local disagree (tolerance {TOLERANCE} nats a request)")
+        raise SystemExit(f"lm-eval and me-local disagree (tolerances: {TOLERANCE} nats a request or document, "
+                         f"{RELATIVE:g} relative a metric, equal word and byte counts, one window a document)")
     print("lm-eval and me-local agree")
-
 
 if __name__ == "__main__":
     main()
