@@ -93,7 +93,7 @@ OPENAI_CASES = [
     (COMP, {"model": "tiny", "prompt": "x", "echo": True, "stream": True}, 400, "stream", "invalid_value",
      "not supported with `echo`"),
     (COMP, {"model": "tiny", "prompt": [5, 100000]}, 400, "prompt", "invalid_value", "not a token id"),
-    (COMP, {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix", "invalid_value", "not supported"),
+    (COMP, {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix", "unsupported_parameter", "not supported"),
     (COMP, {"model": "tiny", "prompt": "x", "logprobs": True}, 400, "logprobs", "invalid_value", "integer"),
     (COMP, {"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "logprobs", "invalid_value", "between"),
     (COMP, {"model": "short", "prompt": LONG}, 400, "prompt", "context_length_exceeded", "shorten the prompt"),
@@ -275,7 +275,7 @@ async def test_a_lone_surrogate_is_a_400_naming_the_field(make_server, path, raw
         message = err["message"]
     assert f"`{field}`" in message and f"lone UTF-16 surrogate ({escape})" in message
     assert message.endswith("; send valid Unicode")
-    ok = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
+    ok = ochat() if path == "/api/chat" else chat()
     resp = await client.post(path if path in (CHAT, "/api/chat") else CHAT, json=ok)
     assert resp.status == 200  # the server still answers
 

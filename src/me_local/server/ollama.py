@@ -3,8 +3,9 @@
 ``GET /api/ps``, ``POST /api/chat``, ``POST /api/generate``.
 
 Answers stream as NDJSON by default (``"stream": false`` gives one object).
-``options`` maps temperature, top_p, top_k, min_p, seed, num_predict and stop;
-other options (num_ctx, repeat_penalty...) are accepted and ignored. Model names
+``options`` maps temperature, top_p, top_k, min_p, seed, num_predict, stop and
+num_ctx (up to the ensemble's n_ctx); what the other fields and options get is in
+:mod:`.fields` (a 400 for any that would change the answer). Model names
 may carry Ollama's ``:latest`` tag. The ``ensemble`` extension works here too.
 """
 
@@ -27,7 +28,7 @@ from ..config import EnsembleConfig, MemberConfig
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, Request
 from ..errors import MeLocalError
-from . import wire
+from . import fields, wire
 from .errors import ApiError, bad_request
 from .params import (
     ModelRef,
@@ -54,6 +55,11 @@ OLLAMA_API_VERSION = "0.9.0"
 
 def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, Any]:
     opts = opt_object(body, "options")
+    fields.check(opts, fields.OLLAMA_OPTIONS)
+    n_ctx = opt_number(opts, "num_ctx", 1, integer=True, param="options.num_ctx")
+    if n_ctx is not None and n_ctx > ens.n_ctx:
+        raise bad_request(f"`options.num_ctx` is {n_ctx} but {ens.name!r} has a context of {ens.n_ctx} tokens; "
+                          "send at most that, or raise `n_ctx` in models.yaml", "options.num_ctx")
     # a negative seed means a random one; num_predict -1 or -2 means until the context is full
     assert S.SEED.hi is not None
     seed = opt_number(opts, "seed", -S.SEED.hi, S.SEED.hi, integer=True, param="options.seed")
@@ -71,39 +77,35 @@ def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, An
 def _request(ref: ModelRef, body: dict[str, Any], **kw: Any) -> Request:
     choice = ensemble_extension(body, ref)
     logprobs, top = logprob_options(body)
+    if top and not logprobs:
+        raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
     overrides = dict(options_overrides(body, ref.ensemble), logprobs=logprobs or None,
                      top_logprobs=top if logprobs else None)
     return engine_request(ref, choice, overrides, **kw)
 
 
-def _reject_images(obj: dict[str, Any], where: str) -> None:
-    if obj.get("images"):
-        raise bad_request(f"{where}: images are not supported by me-local's text models", "images")
-
-
 def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
+    fields.check(body, fields.OLLAMA_CHAT)
+    fields.check_messages(body.get("messages"), fields.OLLAMA_MESSAGE)
     ref = resolve_model(engine.config, body.get("model"), ollama=True)
     raw = body.get("messages")
     if raw is None or raw == []:
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)
         return ref, None  # "load the model"
-    if isinstance(raw, list):
-        for i, m in enumerate(raw):
-            if isinstance(m, dict):
-                _reject_images(m, f"messages[{i}]")
     messages = chat_messages(raw)
     return ref, _request(ref, body, messages=messages)
 
 
 def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
+    fields.check(body, fields.OLLAMA_GENERATE)
     ref = resolve_model(engine.config, body.get("model"), ollama=True)
     prompt = opt_str(body, "prompt")
     system = opt_str(body, "system")
     raw = opt_bool(body, "raw")
-    _reject_images(body, "generate")
-    if body.get("suffix"):
-        raise bad_request("`suffix` (fill-in-the-middle) is not supported", "suffix")
+    if raw and system:
+        raise bad_request("`system` does not apply with `raw: true` (the prompt is taken as written; Ollama "
+                          "refuses it too); drop `system`, or write it into the raw prompt", "system")
     if not prompt:
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)

@@ -18,7 +18,7 @@ from aiohttp import web
 from .. import settings as S
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, Request
-from . import wire
+from . import fields, wire
 from .echo import (
     Echo,
     EchoSpec,
@@ -92,6 +92,7 @@ def _common(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, dict[str, A
     overrides = sampling_overrides(body)
     stream = opt_bool(body, "stream")
     options = opt_object(body, "stream_options")
+    fields.check(options, fields.STREAM_OPTIONS)
     include_usage = stream and opt_bool(options, "include_usage", param="stream_options.include_usage")
     return ref, overrides, stream, include_usage
 
@@ -101,6 +102,8 @@ def _request(ref: ModelRef, body: dict[str, Any], overrides: dict[str, Any], **k
 
 
 def parse_chat(body: dict[str, Any], engine: Engine) -> Call:
+    fields.check(body, fields.OPENAI_CHAT)
+    fields.check_messages(body.get("messages"), fields.OPENAI_MESSAGE)
     ref, overrides, stream, include_usage = _common(body, engine)
     messages = chat_messages(body.get("messages"))
     logprobs, top = logprob_options(body)
@@ -131,6 +134,7 @@ _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens")
 
 
 def parse_completion(body: dict[str, Any], engine: Engine) -> CompletionCall:
+    fields.check(body, fields.OPENAI_COMPLETIONS)
     echo = opt_bool(body, "echo")
     generate = True
     if echo and _zero_max_tokens(body):  # echo alone: nothing generated (as lm-evaluation-harness asks)
@@ -138,8 +142,6 @@ def parse_completion(body: dict[str, Any], engine: Engine) -> CompletionCall:
         body = {k: v for k, v in body.items() if k not in _MAX_TOKEN_KEYS}
     ref, overrides, stream, include_usage = _common(body, engine)
     prompts, batch = completion_prompts(body.get("prompt"))
-    if body.get("suffix"):
-        raise bad_request("`suffix` (fill-in-the-middle) is not supported", "suffix")
     best_of = opt_number(body, "best_of", 1, integer=True)
     if best_of not in (None, 1):
         raise bad_request("only best_of=1 is supported", "best_of")
