@@ -22,7 +22,7 @@ regenerate with ``python -c "from me_local.server.fields import render_docs; pri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,13 +36,6 @@ def absent(v: Any) -> bool:
     return v is None or v is False or (isinstance(v, (str, list, dict)) and not v)
 
 
-def _equal_to(*values: Any) -> Callable[[Any], bool]:
-    """Absent, or one of ``values`` (``true`` is not 1 here)."""
-    def neutral(v: Any) -> bool:
-        return absent(v) or (not isinstance(v, bool) and any(v == x for x in values))
-    return neutral
-
-
 @dataclass(frozen=True)
 class Field:
     name: str
@@ -50,10 +43,17 @@ class Field:
     doc: str
     """What me-local does with it (honoured, no effect), or what it asks for that me-local does not do
     (refused: the 400's message, after the field's name)."""
-    neutral: Callable[[Any], bool] = absent
-    """Refused fields: the values that ask for nothing, accepted."""
-    neutral_doc: str = ""
-    """The neutral values besides absent ones, as the docs and the 400 show them (``0``)."""
+    neutral_values: tuple[Any, ...] = ()
+    """Refused fields: the values besides absent ones that ask for nothing (a penalty of 0), accepted."""
+
+    def neutral(self, value: Any) -> bool:
+        """``value`` asks for nothing: absent, or a neutral value (``true`` is not 1 here)."""
+        return absent(value) or (not isinstance(value, bool) and any(value == x for x in self.neutral_values))
+
+    @property
+    def neutral_doc(self) -> str:
+        """The neutral values as JSON, as the docs and the 400 show them."""
+        return ", ".join(json.dumps(v) for v in self.neutral_values)
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ def N(name: str, doc: str) -> Field:
 
 
 def R(name: str, doc: str, neutral: tuple[Any, ...] = ()) -> Field:
-    shown = ", ".join(repr(v).replace("'", '"') for v in neutral)
-    return Field(name, "refused", doc, _equal_to(*neutral) if neutral else absent, shown)
+    return Field(name, "refused", doc, neutral)
 
 
 NOT_YET = "is not supported yet"
