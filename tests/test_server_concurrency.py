@@ -152,7 +152,9 @@ async def test_a_request_ended_by_shutdown_before_its_first_token_is_503_with_re
     throttle = factory.throttle("solo", 0)
     client, state = await make_server(factory)
     for path in (CHAT, "/api/chat"):
-        task = asyncio.ensure_future(client.post(path, json=stream_body("solo", "Hi", 4, 1)))
+        body = stream_body("solo", "Hi", 4, 1) if path == CHAT else {
+            "model": "solo", "messages": [{"role": "user", "content": "Hi"}], "options": {"num_predict": 4, "seed": 1}}
+        task = asyncio.ensure_future(client.post(path, json=body))
         await async_wait_until(lambda: throttle.waiting.is_set() and len(state.streams) == 1)
         stopping = asyncio.ensure_future(state.stop_streams("shutdown"))
         await async_wait_until(lambda: state.status == "stopping")  # the stream is cancelled now
