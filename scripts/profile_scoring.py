@@ -47,6 +47,31 @@ from me_local.core import (  # noqa: E402
 from me_local.core.likelihood import token_likelihood  # noqa: E402
 
 
+def cpu_idle(seconds: float = 1.0) -> float:
+    """The fraction of CPU time idle machine-wide over ``seconds`` (as scripts/bench_repack.py)."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+        return sum(values), values[3] + values[4]
+
+    try:
+        t1, i1 = read()
+        time.sleep(seconds)
+        t2, i2 = read()
+    except OSError:
+        return 1.0
+    return (i2 - i1) / max(1, t2 - t1)
+
+
+def wait_quiet(limit_s: float, threshold: float = 0.9) -> bool:
+    """Wait (up to ``limit_s``) until other processes leave the CPU idle; False if they never did."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if cpu_idle() >= threshold:
+            return True
+    return False
+
+
 class Timed(LlamaMember):
     """A member whose scoring passes are timed: the time spent producing each chunk of rows
     (llama_decode and llama.cpp's copy of the logits out of its graph) is added up."""
@@ -74,6 +99,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--rows", type=int, nargs="*", default=[], help="rows per scoring pass to try besides the default")
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
+                    help="before each timed run, wait up to this many seconds for the CPU to be 90%% idle (0: never)")
     args = ap.parse_args()
     model = LoadedModel(args.model)
     settings = ContextSettings(n_ctx=args.tokens + args.gen + 64, n_batch=args.n_batch, n_threads=args.threads)
@@ -143,7 +170,8 @@ def main() -> None:
     for rep in range(args.repeats):
         order = keys[rep % len(keys):] + keys[:rep % len(keys)]
         for k in order:
-            runs[k].append(cases[k]())
+            quiet = wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else False
+            runs[k].append(cases[k]() | {"after_quiet": float(quiet)})
     member.close()
     load_after = os.getloadavg()[0]
 
@@ -159,10 +187,12 @@ def main() -> None:
     for k in keys:
         if not k.startswith("score"):
             continue
-        out[k] = {f: med(k, f) for f in runs[k][0]}
+        out[k] = {f: med(k, f) for f in runs[k][0] if f != "after_quiet"}
         out[k]["score/generation"] = round(out[k]["tokens_per_s"] / gen, 2)
         out[k]["spread_tokens_per_s"] = [round(min(r["tokens_per_s"] for r in runs[k]), 1),
                                          round(max(r["tokens_per_s"] for r in runs[k]), 1)]
+    quiet_runs = sum(r["after_quiet"] for k in keys for r in runs[k])
+    out["runs_after_quiet"] = f"{quiet_runs:.0f} of {args.repeats * len(keys)}"
     out["generate_spread"] = [round(min(r["tokens_per_s"] for r in runs["generate"]), 1),
                               round(max(r["tokens_per_s"] for r in runs["generate"]), 1)]
     print(json.dumps(out, indent=1))
