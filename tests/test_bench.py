@@ -30,6 +30,7 @@ from me_local.bench import (
     ensemble_report,
     evaluate_targets,
     format_report,
+    format_targets,
     interleave,
     loadrun,
     median,
@@ -126,22 +127,39 @@ def test_default_plan_shares_one_single_and_one_baseline(smollm_path: Path) -> N
     cases, plans = plan_cases(config, ["x2", "x3"])
     keys = [c.key for c in cases]
     assert keys[0] == f"{BASELINE}:{smollm_path.name}"
-    assert sorted(keys[1:]) == sorted(["x2/single:m1", "x2/ce", "x2/me", "x2/me:word", "x3/ce", "x3/me",
-                                       "x3/me:word"])
+    assert sorted(keys[1:]) == sorted(["x2/single:m1", "x2/eval:m1", "x2/ce", "x2/me", "x2/me:word", "x3/ce",
+                                       "x3/me", "x3/me:word"])
     by_key = {c.key: c for c in cases}
     assert (by_key["x2/me"].granularity, by_key["x2/me:word"].granularity) == ("token", "word")
     assert plans[0].shared_vocabulary and plans[0].me_word == "x2/me:word"
     # identical members share the measurement, across both ensembles
     assert set(plans[1].single.values()) == {"x2/single:m1"}
+    # and one evaluation case (one model file): its member scores the text alone, token by token
+    assert set(plans[1].evaluation.values()) == {"x2/eval:m1"} and set(plans[0].evaluation) == {"m1", "m2"}
+    assert (by_key["x2/eval:m1"].kind, by_key["x2/eval:m1"].member, by_key["x2/eval:m1"].granularity) == (
+        "eval", "m1", "token")
     assert plans[1].weights == pytest.approx([1 / 3] * 3)
     cases, _ = plan_cases(config, ["x2"], baseline=False)
-    assert all(c.kind == "engine" for c in cases)
+    assert {c.kind for c in cases} == {"engine", "eval"}
+    cases, plans = plan_cases(config, ["x2"], baseline=False, evaluation=False)
+    assert all(c.kind == "engine" for c in cases) and plans[0].evaluation == {}
 
 
-def _case(mode: str, speeds: list[float], ttfts: list[float]) -> dict[str, Any]:
-    runs = [{"repeat": r, "tokens_per_s": s, "ttft_s": t} for r, (s, t) in enumerate(zip(speeds, ttfts))]
+def _case(mode: str, speeds: list[float], ttfts: list[float], prompt_tokens: int | None = None) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = [{"repeat": r, "tokens_per_s": s, "ttft_s": t}
+                                  for r, (s, t) in enumerate(zip(speeds, ttfts))]
+    if prompt_tokens is not None:
+        for r in runs:
+            r["prompt_tokens"] = prompt_tokens
     return {"mode": mode, "runs": runs, "tokens_per_s": Summary.of(speeds).to_dict(),
             "ttft_ms": Summary.of([t * 1000 for t in ttfts]).to_dict()}
+
+
+def _eval_case(speeds: list[float], scored: int = 499) -> dict[str, Any]:
+    runs = [{"repeat": r, "tokens_per_s": s, "total_s": scored / s, "scored_tokens": scored, "rows_per_pass": 341}
+            for r, s in enumerate(speeds)]
+    return {"kind": "eval", "mode": "eval", "label": "x2 eval m1", "runs": runs,
+            "tokens_per_s": Summary.of(speeds).to_dict(), "scored_tokens": scored, "rows_per_pass": 341}
 
 
 def test_ensemble_report_ratios(smollm_path: Path) -> None:
@@ -149,12 +167,21 @@ def test_ensemble_report_ratios(smollm_path: Path) -> None:
     _, plans = plan_cases(config, ["x2"])
     cases = {
         f"{BASELINE}:{smollm_path.name}": _case(BASELINE, [100.0, 100.0, 100.0], [0.5, 0.5, 0.5]),
-        "x2/single:m1": _case("single", [120.0, 100.0, 110.0], [0.5, 0.5, 0.5]),
+        "x2/single:m1": _case("single", [120.0, 100.0, 110.0], [0.5, 0.4, 2.0], prompt_tokens=500),
+        "x2/eval:m1": _eval_case([300.0, 600.0, 440.0]),
         "x2/ce": _case("ce", [60.0, 50.0, 55.0], [1.0, 1.2, 1.1]),
         "x2/me": _case("me", [90.0, 80.0, 88.0], [0.5, 0.6, 0.55]),
     }
     report = ensemble_report(plans[0], cases, config.get("x2"))
     r, p = report["ratios"], report["paired_ratios"]
+    # evaluation against the member's own generation: medians 440 / 110, paired 300/120, 600/100, 440/110
+    assert r["eval/generation"] == {"m1": pytest.approx(4.0), "m2": pytest.approx(4.0)}
+    assert p["eval/generation"]["m1"] == pytest.approx(4.0)  # median of 2.5, 6.0, 4.0
+    ev = report["evaluation"]["m1"]
+    assert (ev["case"], ev["single"], ev["scored_tokens"], ev["rows_per_pass"]) == ("x2/eval:m1", "x2/single:m1",
+                                                                                    499, 341)
+    assert ev["prompt_tokens_per_s"] == pytest.approx(1000.0)  # median of 500/0.5, 500/0.4, 500/2.0
+    assert ev["prompt/generation"] == pytest.approx(1000.0 / 110.0)
     assert r["me/ce"] == pytest.approx(88.0 / 55.0)
     assert r["me/single"] == pytest.approx(88.0 / 110.0)
     assert r["ce_ttft/me_ttft"] == pytest.approx(1100.0 / 550.0)
@@ -165,7 +192,13 @@ def test_ensemble_report_ratios(smollm_path: Path) -> None:
     result = {"settings": {"prompt_tokens": 500}, "ensembles": {"x2": report},
               "memory": {"model": smollm_path.name, "n_ctx": 4096, "ratio_2_to_1": 1.4}}
     targets = {t.name: t for t in evaluate_targets(result)}
-    assert len(targets) == 5  # one baseline check although both members map to it
+    assert len(targets) == 6  # one baseline check and one evaluation check although both members map to them
+    ev_target = targets["evaluation (m1) vs its generation, tokens/s"]
+    assert (ev_target.value, ev_target.op, ev_target.threshold, ev_target.passed) == (
+        pytest.approx(4.0), ">=", 5.0, False)
+    assert ev_target.note == "prompt processing alone: 9.09x generation"
+    assert "[MISS] evaluation (m1) vs its generation, tokens/s: 4.00x (target >= 5x)" in format_targets(
+        list(targets.values()))
     assert targets["x2: me vs ce tokens/s, 2 members"].passed is True  # 1.6 >= 1.35
     assert targets["x2: me vs single tokens/s, 2 members"].passed is True  # 0.8 >= 0.75
     assert targets["x2: me TTFT vs ce TTFT, 2 members"].value == pytest.approx(0.5)
@@ -187,10 +220,12 @@ def test_plan_reads_which_ensembles_share_a_vocabulary(tiny_models: dict[str, Pa
     config = load_config(path)
     assert vocabularies_shared(config, ["words", "seeds"]) == {"words": False, "seeds": True}
     cases, plans = plan_cases(config, ["words", "seeds"], baseline=False)
-    assert [c.key for c in cases if c.ensemble == "words"] == ["words/single:bpe", "words/single:spm", "words/me"]
+    assert [c.key for c in cases if c.ensemble == "words"] == [
+        "words/single:bpe", "words/eval:bpe", "words/single:spm", "words/eval:spm", "words/me"]
     assert next(c for c in cases if c.key == "words/me").granularity == "word"
     assert [c.key for c in cases if c.ensemble == "seeds"] == [
-        "seeds/single:one", "seeds/single:two", "seeds/ce", "seeds/me", "seeds/me:word"]
+        "seeds/single:one", "seeds/eval:one", "seeds/single:two", "seeds/eval:two", "seeds/ce", "seeds/me",
+        "seeds/me:word"]
     assert [p.shared_vocabulary for p in plans] == [False, True]
 
 
@@ -215,6 +250,8 @@ def test_word_level_report_compares_bytes_with_each_member_and_their_harmonic_me
         "words/single:bpe": _word_case("single", [400.0, 380.0, 420.0], [0.2, 0.25, 0.2]),
         "words/single:spm": _word_case("single", [200.0, 180.0, 220.0], [0.4, 0.5, 0.3]),
         "words/me": _word_case("me", [250.0, 240.0, 260.0], [0.3, 0.3, 0.35]),
+        "words/eval:bpe": _eval_case([2000.0, 2000.0, 2000.0]),
+        "words/eval:spm": _eval_case([1000.0, 1000.0, 1000.0]),
     }
     assert {c.key for c in cases} == set(cases_by_key)
     report = ensemble_report(plan, cases_by_key, config.get("words"), "not run: no shared vocabulary")
@@ -232,6 +269,8 @@ def test_word_level_report_compares_bytes_with_each_member_and_their_harmonic_me
     assert p["me/single_mixture_bytes"] == pytest.approx(median(per_rep))
     assert p["me_ttft/slower_single_ttft"] == pytest.approx(median([0.3 / 0.4, 0.3 / 0.5, 0.35 / 0.3]))
     assert "me/single" not in r  # tokens of two vocabularies are not compared
+    # each member's evaluation against its own generation, in its own tokens (bytes/4 in _word_case)
+    assert r["eval/generation"] == {"bpe": pytest.approx(2000.0 / 100.0), "spm": pytest.approx(1000.0 / 50.0)}
 
     targets = {t.name: t for t in evaluate_targets({"settings": {"prompt_tokens": 500},
                                                      "ensembles": {"words": report}})}
@@ -276,7 +315,7 @@ def test_short_bench_on_tiny_models_writes_a_valid_bench_json(tiny_bench_config:
     runner = BenchRunner(config, ["pair"], settings)
     steps: list[str] = []
     result, written = run_bench(runner, tmp_path / "out", progress=steps.append)
-    assert len(steps) == runner.total_steps == 7 * 3  # (warm-up + 2 repeats) x 7 cases
+    assert len(steps) == runner.total_steps == 9 * 3  # (warm-up + 2 repeats) x 9 cases
 
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert data == json.loads(json.dumps(result))
@@ -284,10 +323,41 @@ def test_short_bench_on_tiny_models_writes_a_valid_bench_json(tiny_bench_config:
     assert data["settings"]["spread"] == "iqr"
     assert data["machine"]["cores"] >= 1
     assert set(data["cases"]) == {
-        "pair/single:one", "pair/single:two", "pair/ce", "pair/me", "pair/me:word",
+        "pair/single:one", "pair/single:two", "pair/ce", "pair/me", "pair/me:word", "pair/eval:one", "pair/eval:two",
         f"{BASELINE}:{Path(config.get('pair').members[0].path).name}",
         f"{BASELINE}:{Path(config.get('pair').members[1].path).name}#1",
     }
+    # evaluation: each member alone scored a prompt text (its tokens, the BOS excluded) once per repeat
+    from me_local.engine import Engine
+
+    engine = Engine(config)
+    try:
+        bos = {m.name: len(m.raw_prompt("")) for m in engine.ensemble("pair").members}
+    finally:
+        engine.close()
+    for member in ("one", "two"):
+        ev = data["cases"].pop(f"pair/eval:{member}")
+        assert (ev["kind"], ev["mode"], ev["member"], ev["granularity"]) == ("eval", "eval", member, "token")
+        assert sorted(r["repeat"] for r in ev["runs"]) == [0, 1]
+        for r in ev["runs"]:  # the prompt text, as the generations' prompts (about 12 tokens with the BOS)
+            assert abs(r["scored_tokens"] + bos[member] - 12) <= 3
+            assert r["tokens_per_s"] == pytest.approx(r["scored_tokens"] / r["total_s"])
+            assert r["mean_logprob"] < 0 and r["rows_per_pass"] >= 1
+        s = ev["tokens_per_s"]
+        assert s["n"] == 2 and s["min"] <= s["median"] <= s["max"]
+        e = data["ensembles"]["pair"]["evaluation"][member]
+        assert e["case"] == f"pair/eval:{member}" and e["single"] == f"pair/single:{member}"
+        assert e["eval/generation"] == pytest.approx(
+            s["median"] / data["cases"][f"pair/single:{member}"]["tokens_per_s"]["median"])
+        assert data["ensembles"]["pair"]["ratios"]["eval/generation"][member] == e["eval/generation"]
+        assert e["prompt/generation"] > 0
+    ev_targets = [t for t in data["targets"] if t["name"].startswith("evaluation (")]
+    assert [(t["name"], t["op"], t["threshold"]) for t in ev_targets] == [
+        ("evaluation (one) vs its generation, tokens/s", ">=", 5.0),
+        ("evaluation (two) vs its generation, tokens/s", ">=", 5.0)]
+    assert all(t["note"].startswith("prompt processing alone: ") for t in ev_targets)
+    text = format_report(result)
+    assert "evaluation: the prompt text (~" in text and "pair eval one" in text and "pair eval two" in text
     for key, case in data["cases"].items():
         assert sorted(r["repeat"] for r in case["runs"]) == [0, 1], key
         for metric in ("tokens_per_s", "ttft_ms"):
@@ -336,7 +406,12 @@ def test_short_bench_across_vocabularies_runs_word_level_me_and_no_ce(
     runner = BenchRunner(config, ["words"], BenchSettings(tokens=8, repeats=2, prompt_tokens=12, memory=False))
     result, _ = run_bench(runner, tmp_path / "out")
     base_a, base_s = (f"{BASELINE}:{tiny_models['a1'].name}", f"{BASELINE}:{tiny_models['s1'].name}#1")
-    assert set(result["cases"]) == {"words/single:bpe", "words/single:spm", "words/me", base_a, base_s}
+    assert set(result["cases"]) == {"words/single:bpe", "words/single:spm", "words/me", base_a, base_s,
+                                    "words/eval:bpe", "words/eval:spm"}
+    # each member scores in its own vocabulary: as many tokens as its own prompt less its BOS, at most
+    for member in ("bpe", "spm"):
+        ev = result["cases"].pop(f"words/eval:{member}")
+        assert 0 < ev["scored_tokens"] <= result["cases"][f"words/single:{member}"]["prompt_tokens"]
     for key, case in result["cases"].items():
         assert case["bytes_per_s"]["n"] == 2, key  # every case has a text speed
         for r in case["runs"]:
@@ -352,7 +427,8 @@ def test_short_bench_across_vocabularies_runs_word_level_me_and_no_ce(
     assert ens["granularity"] == "word" and ens["cases"]["ce"] is None
     assert ens["ce"].startswith("not run: mode ce needs members that share a vocabulary (members 'bpe'")
     assert set(ens["ratios"]) == {"me/ce", "me/single_mixture_bytes", "me/single_bytes",
-                                  "me_ttft/slower_single_ttft", "single/" + BASELINE}
+                                  "me_ttft/slower_single_ttft", "single/" + BASELINE, "eval/generation"}
+    assert set(ens["ratios"]["eval/generation"]) == {"bpe", "spm"}
     assert set(ens["ratios"]["me/single_bytes"]) == {"bpe", "spm"}
     assert ens["ratios"]["me/single_mixture_bytes"] > 0 and ens["ratios"]["me_ttft/slower_single_ttft"] > 0
     names = [t["name"] for t in result["targets"]]
@@ -375,6 +451,8 @@ def test_bench_command_across_vocabularies(tiny_models: dict[str, Path], write_c
                                       "--no-memory", "--no-baseline"])
     assert result.exit_code == 0, result.output
     assert "words me (word)" in result.output
+    assert "words eval bpe" in result.output and "words eval spm" in result.output
+    assert "evaluation (spm) vs its generation, tokens/s" in result.output and "(target >= 5x)" in result.output
     assert "ce: not run" in result.output
     assert "word-level me vs the members' harmonic mean, bytes/s" in result.output
     assert "(target >= 0.85x)" in result.output and "(target <= 1.1x)" in result.output
@@ -396,10 +474,11 @@ def test_bench_command_on_tiny_models(tiny_bench_config: Path, tmp_path: Path) -
     out = tmp_path / "cli-out"
     result = CliRunner().invoke(cli, ["bench", "--config", str(tiny_bench_config), "--ensemble", "pair",
                                       "--tokens", "4", "--repeats", "1", "--prompt-tokens", "10",
-                                      "--out", str(out), "--no-memory", "--no-baseline"])
+                                      "--out", str(out), "--no-memory", "--no-baseline", "--no-eval"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
     assert set(data["cases"]) == {"pair/single:one", "pair/single:two", "pair/ce", "pair/me", "pair/me:word"}
+    assert "evaluation" not in result.output and data["ensembles"]["pair"]["evaluation"] == {}
     assert "memory" not in data
     assert "pair (2 members): me/ce" in result.output
     assert "me word by word / token by token, tokens/s" in result.output

@@ -74,6 +74,35 @@ def test_a_mass_that_underflows_in_float32_is_computed_exactly():
     assert s.eog_mass[1] == pytest.approx(-300.0 - math.log(4), abs=1e-6)
 
 
+def test_a_chunk_is_reduced_a_cache_sized_block_of_rows_at_a_time_with_the_same_numbers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from me_local.core import scoring
+
+    rng = np.random.default_rng(5)
+    n_vocab, n_rows = 1000, 23
+    ws = rng.random(n_vocab) < 0.4
+    eog = np.zeros(n_vocab, dtype=bool)
+    eog[[3, 9]] = True
+    rows = rng.normal(0.0, 3.0, (n_rows, n_vocab)).astype(np.float32)
+    rows[4, ws] -= 200.0  # a word-start mass that underflows in float32, inside the second block
+    targets = rng.integers(0, n_vocab, n_rows)
+    targets[-1] = -1
+    whole = scoring._Reducer(ws, eog)
+    whole.block = n_rows  # the whole chunk at once, as before blocks
+    want = whole.reduce(rows, targets)
+    # the default block is a few MB of rows: at least one row of any vocabulary
+    assert scoring._Reducer(np.zeros(262_144, dtype=bool), eog).block == 4
+    assert scoring._Reducer(np.zeros(4_000_000, dtype=bool), eog).block == 1
+    monkeypatch.setattr(scoring, "REDUCE_BLOCK_BYTES", 4 * n_vocab * 3)  # three rows a block
+    blocked = scoring._Reducer(ws, eog)
+    assert blocked.block == 3
+    got = blocked.reduce(rows, targets)
+    assert blocked._buf is not None and blocked._buf.shape[0] == 3  # never a chunk-sized buffer
+    for a, b in zip(got, want):  # bit for bit: every number is per row
+        assert a.shape == (n_rows,) and np.array_equal(a, b, equal_nan=True)
+    assert np.isnan(got[1][-1]) and np.isfinite(got[2][4])
+
+
 def test_prime_reuses_the_cached_prefix_and_always_leaves_fresh_logits():
     m = FakeMember("a", 3, n_ctx=20)
     prime(m, [1, 2, 3, 4])

@@ -5,8 +5,9 @@ conventional ensemble (``ce``), the mixture-model-like ensemble (``me``, token b
 token and word by word; word by word only, and no ``ce``, where the members'
 vocabularies differ), and
 llama-cpp-python's own ``create_completion(stream=True)`` loop on the same model
-file and settings (the reference for ``single``), interleaved so that machine
-noise hits every case alike. The modules, in the order they build on each
+file and settings (the reference for ``single``), and each member scoring the
+prompt text as evaluation does (``eval``, against its ``single`` generation
+speed), interleaved so that machine noise hits every case alike. The modules, in the order they build on each
 other: :mod:`.stats` (medians, quartiles, ratios), :mod:`.prompts` (the text
 generated from), :mod:`.plan` (the cases and their order), :mod:`.memory`
 (resident memory in fresh processes), :mod:`.runs` (the runner), :mod:`.plot`

@@ -56,6 +56,8 @@ def run_and_print(config: Config, names: Sequence[str], settings: BenchSettings,
               help="Directory for bench.json and bench.png.")
 @click.option("--no-baseline", is_flag=True, help=f"Skip the {BASELINE} create_completion reference.")
 @click.option("--no-memory", is_flag=True, help="Skip the resident-memory measurement.")
+@click.option("--no-eval", is_flag=True,
+              help="Skip the evaluation cases (each member scoring the prompt text, against its generation speed).")
 @click.option("--kv-cache-type", type=click.Choice(KV_CACHE_TYPE.choices), default=None,
               help="KV cache type of the default-model ensembles (default: the shipped default ensemble's, "
                    "like its n_ctx; a config's ensembles set their own).")
@@ -69,7 +71,7 @@ def run_and_print(config: Config, names: Sequence[str], settings: BenchSettings,
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               help="Per request, with --server: a request still streaming after this is cancelled.")
 def bench(config_path: str | None, ensemble: str | None, tokens: int, repeats: int, prompt_tokens: int,
-          out_dir: str, no_baseline: bool, no_memory: bool, server_url: str | None, clients: int,
+          out_dir: str, no_baseline: bool, no_memory: bool, no_eval: bool, server_url: str | None, clients: int,
           requests: int, api_key: str | None, timeout: float, kv_cache_type: str | None) -> None:
     """Measure single, ce and me side by side (or load-test a daemon with --server).
 
@@ -96,7 +98,7 @@ def bench(config_path: str | None, ensemble: str | None, tokens: int, repeats: i
 
     config, names = bench_plan(config_path, ensemble, prompt_tokens, tokens, kv_cache_type)
     settings = BenchSettings(tokens=tokens, repeats=repeats, prompt_tokens=prompt_tokens,
-                             baseline=not no_baseline, memory=not no_memory)
+                             baseline=not no_baseline, memory=not no_memory, evaluation=not no_eval)
     written, _ = run_and_print(config, names, settings, out, "targets (this machine):")
     if not any(p.suffix == ".png" for p in written):
         click.echo(f"no chart: matplotlib is not installed ({PLOT_HINT})")

@@ -2,12 +2,14 @@
 
 :func:`plan_cases` turns the ensembles of a config into :class:`Case` s (each
 member alone, ``ce``, ``me``, and llama-cpp-python's own completion loop on
-each model file), sharing a case where two members would measure the same
-thing, and an :class:`EnsemblePlan` per ensemble that says which cases its
-ratios compare. Members that share a vocabulary get ``ce``, ``me`` token by
-token and ``me`` word by word (``me:word``); members whose vocabularies differ
-(:func:`vocabularies_shared`) get ``me`` word by word and no ``ce``, which needs
-one vocabulary. :func:`interleave` orders the runs: every repeat runs every
+each model file, and an evaluation case per distinct member: the bench's prompt
+text scored by that member alone in batched passes with logits at every
+position), sharing a case where two members would measure the same thing, and
+an :class:`EnsemblePlan` per ensemble that says which cases its ratios compare.
+Members that share a vocabulary get ``ce``, ``me`` token by token and ``me``
+word by word (``me:word``); members whose vocabularies differ
+(:func:`vocabularies_shared`) get ``me`` word by word and no ``ce``, which
+needs one vocabulary. :func:`interleave` orders the runs: every repeat runs every
 case once, rotated by one position per repeat, so machine noise hits all cases
 alike. :func:`bench_plan` picks the config: a named ensemble, or, by default,
 the default model as two and as three members sharing its weights.
@@ -48,9 +50,9 @@ class Case:
     """One thing to time: an engine mode on an ensemble, or the llama-cpp-python baseline."""
 
     key: str
-    kind: str  # "engine" | "baseline"
+    kind: str  # "engine" | "baseline" | "eval"
     ensemble: str
-    mode: str  # "single" | "ce" | "me" | BASELINE
+    mode: str  # "single" | "ce" | "me" | BASELINE | "eval"
     member: str | None = None
     label: str = ""
     granularity: str | None = None
@@ -73,6 +75,8 @@ class EnsemblePlan:
     """member name -> key of the single case that measures it (shared where members are identical)."""
     baseline: dict[str, str] = field(default_factory=dict)
     """member name -> key of the llama-cpp-python case on its file."""
+    evaluation: dict[str, str] = field(default_factory=dict)
+    """member name -> key of the evaluation (scoring) case that measures it (shared like ``single``)."""
 
 
 def default_config(n_ctx: int = N_CTX.default, model: str = DEFAULT_MODEL,
@@ -114,9 +118,10 @@ def vocabularies_shared(config: Config, names: Sequence[str]) -> dict[str, bool]
     return out
 
 
-def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True,
+def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True, evaluation: bool = True,
                shared: Mapping[str, bool] | None = None) -> tuple[list[Case], list[EnsemblePlan]]:
     """The cases to time for these ensembles, shared where they measure the same thing.
+    ``evaluation``: an ``eval`` case (scoring a text) per distinct member, beside its ``single``.
     ``shared`` says per ensemble whether its members share a vocabulary (default:
     :func:`vocabularies_shared`)."""
     if shared is None:
@@ -125,6 +130,7 @@ def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True,
     plans: list[EnsemblePlan] = []
     singles: dict[tuple[Any, ...], str] = {}
     baselines: dict[tuple[Any, ...], str] = {}
+    evals: dict[tuple[Any, ...], str] = {}
     for name in names:
         ens = config.get(name)
         total_w = sum(m.weight for m in ens.members)
@@ -144,6 +150,12 @@ def plan_cases(config: Config, names: Sequence[str], *, baseline: bool = True,
                 singles[ident] = key
                 cases.append(Case(key, "engine", ens.name, "single", mc.name, f"{ens.name} single {mc.name}"))
             plan.single[mc.name] = singles[ident]
+            if evaluation:
+                if ident not in evals:
+                    key = f"{ens.name}/eval:{mc.name}"
+                    evals[ident] = key
+                    cases.append(Case(key, "eval", ens.name, "eval", mc.name, f"{ens.name} eval {mc.name}", "token"))
+                plan.evaluation[mc.name] = evals[ident]
             if baseline:
                 if ident not in baselines:
                     fname = Path(ident[0]).name

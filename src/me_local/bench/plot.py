@@ -27,7 +27,7 @@ def write_chart(result: Mapping[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    cases = [c for c in result["cases"].values() if "tokens_per_s" in c]
+    cases = [c for c in result["cases"].values() if "tokens_per_s" in c and c.get("kind") != "eval"]
     labels = [c["label"] for c in cases]
     colours = {"single": "#4c72b0", "ce": "#dd8452", "me": "#55a868", BASELINE: "#8c8c8c"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.55 * len(cases) + 1.8), sharey=True)

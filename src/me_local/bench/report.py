@@ -4,7 +4,7 @@
 bench.json (and bench.png where matplotlib is installed);
 :func:`format_report` prints the result as a table of medians and quartiles with
 the ratios under it; :func:`evaluate_targets` checks the speed and memory
-targets of the engine and bench issues that an in-process run can check, and
+targets of the engine, bench and evaluation issues that an in-process run can check, and
 :func:`format_targets` lists them with PASS or MISS.
 """
 
@@ -51,6 +51,7 @@ def evaluate_targets(result: Mapping[str, Any]) -> list[Target]:
     targets: list[Target] = []
     prompt = result.get("settings", {}).get("prompt_tokens", 0)
     seen_baseline: set[tuple[str, str]] = set()
+    seen_eval: set[tuple[str, str]] = set()
     for name, ens in result.get("ensembles", {}).items():
         r = ens["ratios"]
         for member, value in r.get("single/" + BASELINE, {}).items():
@@ -73,6 +74,15 @@ def evaluate_targets(result: Mapping[str, Any]) -> list[Target]:
             note = "" if prompt >= 500 else f"measured with a {prompt}-token prompt; the target names 500"
             targets.append(Target(f"{name}: me TTFT vs ce TTFT, 2 members", 1.0 / r["ce_ttft/me_ttft"], "<=", 0.6,
                                   note))
+    for ens in result.get("ensembles", {}).values():
+        for member, e in ens.get("evaluation", {}).items():
+            if (e["case"], e["single"]) in seen_eval:
+                continue
+            seen_eval.add((e["case"], e["single"]))
+            bound = e.get("prompt/generation")
+            note = f"prompt processing alone: {bound:.2f}x generation" if bound is not None else ""
+            targets.append(Target(f"evaluation ({member}) vs its generation, tokens/s", e["eval/generation"], ">=",
+                                  e.get("target", 5.0), note))
     mem = result.get("memory") or {}
     if mem.get("ratio_2_to_1") is not None:
         label = f"resident memory, 2 members sharing {mem['model']} vs 1 (n_ctx {mem['n_ctx']}, " \
@@ -117,13 +127,14 @@ def format_report(result: Mapping[str, Any]) -> str:
         f"{'tokens/s cold':>14}",
     ]
     for case in result["cases"].values():
-        if "tokens_per_s" not in case:
+        if "tokens_per_s" not in case or case.get("kind") == "eval":
             continue
         lines.append(
             f"  {case['label']:<50} {_fmt_summary(case['tokens_per_s'])} {_fmt_summary(case.get('bytes_per_s'))} "
             f"{_fmt_summary(case['ttft_ms'], 9)}"
             + (f" {case['cold_tokens_per_s']['median']:>12.1f}" if "cold_tokens_per_s" in case else "")
         )
+    lines.extend(_format_evaluation(result))
     for ens in result["ensembles"].values():
         r, p = ens["ratios"], ens["paired_ratios"]
         lines.append("")
@@ -174,6 +185,34 @@ def format_report(result: Mapping[str, Any]) -> str:
                      f"({_fmt_ratio(mem['ratio_2_to_1'])}; file-backed {mem['file_backed_mib']['1']} -> "
                      f"{mem['file_backed_mib']['2']} MiB)")
     return "\n".join(lines)
+
+
+def _format_evaluation(result: Mapping[str, Any]) -> list[str]:
+    """The evaluation cases: scoring tokens/s beside the member's generation and prompt speeds."""
+    rows: dict[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
+    for ens in result.get("ensembles", {}).values():
+        for e in ens.get("evaluation", {}).values():
+            case = result["cases"].get(e["case"])
+            if case is not None and e["case"] not in rows:
+                rows[e["case"]] = (case, e)
+    if not rows:
+        return []
+    scored = max(int(c.get("scored_tokens", 0)) for c, _ in rows.values())
+    lines = [
+        "",
+        f"  evaluation: the prompt text (~{scored} tokens, BOS excluded) scored by one member at token granularity "
+        "(Engine.score: batched passes, logits at every position); tokens scored / wall time",
+        f"  {'case':<50} {'scoring tokens/s':>24} {'rows/pass':>9} {'generation':>10} {'eval/gen':>9} "
+        f"{'(paired)':>9} {'prompt tok/s':>12} {'prompt/gen':>10}",
+    ]
+    for case, e in rows.values():
+        prompt = e.get("prompt_tokens_per_s")
+        lines.append(
+            f"  {case['label']:<50} {_fmt_summary(case['tokens_per_s'])} {e.get('rows_per_pass') or '-':>9} "
+            f"{e['generation_tokens_per_s']:>10.1f} {_fmt_ratio(e['eval/generation']):>9} "
+            f"{_fmt_ratio(e.get('paired_eval/generation')):>9} "
+            f"{(f'{prompt:.1f}' if prompt is not None else '-'):>12} {_fmt_ratio(e.get('prompt/generation')):>10}")
+    return lines
 
 
 def run_bench(

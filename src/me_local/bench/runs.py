@@ -2,7 +2,9 @@
 
 :class:`BenchRunner` loads the ensembles, warms every case up, then runs the
 interleaved schedule; each run is a cold generation on a new prompt (time to
-first token) followed by a warm one on the same prompt and seed (tokens/s).
+first token) followed by a warm one on the same prompt and seed (tokens/s), or,
+for an evaluation case, one scoring of a new prompt text by one member
+(:meth:`Engine.score`: batched passes with logits at every position).
 The result is a dict (what bench.json holds): the machine, the settings, the
 models, a summary per case (:func:`summarize_case`), ratios per ensemble
 (:func:`ensemble_report`, :func:`ce_mixture_cost`) and, optionally, the
@@ -41,6 +43,8 @@ class BenchSettings:
     baseline: bool = True
     memory: bool = True
     seed: int = 1234
+    evaluation: bool = True
+    """An evaluation (scoring) case per distinct member, beside its generation."""
 
 
 def machine_info() -> dict[str, Any]:
@@ -72,6 +76,10 @@ def machine_info() -> dict[str, Any]:
 
 ProgressFn = Callable[[str], None]
 
+EVAL_INDEX = 90000
+"""Evaluation cases number their texts from here, apart from the generations' prompts: a text
+scored into a member's cache must not be the prompt a later cold generation finds cached."""
+
 
 def _run_counting_bytes(events: Iterable[Event]) -> tuple[int, int, DoneEvent]:
     """Run a generation to its end: the UTF-8 bytes of the tokens it generated, those of
@@ -99,11 +107,13 @@ class BenchRunner:
     ) -> None:
         self.config = config
         self.settings = settings
-        self.cases, self.plans = plan_cases(config, ensembles, baseline=settings.baseline)
+        self.cases, self.plans = plan_cases(config, ensembles, baseline=settings.baseline,
+                                            evaluation=settings.evaluation)
         self._engine_factory = engine_factory
         self._baselines: dict[str, Any] = {}
         self._prompts: dict[str, PromptMaker] = {}
         self._run_index = 0
+        self._eval_index = EVAL_INDEX
 
     @property
     def total_steps(self) -> int:
@@ -204,6 +214,36 @@ class BenchRunner:
             record["words"] = s.words
         return record
 
+    def _score(self, engine: Any, case: Case, index: int) -> dict[str, Any]:
+        """One timed evaluation: prompt text number ``index`` (the text generations start from,
+        about --prompt-tokens tokens) scored by the case's member alone at token granularity
+        after its BOS (an empty context), through :meth:`Engine.score` as ``me-local eval`` scores:
+        batched passes with logits at every position, reduced in numpy. tokens/s is the text's
+        tokens (the BOS excluded) over the wall time of the whole call (tokenizing, taking a
+        slot, the BOS's decode, the passes, the reduction)."""
+        import time
+
+        from ..engine import ScoreRequest
+
+        maker = self._prompt(engine, case.ensemble)
+        request = ScoreRequest(ensemble=case.ensemble, text=maker.text(index), member=case.member,
+                               granularity="token")
+        t0 = time.perf_counter()
+        tl = engine.score(request)
+        wall = time.perf_counter() - t0
+        n = tl.scores[0].n
+        member = next(m for m in engine.ensemble(case.ensemble).members if m.name == case.member)
+        record: dict[str, Any] = {
+            "tokens_per_s": n / wall if wall > 0 else 0.0,
+            "total_s": wall,
+            "scored_tokens": n,
+            "mean_logprob": float(tl.member_logp()[0]) / n if n else 0.0,
+        }
+        rows = getattr(member, "score_rows", None)
+        if rows is not None:
+            record["rows_per_pass"] = int(rows)
+        return record
+
     def _run_case(self, engine: Any, case: Case, n_tokens: int, seed: int) -> dict[str, Any]:
         """A cold run on a fresh prompt (time to first token: every member's prompt is new),
         then a warm run on the same prompt and seed (every member that ran has the prompt
@@ -232,17 +272,24 @@ class BenchRunner:
         by_key = {c.key: c for c in self.cases}
         if st.warmup:
             for case in self.cases:
-                self._run_index += 1
-                self._generate(engine, case, self._run_index, min(8, st.tokens), st.seed)
+                if case.kind == "eval":  # the full text: llama.cpp's output buffer grows to a pass's rows
+                    self._eval_index += 1
+                    self._score(engine, case, self._eval_index)
+                else:
+                    self._run_index += 1
+                    self._generate(engine, case, self._run_index, min(8, st.tokens), st.seed)
                 step(f"warm-up {case.label}")
         runs: dict[str, list[dict[str, Any]]] = {c.key: [] for c in self.cases}
         for repeat, key in interleave([c.key for c in self.cases], st.repeats):
             case = by_key[key]
-            record = self._run_case(engine, case, st.tokens, st.seed + repeat)
+            if case.kind == "eval":
+                self._eval_index += 1
+                record = self._score(engine, case, self._eval_index)
+            else:
+                record = self._run_case(engine, case, st.tokens, st.seed + repeat)
             record["repeat"] = repeat
             runs[key].append(record)
-            log.debug("%s repeat %d: %.1f tokens/s, TTFT %.1f ms", key, repeat,
-                      record["tokens_per_s"], record["ttft_s"] * 1000)
+            log.debug("%s repeat %d: %.1f tokens/s", key, repeat, record["tokens_per_s"])
             step(case.label)
         result: dict[str, Any] = {
             "version": 1,
@@ -258,6 +305,10 @@ class BenchRunner:
                 "runs": "each run is a cold generation on a new prompt (ttft) then a warm one on the same "
                         "prompt and seed (tokens_per_s, bytes_per_s); cold_tokens_per_s includes me's deferred "
                         "prefill",
+                "evaluation": "an eval case scores a new prompt text (about prompt_tokens tokens) after the BOS "
+                              "with its member alone at token granularity (Engine.score: batched passes with "
+                              "logits at every position); tokens_per_s = tokens scored (BOS excluded) / wall time "
+                              "of the call",
                 "bytes_per_s": "UTF-8 bytes of generated text after the first token over the time from the first "
                                "token to the last (what word-level me is compared in: tokens differ across "
                                "vocabularies)",
@@ -315,6 +366,14 @@ def summarize_case(case: Case, runs: Sequence[Mapping[str, Any]]) -> dict[str, A
     }
     if not runs:
         return out
+    if case.kind == "eval":  # scoring: tokens/s and time per text, no generation figures
+        out["granularity"] = case.granularity
+        out["tokens_per_s"] = Summary.of(r["tokens_per_s"] for r in runs).to_dict(3)
+        out["total_ms"] = Summary.of(r["total_s"] * 1000.0 for r in runs).to_dict(3)
+        out["scored_tokens"] = median([r["scored_tokens"] for r in runs])
+        if all("rows_per_pass" in r for r in runs):
+            out["rows_per_pass"] = runs[0]["rows_per_pass"]
+        return out
     out["tokens_per_s"] = Summary.of(r["tokens_per_s"] for r in runs).to_dict(3)
     if all("bytes_per_s" in r for r in runs):
         out["bytes_per_s"] = Summary.of(r["bytes_per_s"] for r in runs).to_dict(3)
@@ -352,6 +411,49 @@ def _by_repeat(case: Mapping[str, Any], metric: str) -> dict[int, float]:
     return {int(r["repeat"]): float(r[metric]) for r in case.get("runs", [])}
 
 
+def _prompt_speeds(case: Mapping[str, Any]) -> dict[int, float]:
+    """Per repeat, a generation case's prompt processing speed: the cold run's prompt tokens
+    over its time to first token (logits at the last position only)."""
+    return {int(r["repeat"]): r["prompt_tokens"] / r["ttft_s"] for r in case.get("runs", [])
+            if r.get("ttft_s") and r.get("prompt_tokens")}
+
+
+EVAL_TARGET = 5.0
+"""Evaluation (scoring with logits at every position) against generation on the same model, tokens/s (issue 11)."""
+
+
+def evaluation_report(plan: EnsemblePlan, cases: Mapping[str, Any]) -> dict[str, Any]:
+    """Per member with an evaluation case: its scoring tokens/s against its ``single``
+    generation tokens/s (``eval/generation``, ratio of medians and paired by repeat), and, as
+    the bound batching has on this machine, its prompt processing speed against generation
+    (``prompt/generation``: the cold runs' prompt tokens over their TTFT)."""
+    out: dict[str, Any] = {}
+    for member, key in plan.evaluation.items():
+        single_key = plan.single[member]
+        ev, single = cases.get(key), cases.get(single_key)
+        if not ev or "tokens_per_s" not in ev or not single or "tokens_per_s" not in single:
+            continue
+        ev_s, gen_s = _by_repeat(ev, "tokens_per_s"), _by_repeat(single, "tokens_per_s")
+        prompt_s = _prompt_speeds(single)
+        gen = float(single["tokens_per_s"]["median"])
+        prompt = median(list(prompt_s.values())) if prompt_s else None
+        reps = sorted(ev_s)
+        out[member] = {
+            "case": key,
+            "single": single_key,
+            "tokens_per_s": float(ev["tokens_per_s"]["median"]),
+            "generation_tokens_per_s": gen,
+            "prompt_tokens_per_s": prompt,
+            "scored_tokens": ev.get("scored_tokens"),
+            "rows_per_pass": ev.get("rows_per_pass"),
+            "eval/generation": ratio(float(ev["tokens_per_s"]["median"]), gen),
+            "paired_eval/generation": paired_ratio([ev_s[r] for r in reps], [gen_s.get(r) for r in reps]),
+            "prompt/generation": ratio(prompt, gen),
+            "target": EVAL_TARGET,
+        }
+    return out
+
+
 def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleConfig,
                     ce_note: str | None = None) -> dict[str, Any]:
     """Ratios for one ensemble from the case summaries (ratios of medians, and paired).
@@ -386,13 +488,19 @@ def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleC
         "granularity": "token" if plan.shared_vocabulary else "word",
         "shared_vocabulary": plan.shared_vocabulary,
         "cases": {"me": plan.me, "ce": plan.ce if plan.shared_vocabulary else None, "single": plan.single,
-                  "baseline": plan.baseline},
+                  "baseline": plan.baseline, "evaluation": plan.evaluation},
     }
+    evaluation = evaluation_report(plan, cases)
+    report["evaluation"] = evaluation
+    eval_ratios = {m: e["eval/generation"] for m, e in evaluation.items()}
+    eval_paired = {m: e["paired_eval/generation"] for m, e in evaluation.items()}
     if not plan.shared_vocabulary:
         report["ce"] = ce_note or "not run: mode ce needs members that share a vocabulary"
         report.update(_word_ratios(plan, cases, med, single_keys))
         report["ratios"]["single/" + BASELINE] = single_vs_baseline
         report["paired_ratios"]["single/" + BASELINE] = base
+        report["ratios"]["eval/generation"] = eval_ratios
+        report["paired_ratios"]["eval/generation"] = eval_paired
         return report
 
     single_speed = mixture_speed([med(k, "tokens_per_s") or 0.0 for k in single_keys], plan.weights)
@@ -409,6 +517,7 @@ def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleC
         "me_word_ttft/me_token_ttft": ratio(med(plan.me_word, "ttft_ms"), med(plan.me, "ttft_ms"))
         if has_word and has_ens else None,
         "single/" + BASELINE: single_vs_baseline,
+        "eval/generation": eval_ratios,
     }
     # paired: per repeat, then the median over repeats
     paired: dict[str, Any] = {}
@@ -426,6 +535,7 @@ def ensemble_report(plan: EnsemblePlan, cases: Mapping[str, Any], ens: EnsembleC
             word_s = _by_repeat(cases[plan.me_word], "tokens_per_s")
             paired["me_word/me_token"] = paired_ratio([word_s.get(r) for r in reps], [me_s[r] for r in reps])
     paired["single/" + BASELINE] = base
+    paired["eval/generation"] = eval_paired
     report["cases"]["me_word"] = plan.me_word
     report["single_mixture_tokens_per_s"] = single_speed
     report["ratios"] = ratios

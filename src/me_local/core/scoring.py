@@ -96,6 +96,14 @@ class TokenScores:
         return int(self.tokens.shape[0])
 
 
+REDUCE_BLOCK_BYTES = 4 << 20
+"""Rows are reduced a block of at most this many bytes at a time (at least one row): the
+block's ``exp`` buffer stays in the CPU's cache through the passes over it (subtract, exp,
+sum, dot) instead of streaming a whole chunk through memory once per pass. Measured on this
+machine's CPU with SmolLM2's 49,152-token vocabulary: 0.21 ms a row in chunks of 341 rows
+(67 MB) and 0.35 in chunks of 512, against 0.075 in chunks of 128 (docs/performance.md)."""
+
+
 class _Reducer:
     """Reduces chunks of logit rows of one vocabulary to log-probabilities and masses."""
 
@@ -103,14 +111,26 @@ class _Reducer:
         self.ws = np.asarray(word_start, dtype=bool)
         self.ws_f32 = self.ws.astype(np.float32)
         self.eog_ids = np.nonzero(np.asarray(eog, dtype=bool))[0]
+        self.block = max(1, REDUCE_BLOCK_BYTES // (4 * max(1, self.ws.shape[0])))
         self._buf: npt.NDArray[np.float32] | None = None
 
     def reduce(self, rows: LogitRows, targets: npt.NDArray[np.int64]
                ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64],
                           npt.NDArray[np.float64]]:
         """For each row: its log normaliser, the target's log-probability (``targets[i] < 0``:
-        no target, NaN), and the log masses of the word-start and end sets."""
+        no target, NaN), and the log masses of the word-start and end sets (row by row, a
+        cache-sized block of rows at a time: :data:`REDUCE_BLOCK_BYTES`)."""
         x = np.asarray(rows, dtype=np.float32)
+        n = x.shape[0]
+        if n <= self.block:
+            return self._reduce(x, targets)
+        parts = [self._reduce(x[i:i + self.block], targets[i:i + self.block]) for i in range(0, n, self.block)]
+        lse, lp, ws, eg = (np.concatenate(p) for p in zip(*parts))
+        return lse, lp, ws, eg
+
+    def _reduce(self, x: npt.NDArray[np.float32], targets: npt.NDArray[np.int64]
+                ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64],
+                           npt.NDArray[np.float64]]:
         n = x.shape[0]
         if self._buf is None or self._buf.shape[0] < n or self._buf.shape[1] != x.shape[1]:
             self._buf = np.empty(x.shape, dtype=np.float32)

@@ -65,11 +65,14 @@ class NativeSampler:
         self.close()
 
 
-SCORE_CHUNK_BYTES = 64 << 20
-"""Logit rows per scoring decode: at most this many bytes of float32 rows (64 for a
-262,144-token vocabulary, 341 for 49,152; n_batch bounds it too). llama.cpp's output buffer
-grows to it on a context's first scoring and stays. Gemma 3 270M on 2 CPU cores scores 198,
-220 and 232 tokens/s with 32, 64 and 128 rows (docs/likelihood.md)."""
+SCORE_CHUNK_BYTES = 128 << 20
+"""Logit rows per scoring decode: at most this many bytes of float32 rows (128 for a
+262,144-token vocabulary, 512 for 49,152 with the default n_batch, which bounds it too).
+llama.cpp's output buffer grows to it on a context's first scoring and stays, and so do the
+pages of the compute graph's logits: about 2 MiB of resident memory a row for Gemma 3
+(+250 MiB at 128 rows, +120 MiB at 64). On this machine's 2 CPU cores Gemma 3 270M scores
+232 and 251 tokens/s with 64 and 128 rows (its output layer, 262,144 x 640, is computed
+faster in larger batches), SmolLM2 271 and 279 with 341 and 512 (docs/performance.md)."""
 
 KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
 
