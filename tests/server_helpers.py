@@ -18,7 +18,7 @@ from typing import Any
 
 from me_local.config import load_config
 from me_local.engine import Engine, llama_member_factory
-from me_local.server import Server, ServerSettings
+from me_local.server import Server, ServerSettings, ServerState, create_app
 
 from .fakes import FakeFactory
 
@@ -284,3 +284,11 @@ async def async_wait_until(predicate: Callable[[], Any], timeout: float = 30.0, 
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(interval)
+
+
+async def loaded_client(aiohttp_client: Any, config: Path) -> tuple[Any, ServerState]:
+    """An aiohttp test client on the app over ``config``'s real models, once they are loaded."""
+    state = ServerState(engine_loader(config))
+    client = await aiohttp_client(create_app(state))
+    await state.wait_loaded()
+    return client, state

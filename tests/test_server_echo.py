@@ -16,7 +16,7 @@ from me_local.engine import ScoreRequest
 from me_local.server import ServerState, create_app
 
 from .fakes import EngineMember, FakeFactory
-from .server_helpers import Throttle, ThrottledFactory, async_wait_until, engine_loader
+from .server_helpers import Throttle, ThrottledFactory, async_wait_until, engine_loader, loaded_client
 
 PROMPT = "The quick brown fox jumps over the lazy dog.\n\nThe end"
 COMP = "/v1/completions"
@@ -48,10 +48,7 @@ ensembles:
 
 @pytest.fixture
 async def server(aiohttp_client, config_path):
-    state = ServerState(engine_loader(config_path))
-    client = await aiohttp_client(create_app(state))
-    await state.wait_loaded()
-    return client, state
+    return await loaded_client(aiohttp_client, config_path)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ import math
 import pytest
 
 from me_local.engine import ScoreRequest
-from me_local.server import ServerState, create_app
 
-from .server_helpers import engine_loader
+from .server_helpers import loaded_client
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +37,7 @@ ensembles:
 
 @pytest.fixture
 async def server(aiohttp_client, config_path):
-    state = ServerState(engine_loader(config_path))
-    client = await aiohttp_client(create_app(state))
-    await state.wait_loaded()
-    return client, state
+    return await loaded_client(aiohttp_client, config_path)
 
 
 async def ok(resp):
