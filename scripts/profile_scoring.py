@@ -38,6 +38,7 @@ prepare()
 from me_local.backends.llama import ContextSettings, LlamaMember, LoadedModel  # noqa: E402
 from me_local.backends.llama import context as llama_context  # noqa: E402
 from me_local.bench.prompts import PromptMaker  # noqa: E402
+from me_local.bench.quiet import wait_quiet  # noqa: E402
 from me_local.core import (  # noqa: E402
     DoneEvent,
     SamplingParams,
@@ -45,31 +46,6 @@ from me_local.core import (  # noqa: E402
     scoring,
 )
 from me_local.core.likelihood import token_likelihood  # noqa: E402
-
-
-def cpu_idle(seconds: float = 1.0) -> float:
-    """The fraction of CPU time idle machine-wide over ``seconds`` (as scripts/bench_repack.py)."""
-    def read() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-        return sum(values), values[3] + values[4]
-
-    try:
-        t1, i1 = read()
-        time.sleep(seconds)
-        t2, i2 = read()
-    except OSError:
-        return 1.0
-    return (i2 - i1) / max(1, t2 - t1)
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.9) -> bool:
-    """Wait (up to ``limit_s``) until other processes leave the CPU idle; False if they never did."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if cpu_idle() >= threshold:
-            return True
-    return False
 
 
 class Timed(LlamaMember):
