@@ -141,6 +141,10 @@ def test_granularity_and_mode_are_checked_against_the_vocabularies(engine, write
     tokens, done = run(engine, ensemble="same", prompt="Hello", granularity="token",
                        params=SamplingParams(seed=2, max_tokens=20))
     assert done.stats.granularity is None and len(tokens) == 20
+    for mode in ("ce", "single"):  # granularity is what `me` draws for: asking it of another mode is refused
+        with pytest.raises(RequestError, match="granularity is what mode me draws a member for"):
+            run(engine, ensemble="same", prompt="Hello", mode=mode, granularity="word",
+                params=SamplingParams(max_tokens=2))
     for bad, key in (("granularity: token", "granularity"), ("mode: ce", "mode")):
         cfg = write_config(f"""
             ensembles:

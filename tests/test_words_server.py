@@ -102,3 +102,28 @@ def test_ollama_chat_and_generate_word_by_word(live):
                                                         "stream": False, "options": opts, "logprobs": True}).json()
     assert body["response"] == gen.response
     assert {lp["member"] for lp in body["logprobs"]} == {"bpe", "spm"}
+
+
+def test_ensemble_extension_edges(live, oa):
+    # a member model has no granularity to choose
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.completions.create(model="mixed/spm", prompt="Hi", max_tokens=2,
+                              extra_body={"ensemble": {"granularity": "word"}})
+    assert "ensemble.granularity" in e.value.message
+    # granularity belongs to mode me only
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.completions.create(model="mixed", prompt="Hi", max_tokens=2,
+                              extra_body={"ensemble": {"mode": "single", "granularity": "word"}})
+    assert "granularity is what mode me draws a member for" in e.value.message
+    # naming a member runs it alone: a token-id prompt in its own vocabulary is fine, and echo scores that member
+    body = {"model": "mixed", "prompt": [281, 278], "echo": True, "logprobs": 0, "max_tokens": 0,
+            "ensemble": {"member": "spm"}}
+    r = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["logprobs"]["tokens"] == [" Hello", " world"]
+    # with echo, the limit in force is max_completion_tokens when both are given
+    r = httpx.post(live.url + "/v1/completions", timeout=60, json={
+        "model": "mixed", "prompt": "Hello", "echo": True, "logprobs": 0, "max_tokens": 0,
+        "max_completion_tokens": 3, "seed": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3

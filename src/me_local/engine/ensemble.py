@@ -223,6 +223,10 @@ class VocabularyPlan:
 
     def check(self, mode: str, granularity: str | None) -> str:
         """The granularity a request runs at, or a RequestError saying why it cannot."""
+        if granularity is not None and mode != "me":
+            raise RequestError(
+                f"granularity is what mode me draws a member for; mode {mode} has none: drop the granularity "
+                "or use mode me", param="ensemble.granularity")
         if self.shared or mode == "single":
             return "token" if mode != "me" else granularity or self.granularity
         if mode == "ce":

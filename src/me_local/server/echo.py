@@ -70,6 +70,11 @@ def completion_prompts(value: Any) -> tuple[list[Prompt], bool]:
     raise bad_request(f"`prompt` must be {shapes}", "prompt")
 
 
+def _mode(choice: EnsembleChoice, default: str) -> str:
+    """The mode a request runs in, as the engine decides it: naming a member without a mode is single."""
+    return choice.mode or ("single" if choice.member is not None else default)
+
+
 def check_token_prompts(engine: Engine, ref: ModelRef, choice: EnsembleChoice, prompts: list[Prompt]) -> None:
     """Token-id prompts need one vocabulary (the ensemble's members share one, or one member
     runs), and every id in it: a 400 naming the prompt otherwise."""
@@ -77,9 +82,9 @@ def check_token_prompts(engine: Engine, ref: ModelRef, choice: EnsembleChoice, p
         return
     loaded = engine.ensemble(ref.ensemble.name)
     cfg = loaded.config
-    one = choice.member if (choice.mode or cfg.mode) == "single" else None
-    if one is None and (choice.mode or cfg.mode) == "single":
-        one = cfg.member or cfg.members[0].name
+    one = None
+    if _mode(choice, cfg.mode) == "single":
+        one = choice.member or cfg.member or cfg.members[0].name
     if one is None and not loaded.vocabulary.shared:
         raise bad_request(f"a prompt of token ids needs members that share one vocabulary, and in ensemble "
                           f"{cfg.name!r} {loaded.vocabulary.mismatch}; send the prompt as text, or name one member "
@@ -98,7 +103,7 @@ def echo_spec(engine: Engine, ref: ModelRef, choice: EnsembleChoice, prompts: li
     member alone (``ENSEMBLE/MEMBER``, mode single); at the request's or the ensemble's granularity."""
     loaded = engine.ensemble(ref.ensemble.name)
     cfg = loaded.config
-    mode = choice.mode or cfg.mode
+    mode = _mode(choice, cfg.mode)
     member = None
     if mode == "single":
         member = choice.member or cfg.member or cfg.members[0].name

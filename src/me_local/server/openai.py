@@ -126,8 +126,11 @@ class CompletionCall(Call):
 
 
 def _zero_max_tokens(body: dict[str, Any]) -> bool:
-    """``max_tokens`` (or ``max_completion_tokens``) is 0: with ``echo``, score the prompt only."""
-    return any(not isinstance(body.get(k), bool) and body.get(k) == 0 for k in _MAX_TOKEN_KEYS)
+    """The limit in force (``max_completion_tokens`` over ``max_tokens``) is 0: with ``echo``, score
+    the prompt only."""
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = body.get(key)
+    return not isinstance(value, bool) and value == 0
 
 
 _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens")

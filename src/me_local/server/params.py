@@ -329,8 +329,9 @@ def ensemble_extension(body: dict[str, Any], ref: ModelRef) -> EnsembleChoice:
         if sum(final) <= 0:
             raise bad_request("all weights are zero; give at least one member a positive weight", "ensemble.weights")
     if ref.member is not None:
-        if mode not in (None, "single") or member not in (None, ref.member):
-            raise bad_request(f"model {ref.name!r} is the single member {ref.member!r}; drop `ensemble.mode` and "
-                              "`ensemble.member` or use the ensemble's own name", "ensemble")
+        if mode not in (None, "single") or member not in (None, ref.member) or granularity is not None:
+            raise bad_request(f"model {ref.name!r} is the single member {ref.member!r}; drop `ensemble.mode`, "
+                              "`ensemble.member` and `ensemble.granularity` or use the ensemble's own name",
+                              "ensemble")
         return EnsembleChoice(mode="single", weights=weights, member=ref.member)
     return EnsembleChoice(mode=mode, weights=weights, member=member, granularity=granularity)
