@@ -56,6 +56,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from me_local.chat_templates import BUILTINS
+
 CHATML = (
     "{% for message in messages %}"
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
@@ -66,26 +68,9 @@ CHATML = (
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-GEMMA = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
-    "{% set loop_messages = messages[1:] %}"
-    "{% else %}"
-    "{% set first_user_prefix = '' %}"
-    "{% set loop_messages = messages %}"
-    "{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{{ message['content'] | trim }}"
-    "{{ '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-"""Gemma-3-style Jinja chat template (system text joins the first user turn, ``assistant``
-is ``model``), the ``tokenizer.chat_template`` of vocabulary ``s``."""
+GEMMA = BUILTINS["gemma"].text
+"""me-local's built-in Gemma 3 template (system text joins the first user turn, ``assistant``
+is ``model``, roles alternate), the ``tokenizer.chat_template`` of vocabulary ``s``."""
 
 SPM_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
 """Vocabulary ``s``'s ids 0..5."""

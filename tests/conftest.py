@@ -107,3 +107,29 @@ def tiny_config(write_config, tiny_models):
               - {{name: one, path: {m['a1']}}}
         """
     )
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    """Tiny models a1, a2 (one vocabulary) and s1 (another), loaded for a test module."""
+    from me_local.backends.llama import LoadedModel
+
+    loaded = {k: LoadedModel(tiny_models[k]) for k in ("a1", "a2", "s1")}
+    yield loaded
+    for m in loaded.values():
+        m.close()
+
+
+def fresh_logprobs(model, tokens):
+    """Log-softmax of ``model``'s next-token logits after ``tokens``, evaluated from scratch."""
+    import numpy as np
+
+    from me_local.backends.llama import ContextSettings, LlamaMember
+    from me_local.core.sampling import log_softmax
+
+    m = LlamaMember("fresh", model, ContextSettings(n_ctx=256))
+    try:
+        m.evaluate(tokens)
+        return log_softmax(np.array(m.logits(), copy=True))
+    finally:
+        m.close()

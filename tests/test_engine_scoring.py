@@ -12,14 +12,14 @@ import threading
 import numpy as np
 import pytest
 
-from me_local.backends.llama import ContextSettings, LlamaMember, LoadedModel
+from me_local.backends.llama import ContextSettings, LlamaMember
 from me_local.config import load_config
 from me_local.core import Cancelled, DoneEvent, SamplingParams, TokenEvent
 from me_local.core.likelihood import text_likelihood
-from me_local.core.sampling import log_softmax
 from me_local.engine import Engine, QueueFullError, Request, ScoreRequest
 from me_local.errors import ContextOverflowError, RequestError
 
+from .conftest import fresh_logprobs
 from .fakes import FakeFactory
 from .server_helpers import wait_until
 
@@ -56,23 +56,6 @@ def engine(config_path):
     eng = Engine(load_config(config_path))
     yield eng
     eng.close()
-
-
-@pytest.fixture(scope="module")
-def models(tiny_models):
-    loaded = {k: LoadedModel(tiny_models[k]) for k in ("a1", "a2", "s1")}
-    yield loaded
-    for m in loaded.values():
-        m.close()
-
-
-def fresh_logprobs(model, tokens):
-    m = LlamaMember("fresh", model, ContextSettings(n_ctx=256))
-    try:
-        m.evaluate(tokens)
-        return log_softmax(np.array(m.logits(), copy=True))
-    finally:
-        m.close()
 
 
 def test_token_granularity_is_the_mixture_of_each_members_fresh_probabilities_at_the_ensembles_weights(

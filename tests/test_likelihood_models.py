@@ -39,14 +39,6 @@ class Fresh:
         self.member.close()
 
 
-@pytest.fixture(scope="module")
-def models(tiny_models):
-    loaded = {k: LoadedModel(tiny_models[k]) for k in ("a1", "a2", "s1")}
-    yield loaded
-    for m in loaded.values():
-        m.close()
-
-
 def member(models, key, name=None, **kw):
     return LlamaMember(name or key, models[key], ContextSettings(**({"n_ctx": 1024} | kw)))
 

@@ -10,11 +10,10 @@ import math
 import numpy as np
 import pytest
 
-from me_local.backends.llama import ContextSettings, LlamaMember, LoadedModel
-from me_local.core.sampling import log_softmax
 from me_local.engine import ScoreRequest
 from me_local.server import ServerState, create_app
 
+from .conftest import fresh_logprobs as fresh
 from .fakes import EngineMember, FakeFactory
 from .server_helpers import Throttle, ThrottledFactory, async_wait_until, engine_loader, loaded_client
 
@@ -49,23 +48,6 @@ ensembles:
 @pytest.fixture
 async def server(aiohttp_client, config_path):
     return await loaded_client(aiohttp_client, config_path)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_models):
-    loaded = {k: LoadedModel(tiny_models[k]) for k in ("a1", "a2", "s1")}
-    yield loaded
-    for m in loaded.values():
-        m.close()
-
-
-def fresh(model, tokens):
-    m = LlamaMember("fresh", model, ContextSettings(n_ctx=256))
-    try:
-        m.evaluate(tokens)
-        return log_softmax(np.array(m.logits(), copy=True))
-    finally:
-        m.close()
 
 
 async def complete(client, **body):
