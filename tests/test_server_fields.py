@@ -28,7 +28,8 @@ CALL = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": 
 OPENAI_COMMON = {
     "model": "tiny", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.5, "top_p": 0.9,
     "top_k": 5, "min_p": 0.1, "seed": 3, "stop": ["zz"], "n": 1, "ensemble": {"mode": "ce"},
-    "frequency_penalty": 0.5, "presence_penalty": -1, "logit_bias": {"42": 5}, "user": "someone",
+    "frequency_penalty": 0.5, "presence_penalty": -1, "logit_bias": {"7": 5}, "repeat_penalty": 1.3,
+    "repeat_last_n": -1, "user": "someone",
     "grammar": "root ::= \"a\"", "json_schema": {"type": "object"}, "max_tokens": 3, "max_completion_tokens": 3,
 }
 EXAMPLES: dict[str, dict[str, Any]] = {
@@ -55,7 +56,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     F.OLLAMA_OPTIONS.title: {
         "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": -1, "num_predict": 3, "stop": "zz",
         "num_ctx": 128, "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5,
-        "repeat_last_n": 32, "penalize_newline": True, "typical_p": 0.7, "tfs_z": 0.9, "mirostat": 2,
+        "repeat_last_n": 32, "penalize_newline": True, "logit_bias": {"7": -100}, "typical_p": 0.7, "tfs_z": 0.9,
+        "mirostat": 2,
         "mirostat_tau": 5.0, "mirostat_eta": 0.1, "num_keep": 4, "num_batch": 64, "num_gpu": 0, "main_gpu": 0,
         "num_thread": 2, "use_mmap": True, "use_mlock": False, "numa": False, "low_vram": False,
         "f16_kv": True, "logits_all": False, "vocab_only": False, "embedding_only": False,
@@ -183,8 +185,24 @@ async def test_a_key_in_no_table_is_a_400_naming_it(client, table):
     ("/api/generate", {"model": "tiny", "prompt": "Hi", "raw": True, "system": "Be brief."},
      "`system` does not apply with `raw: true`"),
     ("/api/chat", {"model": "tiny", "messages": HELLO, "top_logprobs": 2}, "`top_logprobs` needs `logprobs: true`"),
-    (CHAT, {"model": "tiny", "messages": HELLO, "frequency_penalty": 0.5},
-     "`frequency_penalty` (a repetition penalty) is not supported yet; remove it (or send 0)"),
+    ("/api/chat", {"model": "tiny", "messages": HELLO, "options": {"penalize_newline": False}},
+     "`options.penalize_newline: false` (sparing newlines from the penalties) is not supported"),
+    (CHAT, {"model": "tiny", "messages": HELLO, "logit_bias": {"the": 5}},
+     "`logit_bias`: 'the' is not a token id (an integer >= 0); send token ids as strings of digits"),
+    (CHAT, {"model": "tiny", "messages": HELLO, "logit_bias": {"5": 101}},
+     "`logit_bias`: the bias of token 5 must be between -100 and 100, got 101"),
+    (CHAT, {"model": "tiny", "messages": HELLO, "logit_bias": [[5, 1]]},
+     "`logit_bias` must be an object of token ids to biases"),
+    (CHAT, {"model": "tiny", "messages": HELLO, "logit_bias": {"999": 1}},
+     "logit_bias names token 999, which is not in the vocabulary (0..11)"),
+    ("/api/generate", {"model": "tiny", "prompt": "Hi", "options": {"logit_bias": {"5": "x"}}},
+     "`options.logit_bias`: the bias of token 5 must be a number, got 'x'"),
+    (COMP, {"model": "tiny", "prompt": "Hi", "repeat_penalty": 0},
+     "`repeat_penalty` must be between 0.01 and 100, got 0"),
+    (CHAT, {"model": "tiny", "messages": HELLO, "frequency_penalty": 2.5},
+     "`frequency_penalty` must be between -2 and 2, got 2.5"),
+    ("/api/chat", {"model": "tiny", "messages": HELLO, "options": {"repeat_last_n": -2}},
+     "`options.repeat_last_n` must be between -1 and 2147483647, got -2"),
 ])
 async def test_refusals_say_what_to_send_instead(client, path, body, fragment):
     message, _, _ = await refusal(client, path, body)

@@ -95,6 +95,8 @@ def _generate_tokens(
     member_seeds, clock, t0 = setup.member_seeds, setup.clock, setup.t0
     generated: list[int] = []
     samplers: dict[int, TokenSampler] = {}
+    seen: dict[int, int] = {}
+    """How many of the generated tokens each member's sampler has counted (penalties)."""
     assembler = TextAssembler(params.stop)
     first_drawn: int | None = None
 
@@ -122,7 +124,7 @@ def _generate_tokens(
             lp = np.log(np.maximum(mix, 1e-300))
         else:
             assert logits_row is not None
-            lp = sampling.log_softmax(logits_row)
+            lp = sampling.log_softmax(sampling.shaped_logits(logits_row, generated, params))
         tops = sampling.top_logprobs(lp, params.top_logprobs) if params.top_logprobs else None
         return float(lp[token]), tops
 
@@ -141,7 +143,8 @@ def _generate_tokens(
                     catch_up(i)
                     stats.members[i].selected += 1
                 rows = [members[i].logits() for i in active]
-                probs, mix = sampling.ce_distribution(rows, [w[i] for i in active], params, want_raw=params.logprobs)
+                probs, mix = sampling.ce_distribution(rows, [w[i] for i in active], params, want_raw=params.logprobs,
+                                                      history=generated)
                 token = sampling.draw(probs, rng)
                 k = active[0]
                 name = None
@@ -153,6 +156,12 @@ def _generate_tokens(
                 sampler = samplers.get(k)
                 if sampler is None:
                     sampler = samplers[k] = members[k].make_sampler(params, member_seeds[k])
+                if params.penalized:  # the tokens the others wrote since k last sampled: the penalties count them
+                    start = seen.get(k, 0)
+                    if params.repeat_last_n > 0:
+                        start = max(start, len(generated) - params.repeat_last_n)
+                    if start < len(generated):
+                        sampler.observe(generated[start:])
                 token = sampler.sample()
                 name = members[k].name
                 logprob, tops = logprob_info(members[k].logits() if params.logprobs else None, None, token)
@@ -165,6 +174,7 @@ def _generate_tokens(
                 end = TokenEvent(len(generated), token, "", name, logprob, tops, b"", _pieces(members[k], tops))
                 break
             generated.append(token)
+            seen[k] = len(generated)  # its sampler counted the token it drew
             piece = members[k].token_bytes(token)
             text = assembler.feed(piece)
             stats.generated_tokens = len(generated)

@@ -37,7 +37,8 @@ class Cancelled(Exception):
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. Truncation applies per member in ``me`` mode and to the
-    mixture in ``ce`` mode; the order is temperature, top-k, top-p, min-p."""
+    mixture in ``ce`` mode; the order is the logit bias, the penalties, then temperature,
+    top-k, top-p, min-p (docs/architecture.md, "Penalties and logit bias")."""
 
     temperature: float = S.TEMPERATURE.default
     top_k: int = S.TOP_K.default
@@ -48,16 +49,54 @@ class SamplingParams:
     stop: tuple[str, ...] = S.STOP.default
     logprobs: bool = False
     top_logprobs: int = S.TOP_LOGPROBS.default
+    repeat_penalty: float = S.REPEAT_PENALTY.default
+    repeat_last_n: int = S.REPEAT_LAST_N.default
+    """The generated tokens the penalties count: the last n (-1: all, 0: none)."""
+    frequency_penalty: float = S.FREQUENCY_PENALTY.default
+    presence_penalty: float = S.PRESENCE_PENALTY.default
+    logit_bias: tuple[tuple[int, float], ...] = S.LOGIT_BIAS.default
+    """(token id, bias) pairs, sorted by id: added to those logits before anything else."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether the penalties change anything (then a sampler must know the generated tokens)."""
+        return self.repeat_last_n != 0 and (
+            self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0)
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether a logit bias or the penalties apply before the transforms."""
+        return self.penalized or bool(self.logit_bias)
+
+    def penalty_window(self, tokens: Sequence[int]) -> Sequence[int]:
+        """The tokens the penalties count: the last ``repeat_last_n`` of ``tokens`` (-1: all)."""
+        n = self.repeat_last_n
+        if n < 0 or n >= len(tokens):
+            return tokens
+        return tokens[len(tokens) - n:] if n else tokens[:0]
+
 
 @runtime_checkable
 class TokenSampler(Protocol):
+    """A member's sampler for one generation. Its penalties count the generated tokens it has
+    seen: the ones it sampled itself (``sample`` takes each into account) and the ones it is
+    shown with ``observe``; never show it a token it sampled."""
+
     def sample(self) -> int:
         """Draw a token from the owning member's current (last-position) logits."""
+        ...
+
+    def observe(self, tokens: Sequence[int]) -> None:
+        """Count generated tokens the sampler did not sample itself (the other members'), in order."""
+        ...
+
+    def forget(self) -> None:
+        """Count nothing seen so far (its random stream goes on): the caller observes the tokens
+        again, when the tokens it counted are no longer the text's."""
         ...
 
 

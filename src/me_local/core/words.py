@@ -113,6 +113,8 @@ def generate_words(
         ms.generated_tokens = 0
     tracks = [_Track() for _ in members]
     samplers: dict[tuple[int, bool], TokenSampler] = {}
+    counted: dict[tuple[int, bool], list[int]] = {}
+    """The tokens each sampler's penalties have counted, in order (its member's tokens of the text)."""
     assembler = TextAssembler(params.stop)
     gen = bytearray()
     starts = [0]
@@ -162,10 +164,15 @@ def generate_words(
             seed = setup.member_seeds[i] ^ (0x5EED if restricted else 0)
             sampler = samplers[i, restricted] = (members[i].make_word_start_sampler(params, seed) if restricted
                                                  else members[i].make_sampler(params, seed))
+        own = tracks[i].tokens
+        if params.penalized:
+            _show(sampler, counted.setdefault((i, restricted), []), own, params)
         token = sampler.sample()
+        if params.penalized:
+            counted[i, restricted].append(token)
         if not params.logprobs:
             return token, None, None
-        lp = sampling.log_softmax(members[i].logits())
+        lp = sampling.log_softmax(sampling.shaped_logits(members[i].logits(), own, params))
         tops = sampling.top_logprobs(lp, params.top_logprobs) if params.top_logprobs else None
         return token, float(lp[token]), tops
 
@@ -240,6 +247,25 @@ def generate_words(
         stats.cached_prompt_tokens = stats.members[first_drawn].cached_prompt_tokens
     stats.total_s = setup.clock() - setup.t0
     yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "", end)
+
+
+def _show(sampler: TokenSampler, counted: list[int], tokens: list[int], params: SamplingParams) -> None:
+    """Bring what ``sampler``'s penalties count (``counted``) to ``tokens``, its member's tokens of
+    the text: observe the new ones; when a token it counted is not the text's any more (a boundary
+    token it sampled was dropped, or the text was tokenized again), forget and observe the window."""
+    n = len(counted)
+    if n <= len(tokens) and tokens[:n] == counted:
+        new = tokens[n:]
+        if params.repeat_last_n > 0:
+            new = new[-params.repeat_last_n:]
+        if new:
+            sampler.observe(new)
+    else:
+        sampler.forget()
+        window = list(params.penalty_window(tokens))
+        if window:
+            sampler.observe(window)
+    counted[:] = tokens
 
 
 def _holds(ends: list[int], offset: int) -> bool:

@@ -142,6 +142,8 @@ class Engine:
                     cache[key] = m.raw_prompt(request.prompt or "")
             prompts[i] = cache[key]
         granularity = loaded.vocabulary.check(mode, request.granularity)
+        if request.params.logit_bias:
+            check_logit_bias(loaded, active, request.params.logit_bias)
         check_fits([prompts[i] for i in active], [members[i] for i in active])
         return Plan(mode, single, weights, prompts, granularity)
 
@@ -251,6 +253,20 @@ def prompt_ids(loaded: LoadedEnsemble, active: list[int], tokens: list[int], par
     return list(tokens)
 
 
+def check_logit_bias(loaded: LoadedEnsemble, active: list[int], bias: tuple[tuple[int, float], ...]) -> None:
+    """A logit bias names token ids of one vocabulary: the members that run must share one, and
+    every id must be in it."""
+    if len(active) > 1 and not loaded.vocabulary.shared:
+        raise RequestError(f"logit_bias names token ids, which mean different tokens to these members "
+                           f"({loaded.vocabulary.mismatch}); send it for one member (model ENSEMBLE/MEMBER, or "
+                           "mode single) or drop it", param="logit_bias")
+    n_vocab = min(loaded.members[i].n_vocab for i in active)
+    bad = [t for t, _ in bias if t >= n_vocab]
+    if bad:
+        raise RequestError(f"logit_bias names token {bad[0]}, which is not in the vocabulary (0..{n_vocab - 1})",
+                           param="logit_bias")
+
+
 class Run:
     def __init__(self) -> None:
         self.cancelled = threading.Event()
@@ -284,13 +300,21 @@ class SamplingOverrides(TypedDict, total=False):
     stop: tuple[str, ...] | None
     logprobs: bool | None
     top_logprobs: int | None
+    repeat_penalty: float | None
+    repeat_last_n: int | None
+    frequency_penalty: float | None
+    presence_penalty: float | None
+    logit_bias: Mapping[int, float] | None
 
 
 def sampling_params(defaults: SamplingDefaults, **overrides: Unpack[SamplingOverrides]) -> SamplingParams:
     """SamplingParams from an ensemble's defaults and the non-None overrides. The ensemble's
-    stop strings stay in force beside a request's own."""
+    stop strings stay in force beside a request's own, and its logit bias under the request's
+    (a token the request biases takes the request's bias)."""
     base = SamplingParams(**{s.name: getattr(defaults, s.name) for s in SAMPLING_DEFAULTS})
     given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}  # each typed above
     if "stop" in given:
         given["stop"] = tuple(dict.fromkeys((*defaults.stop, *given["stop"])))
+    if "logit_bias" in given:
+        given["logit_bias"] = tuple(sorted({**dict(defaults.logit_bias), **given["logit_bias"]}.items()))
     return replace(base, **given)

@@ -91,7 +91,7 @@ def R(name: str, doc: str, neutral: tuple[Any, ...] = ()) -> Field:
 NOT_YET = "is not supported yet"
 TOOLS = f"(tool calling) {NOT_YET}"
 STRUCTURED = f"(structured output) {NOT_YET}"
-PENALTY = f"(a repetition penalty) {NOT_YET}"
+_WINDOW = "in the last `repeat_last_n` generated tokens (default 64; -1: all of them, as OpenAI counts)"
 
 ENSEMBLE = H("ensemble", "me-local's extension: `mode`, `granularity`, `weights`, `member` for this request")
 MODEL = H("model", "an ensemble or `ENSEMBLE/MEMBER`; missing: the default ensemble")
@@ -107,8 +107,14 @@ OPENAI_SHARED = [
     H("stop", "a string or up to 16; never part of the output"),
     H("n", "only 1 (400 otherwise)"),
     ENSEMBLE,
-    R("frequency_penalty", PENALTY, (0,)), R("presence_penalty", PENALTY, (0,)),
-    R("logit_bias", f"(token biases) {NOT_YET}"),
+    H("frequency_penalty", f"-2..2: subtracted from a token's logit for each time it occurs {_WINDOW}"),
+    H("presence_penalty", f"-2..2: subtracted once from the logit of each token that occurs {_WINDOW}"),
+    H("repeat_penalty", "me-local's (and llama-server's) extension: 0.01..100, divides a repeated token's "
+      "logit (multiplies a negative one); 1 turns it off"),
+    H("repeat_last_n", "me-local's (and llama-server's) extension: the window of the three penalties; 0 turns "
+      "them off, -1: every generated token"),
+    H("logit_bias", "token ids (strings of digits) to -100..100, added to their logits (-100 bans, 100 forces); "
+      "the ids are the model's: an ensemble of different vocabularies takes it only for one member"),
     N("user", "an end-user id for the provider's abuse monitoring; me-local keeps nothing"),
     R("grammar", f"(llama-server's grammar-constrained output) {NOT_YET}"),
     R("json_schema", f"(llama-server's schema-constrained output) {NOT_YET}"),
@@ -179,10 +185,17 @@ OLLAMA_OPTIONS_ROWS = [
     H("stop", "a string or up to 16"),
     H("num_ctx", "at most the ensemble's `n_ctx` (models.yaml), which is the context every request "
       "gets (a prompt longer than `num_ctx` is used whole, not cut); larger: 400 naming the fix"),
-    R("repeat_penalty", PENALTY, (1,)), R("presence_penalty", PENALTY, (0,)),
-    R("frequency_penalty", PENALTY, (0,)),
-    N("repeat_last_n", "the window of the penalties, which are refused"),
-    N("penalize_newline", "a switch of the penalties, which are refused (Ollama no longer reads it)"),
+    H("repeat_penalty", "0.01..100: divides a repeated token's logit (multiplies a negative one); 1 turns it off. "
+      "The default is the ensemble's `sampling.repeat_penalty` (1 unless models.yaml says otherwise; Ollama's is "
+      "1.1)"),
+    H("repeat_last_n", "the generated tokens the penalties count (the prompt is not counted); 0 turns them "
+      "off, -1: every one"),
+    H("presence_penalty", "-2..2: subtracted once from the logit of each token in the window"),
+    H("frequency_penalty", "-2..2: subtracted from a token's logit for each time it occurs in the window"),
+    H("penalize_newline", "`true` only (Ollama's old default): newlines are penalised as any token; `false` "
+      "(sparing them) is a 400, and Ollama no longer reads it"),
+    H("logit_bias", "me-local's extension, as OpenAI's `logit_bias`: token ids (strings of digits) to "
+      "-100..100, added to their logits"),
     R("typical_p", f"(locally typical sampling) {NOT_YET}", (1,)),
     R("tfs_z", "(tail-free sampling) is not supported (Ollama no longer reads it either)", (1,)),
     R("mirostat", f"(Mirostat sampling) {NOT_YET}", (0,)),

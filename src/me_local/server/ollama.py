@@ -3,8 +3,9 @@
 ``GET /api/ps``, ``POST /api/chat``, ``POST /api/generate``.
 
 Answers stream as NDJSON by default (``"stream": false`` gives one object).
-``options`` maps temperature, top_p, top_k, min_p, seed, num_predict, stop and
-num_ctx (up to the ensemble's n_ctx); what the other fields and options get is in
+``options`` maps temperature, top_p, top_k, min_p, seed, num_predict, stop,
+num_ctx (up to the ensemble's n_ctx), the penalties (repeat_penalty, repeat_last_n,
+presence_penalty, frequency_penalty) and me-local's logit_bias; what the other fields and options get is in
 :mod:`.fields` (a 400 for any that would change the answer). Model names
 may carry Ollama's ``:latest`` tag. The ``ensemble`` extension works here too.
 """
@@ -66,6 +67,10 @@ def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, An
     n = opt_number(opts, "num_predict", -2, integer=True, param="options.num_predict")
     if n == 0:
         raise bad_request("`options.num_predict` must be positive (or -1 for no limit)", "options.num_predict")
+    if not opt_bool(opts, "penalize_newline", True, param="options.penalize_newline"):
+        raise bad_request("`options.penalize_newline: false` (sparing newlines from the penalties) is not "
+                          "supported: newlines are penalised as any token (Ollama no longer reads it either); "
+                          "remove it", "options.penalize_newline")
     return {
         **sampling_fields(opts, "ollama"),
         "seed": None if seed is None or seed < 0 else seed,

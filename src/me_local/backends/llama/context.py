@@ -29,16 +29,32 @@ if TYPE_CHECKING:
 
 class NativeSampler:
     """llama.cpp's sampler chain, in the core's order: temperature, top-k, top-p, min-p, draw,
-    after an optional logit bias (word-level ME's restriction to word starts). It reads its
-    context's last logits inside llama.cpp: nothing vocabulary-sized crosses into Python."""
+    after an optional logit bias (word-level ME's restriction to word starts), the request's
+    logit bias and the penalties (:func:`me_local.core.sampling.penalize` is their reference).
+    It reads its context's last logits inside llama.cpp: nothing vocabulary-sized crosses into
+    Python.
+
+    The penalties count the tokens the chain accepted: ``llama_sampler_sample`` accepts the token
+    it draws, :meth:`observe` the tokens other members wrote."""
 
     def __init__(self, ctx: L.llama_context_p, params: SamplingParams, seed: int,
                  bias: tuple[int, ctypes.Array[L.llama_logit_bias]] | None = None) -> None:
         self._ctx = ctx
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        n_vocab = int(L.llama_vocab_n_tokens(L.llama_model_get_vocab(L.llama_get_model(ctx))))
         if bias is not None:  # (n_vocab, biases): first, so the transforms see the restricted distribution
             n_vocab, arr = bias
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(arr), arr))
+        if params.logit_bias:
+            arr = (L.llama_logit_bias * len(params.logit_bias))(
+                *(L.llama_logit_bias(t, b) for t, b in params.logit_bias))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(arr), arr))
+        self._penalties: L.llama_sampler_p | None = None
+        if params.penalized:  # -1 (all) is the whole context: llama.cpp reads a negative window as 0 (off)
+            last_n = params.repeat_last_n if params.repeat_last_n > 0 else int(L.llama_n_ctx(ctx))
+            self._penalties = L.llama_sampler_init_penalties(
+                n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+            L.llama_sampler_chain_add(chain, self._penalties)
         if params.greedy:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -56,10 +72,20 @@ class NativeSampler:
     def sample(self) -> int:
         return int(L.llama_sampler_sample(self._chain, self._ctx, -1))
 
+    def observe(self, tokens: Sequence[int]) -> None:
+        if self._penalties is not None:
+            for t in tokens:
+                L.llama_sampler_accept(self._chain, t)
+
+    def forget(self) -> None:
+        if self._penalties is not None:  # the penalties alone: resetting the chain would restart the draw's seed
+            L.llama_sampler_reset(self._penalties)
+
     def close(self) -> None:
         if self._chain:
             L.llama_sampler_free(self._chain)
             self._chain = None
+            self._penalties = None
 
     def __del__(self) -> None:
         self.close()
