@@ -9,7 +9,7 @@ One table per object a client sends (a route's body, a chat message, Ollama's ``
   definition (an end-user id, metadata, a caching hint, a load-time setting of the models,
   which models.yaml fixes);
 * **refused**: a 400 naming the field, unless its value asks for nothing (``null``, ``""``,
-  ``[]``, ``{}``, ``false``, or the field's own neutral value such as a penalty of 0): clients
+  ``[]``, ``{}``, ``false``, or the field's own neutral value such as a ``typical_p`` of 1): clients
   send those by default (the ollama client sends ``tools: []``), and they mean "not asked for".
 
 A key that is in no table is a 400 too (``unknown_parameter``), on both APIs: OpenAI refuses
@@ -44,7 +44,7 @@ class Field:
     """What me-local does with it (honoured, no effect), or what it asks for that me-local does not do
     (refused: the 400's message, after the field's name)."""
     neutral_values: tuple[Any, ...] = ()
-    """Refused fields: the values besides absent ones that ask for nothing (a penalty of 0), accepted."""
+    """Refused fields: the values besides absent ones that ask for nothing (a ``typical_p`` of 1), accepted."""
 
     def neutral(self, value: Any) -> bool:
         """``value`` asks for nothing: absent, or a neutral value (``true`` is not 1 here)."""
