@@ -258,8 +258,8 @@ def check_logit_bias(loaded: LoadedEnsemble, active: list[int], bias: tuple[tupl
     every id must be in it."""
     if len(active) > 1 and not loaded.vocabulary.shared:
         raise RequestError(f"logit_bias names token ids, which mean different tokens to these members "
-                           f"({loaded.vocabulary.mismatch}); send it for one member (model ENSEMBLE/MEMBER, or "
-                           "mode single) or drop it", param="logit_bias")
+                           f"({loaded.vocabulary.mismatch}); send it for one member (mode single: the model "
+                           "ENSEMBLE/MEMBER in the APIs, --member on the command line) or drop it", param="logit_bias")
     n_vocab = min(loaded.members[i].n_vocab for i in active)
     bad = [t for t, _ in bias if t >= n_vocab]
     if bad:
