@@ -48,6 +48,11 @@ class SamplingParams:
     stop: tuple[str, ...] = S.STOP.default
     logprobs: bool = False
     top_logprobs: int = S.TOP_LOGPROBS.default
+    infill: bool = False
+    """llama.cpp's infill sampler after the truncations (llama-server's ``samplers: [..., "infill"]``): it
+    merges the probability of tokens that begin with another candidate's text and prefers ending the
+    generation when end tokens carry enough of it. Applied by the backend's native chain, per member
+    (``me``/``single``); ``ce`` mode refuses it."""
 
     @property
     def greedy(self) -> bool:
