@@ -25,6 +25,7 @@ from me_local.engine.limits import LimitCheck, apply_limits
 from me_local.errors import ContextOverflowError, RequestError
 from me_local.fim import SNIPPET, FimTokens, fim_prompt, lacking_fim
 from me_local.server import ServerSettings
+from me_local.server.state import prompt_text
 
 from .server_helpers import LiveServer, engine_loader, sse_frames
 
@@ -99,6 +100,11 @@ def test_a_model_without_fim_tokens_is_named_with_what_it_lacks():
         "token) lacks them; use an ensemble (or ENSEMBLE/MEMBER) of FIM-capable models, such as code models "
         "trained for infilling (Qwen2.5-Coder, StarCoder2, CodeLlama)")
     assert "(x.gguf: no FIM middle token)" in (lacking_fim([("x", "x.gguf", FimTokens(pre=1, suf=2))]) or "")
+
+
+def test_the_access_log_shows_where_the_gap_is():
+    fim = FimInput("def f(", "):\n", "x", (FimChunk("y = 1\n", "y.py"),))
+    assert prompt_text(Request(fim=fim)) == "[y.py]\ny = 1\ndef f(x<|gap|>):\n"
 
 
 # --------------------------------------------------------------------------- the limits, pure

@@ -37,7 +37,7 @@ from .params import (
     stop_strings,
 )
 from .respond import collect, joined_text, stream_response
-from .state import NOTE, STATE
+from .state import NOTE, STATE, prompt_text
 
 SAMPLER_NAMES = {
     "temperature": "temperature", "temp": "temperature", "top_k": "top_k", "top-k": "top_k",
@@ -211,6 +211,7 @@ async def infill(request: web.Request) -> web.StreamResponse:
     note = request[NOTE]
     note.model = call.ref.name
     if call.n_predict == 0:  # nothing to generate: the prompt is built (and checked), not evaluated
+        note.prompt = prompt_text(call.request)
         plan = await state.run_job(functools.partial(_plan_only, request=call.request), name="me-local-infill")
         evaluated = _fim_report(plan)[0]
         stats = GenerationStats(mode=plan.mode, seed=call.request.params.seed or 0, prompt_tokens=evaluated,
