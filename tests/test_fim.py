@@ -324,6 +324,8 @@ def test_llama_vscode_requests_are_answered_in_llama_servers_shape(http):
     cold = infill(http, warm)
     assert cold["content"] == "" and cold["tokens_predicted"] == 0 and cold["stop_type"] == "limit"
     assert cold["tokens_evaluated"] == cold["me_local"]["fim"]["one"]["tokens"] > 10
+    streamed = http.post("/infill", json={**warm, "stream": True})
+    assert [json.loads(f)["tokens_evaluated"] for f in sse_frames(streamed.content)] == [cold["tokens_evaluated"]]
 
 
 def test_infill_gives_the_model_exactly_the_fim_prompt(http, vocab):
@@ -410,7 +412,8 @@ def test_samplers_are_honoured_or_refused_by_name(http):
         ({"samplers": ["top_p", "top_k"]}, "samplers", "puts top_k after top_p"),
         ({"samplers": ["top_k"], "top_p": 0.5}, "top_p", "`samplers` does not list top_p"),
         ({"samplers": ["mirostat"]}, "samplers", "'mirostat', which is not a sampler"),
-        ({"samplers": ["infill"], "ensemble": {"mode": "ce"}}, "samplers", "mode ce samples their mixture"),
+        ({"samplers": ["top_p", "infill"]}, "samplers", "needs top_k between 1 and 1000 before it"),
+        ({"samplers": ["top_k", "infill"], "ensemble": {"mode": "ce"}}, "samplers", "mode ce samples their mixture"),
         ({"input_extra": [{"filename": "a.py"}]}, "input_extra[0].text", "must be a string"),
         ({"input_extra": [{"text": "x", "path": "a.py"}]}, "input_extra[0].path", "not a field of an `input_extra`"),
         ({"lora": [{"id": 0, "scale": 0.5}]}, "lora", "(LoRA adapters) are not supported"),

@@ -275,7 +275,7 @@ INFILL = _table("llama-server `POST /infill`", "a field of /infill", [
       "apply, as a list of names or llama-server's letters (`tkpmi`); unlisted ones are off, and a value sent for "
       "one is a 400; they run in me-local's order (temperature and top_k, then top_p, min_p, infill): another "
       "order is a 400; `penalties`, `dry`, `typ_p`, `xtc` and `top_n_sigma` are accepted and do nothing (their "
-      "settings are refused); `infill` is not for mode `ce`"),
+      "settings are refused); `infill` needs `top_k` (1..1000) and is not for mode `ce`"),
     H("stream", "server-sent events: llama-server's partial results, then the final one (no `[DONE]`)"),
     H("response_fields", "the final result's fields to return, `a/b` for a nested one, flattened (llama-server's)"),
     MODEL, ENSEMBLE,

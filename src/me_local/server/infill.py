@@ -54,6 +54,9 @@ CHAIN = ("temperature", "top_k", "top_p", "min_p", "infill")
 RANK = {"temperature": 0, "top_k": 0, "top_p": 1, "min_p": 2, "infill": 3}
 OFF: dict[str, float | int] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
 """An unlisted sampler's neutral setting."""
+INFILL_TOP_K_MAX = 1000
+"""llama.cpp's infill sampler compares every pair of the candidates it gets (their texts): after top-k's few
+dozen that is nothing, over a whole vocabulary it would take minutes per token. It needs top_k up to this."""
 
 
 def _text(body: dict[str, Any], key: str, what: str) -> str:
@@ -172,6 +175,10 @@ def parse_infill(body: dict[str, Any], engine: Engine) -> InfillCall:
     fim = FimInput(prefix, suffix, prompt or "", extra, layout="repo", fit=True, param="model")
     request = engine_request(ref, ensemble_extension(body, ref), overrides, fim=fim, limits=limits)
     p = request.params
+    if p.infill and not 0 < p.top_k <= INFILL_TOP_K_MAX:
+        raise bad_request(f"`infill` in `samplers` needs top_k between 1 and {INFILL_TOP_K_MAX} before it (it compares "
+                          f"every pair of candidates), and top_k is {p.top_k}: list top_k (and send `top_k`, as "
+                          "llama.vim and llama.vscode do)", "samplers")
     settings = {"n_predict": -1 if n is not None and n < 0 else p.max_tokens, "temperature": p.temperature,
                 "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "samplers": chain, "stop": list(p.stop),
                 "n_indent": limits.n_indent, "t_max_predict_ms": limits.t_max_predict_ms, "stream": stream}
@@ -219,6 +226,9 @@ async def infill(request: web.Request) -> web.StreamResponse:
         final = _final(call, "", DoneEvent("length", stats), plan)
         if "timings" in final:
             final["timings"]["prompt_n"] = 0  # counted, not evaluated
+        if call.stream:  # the final event alone
+            return web.Response(body=wire.sse(final), headers={"Content-Type": wire.SSE_CONTENT_TYPE,
+                                                               "Cache-Control": "no-cache"})
         return web.json_response(final, dumps=wire.dumps)
     planned: list[Plan] = []
     call.request.on_plan = planned.append
