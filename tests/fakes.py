@@ -15,6 +15,7 @@ import numpy as np
 
 from me_local.core import Cancelled, SamplingParams
 from me_local.core.sampling import NumpySampler
+from me_local.fim import FimTokens
 
 
 class FakeMember:
@@ -127,11 +128,15 @@ def scripted(name: str, pieces: Sequence[bytes], script: Sequence[int], prompt_l
 class EngineMember(FakeMember):
     """A FakeMember with what the engine needs besides the core protocol: a model
     fingerprint, prompts (each byte of the text is a token, modulo the vocabulary)
-    and close(). Tokenizing goes through the factory, which may hold it."""
+    and close(). Tokenizing goes through the factory, which may hold it. With the
+    factory's ``fim``, its model has FIM tokens (the last three ids: prefix, suffix, middle)."""
 
     def __init__(self, name: str, factory: FakeFactory, **kw: Any) -> None:
         super().__init__(name, 0, **kw)
-        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1)
+        n = self.n_vocab
+        fim = FimTokens(pre=n - 3, suf=n - 2, mid=n - 1) if factory.fim else FimTokens()
+        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1, add_bos=False,
+                                     fim=fim, token_texts=self.pieces, tokenize=self._model_tokenize)
         self.system: str | None = None
         self.chat_template: str | None = None
         self._factory = factory
@@ -148,6 +153,10 @@ class EngineMember(FakeMember):
         """A continuation's tokens: each byte (as :meth:`raw_prompt`, not held by the gate)."""
         return [b % self.n_vocab for b in text.encode()]
 
+    def _model_tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        """The model's tokenizer (FIM prompts): each byte, as :meth:`raw_prompt`, not held by the gate."""
+        return [b % self.n_vocab for b in text.encode()]
+
     def close(self) -> None:
         self.closed = True
 
@@ -159,8 +168,9 @@ class FakeFactory:
     tokenized so far; while ``gate`` is set to an unset Event, tokenizing waits for it (only
     for the texts in ``held``, when that is set)."""
 
-    def __init__(self, n_ctx: int | None = 256) -> None:
+    def __init__(self, n_ctx: int | None = 256, *, fim: bool = False) -> None:
         self.n_ctx = n_ctx
+        self.fim = fim
         self.gate: threading.Event | None = None
         self.held: set[str] | None = None
         self.tokenized: list[str] = []

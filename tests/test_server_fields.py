@@ -1,7 +1,7 @@
 """The field tables of server/fields.py, walked: every field of every route is sent, and the route
 does what its row says (honoured or no effect: 200; refused: a 400 naming the field, unless the value
 asks for nothing); a key in no table is a 400 naming it; docs/server.md shows the tables as they are.
-The members are fakes (tests/fakes.py): this is about the HTTP layer."""
+The members are fakes (tests/fakes.py) with FIM tokens: this is about the HTTP layer."""
 
 from __future__ import annotations
 
@@ -77,6 +77,20 @@ EXAMPLES[F.OLLAMA_GENERATE.title] = {
     **OLLAMA_COMMON, "prompt": "Hi", "system": "Be brief.", "raw": False, "suffix": "end", "images": ["aGk="],
     "template": "{{ .Prompt }}", "context": [1, 2, 3], "width": 512, "height": 512, "steps": 4,
 }
+INFILL_BODY = {"input_prefix": "def f():\n", "input_suffix": "\n", "n_predict": 2}
+EXAMPLES[F.INFILL.title] = {
+    **INFILL_BODY, "input_extra": [{"filename": "a.py", "text": "x = 1\n"}], "prompt": "    ret",
+    "max_tokens": 2, "t_max_predict_ms": 500, "n_indent": 4, "temperature": 0.5, "top_p": 0.9, "top_k": 5,
+    "min_p": 0.1, "seed": 3, "stop": ["zz"], "samplers": ["temperature", "top_k", "top_p", "min_p"],
+    "stream": True, "response_fields": ["content", "timings/predicted_n"], "model": "tiny",
+    "ensemble": {"mode": "single"}, "cache_prompt": True, "t_max_prompt_ms": 500, "id_slot": 0, "n_probs": 2,
+    "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repeat_last_n": 64,
+    "typical_p": 0.7, "mirostat": 2, "dynatemp_range": 0.5, "xtc_probability": 0.5, "dry_multiplier": 0.8,
+    "top_n_sigma": 1.0, "logit_bias": {"7": 5}, "grammar": "root ::= \"a\"", "json_schema": {"type": "object"},
+    "ignore_eos": True, "lora": [{"id": 0, "scale": 0.5}], "timings_per_token": True, "return_tokens": True,
+    "post_sampling_probs": True,
+}
+EXAMPLES[F.INFILL_EXTRA.title] = {"text": "x = 1\n", "filename": "a.py", "time": [1700000000, 1]}
 NEEDS = {"top_logprobs": {"logprobs": True}}
 
 
@@ -100,13 +114,19 @@ def request_with(table: F.Table, name: str, value: Any) -> tuple[str, dict[str, 
     if table is F.OLLAMA_OPTIONS:
         return "/api/chat", {"model": "tiny", "messages": HELLO, "stream": False,
                              "options": {"num_predict": 2, name: value}}
+    if table is F.INFILL:
+        return "/infill", {"model": "tiny", **INFILL_BODY, name: value}
+    if table is F.INFILL_EXTRA:
+        return "/infill", {"model": "tiny", **INFILL_BODY, "input_extra": [{"text": "x = 1\n", name: value}]}
     assert table is F.OLLAMA_MESSAGE
     return "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "Hi", name: value}],
                          "stream": False, "options": {"num_predict": 2}}
 
 
 def param_path(table: F.Table, name: str) -> str:
-    return f"messages[0].{name}" if table.prefix == "messages[]." else table.path(name)
+    if table.prefix.endswith("[]."):
+        return f"{table.prefix[:-3]}[0].{name}"
+    return table.path(name)
 
 
 ROWS = [(table, row) for table in F.TABLES for row in table.fields.values()]
@@ -119,7 +139,7 @@ def config(tmp_path):
 
 @pytest.fixture
 async def client(aiohttp_client, config):
-    state = ServerState(fake_engine_loader(config), make_policy(api_key=None))
+    state = ServerState(fake_engine_loader(config, fim=True), make_policy(api_key=None))
     c = await aiohttp_client(create_app(state))
     await state.wait_loaded()
     return c
@@ -221,6 +241,5 @@ async def test_what_the_ollama_clients_send_by_default_is_accepted(client):
 
 
 def test_docs_show_the_tables_as_they_are():
-    assert F.render_docs() in DOCS.read_text(encoding="utf-8"), (
-        "docs/server.md's field tables differ from server/fields.py; paste the output of "
-        "python -c 'from me_local.server.fields import render_docs; print(render_docs())'")
+    assert F.render_docs().strip() in DOCS.read_text(encoding="utf-8"), (
+        "docs/server.md's field tables differ from server/fields.py; run python scripts/fields_reference.py --write")

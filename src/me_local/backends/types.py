@@ -3,8 +3,9 @@
 The core sees a member through :class:`me_local.core.types.Member` (evaluate, logits,
 sampler, cache). The engine needs a little more, and only this:
 
-- :class:`ModelHandle`, a loaded model file: its vocabulary (size, special tokens, the
-  fingerprint that says whether two files share one), tokenizing and the chat template;
+- :class:`ModelHandle`, a loaded model file: its vocabulary (size, special tokens, its
+  fill-in-the-middle tokens, the fingerprint that says whether two files share one),
+  tokenizing and the chat template;
 - :class:`MemberContext`, one member in one slot: the core's Member (which can also score
   a text: :class:`me_local.core.scoring.ScoringMember`, logits at every position in
   chunks, and its word-start and end-of-generation tokens), plus its model, its
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..chat_templates import ChatTemplate
 from ..core.likelihood import TextMember
+from ..fim import FimTokens
 
 if TYPE_CHECKING:
     from ..config import EnsembleConfig, MemberConfig
@@ -52,6 +54,16 @@ class ModelHandle(Protocol):
     @property
     def eos(self) -> int:
         """The end-of-sequence token (-1: none)."""
+        ...
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether tokenizing a prompt puts BOS before it (the vocabulary's ``add_bos_token``)."""
+        ...
+
+    @property
+    def fim(self) -> FimTokens:
+        """The fill-in-the-middle tokens (``llama_vocab_fim_pre/suf/mid/pad/rep/sep``; -1 where none)."""
         ...
 
     @property

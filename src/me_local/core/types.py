@@ -56,6 +56,11 @@ class SamplingParams:
     presence_penalty: float = S.PRESENCE_PENALTY.default
     logit_bias: tuple[tuple[int, float], ...] = S.LOGIT_BIAS.default
     """(token id, bias) pairs, sorted by id: added to those logits before anything else."""
+    infill: bool = False
+    """llama.cpp's infill sampler after the truncations (llama-server's ``samplers: [..., "infill"]``): it
+    merges the probability of tokens that begin with another candidate's text and prefers ending the
+    generation when end tokens carry enough of it. Applied by the backend's native chain, per member
+    (``me``/``single``); ``ce`` mode refuses it."""
 
     @property
     def greedy(self) -> bool:

@@ -16,9 +16,11 @@ from ..core import Cancelled, DoneEvent, Event, GenerationStats, MemberStats, Sa
 from ..core.ensemble import check_fits
 from ..core.likelihood import TextLikelihood
 from ..errors import ConfigError, MeLocalError, RequestError
+from ..fim import FimInput, FimPrompt, fim_prompt, lacking_fim
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
+from .limits import LineLimits, apply_limits
 from .messages import normalize_messages
 from .scoring import ScoreRequest, plan_score, run_score
 
@@ -30,8 +32,9 @@ log = logging.getLogger("me_local.engine")
 
 @dataclass
 class Request:
-    """One generation. Exactly one of ``messages`` (chat), ``prompt`` (raw text) and ``tokens``
-    (a raw prompt as token ids, for members that share one vocabulary) is set."""
+    """One generation. Exactly one of ``messages`` (chat), ``prompt`` (raw text), ``tokens``
+    (a raw prompt as token ids, for members that share one vocabulary) and ``fim`` (a
+    fill-in-the-middle prompt, which every member builds from its own FIM tokens) is set."""
 
     ensemble: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -45,6 +48,14 @@ class Request:
     """token | word (None: the ensemble's)."""
     tokens: list[int] | None = None
     """A raw prompt as token ids, taken as they are (no BOS added)."""
+    fim: FimInput | None = None
+    """Fill in the middle: each active member's prompt is :func:`me_local.fim.fim_prompt` of its own model
+    (a member without FIM tokens is a RequestError naming it)."""
+    limits: LineLimits | None = None
+    """llama-server's ``n_indent`` and ``t_max_predict_ms`` (:mod:`.limits`)."""
+    on_plan: Callable[[Plan], None] | None = field(default=None, compare=False, repr=False)
+    """Called (on the generating thread) with the plan once the request is planned, before it waits for a
+    slot: what each member's prompt became (a FIM prompt's cuts, for the answer to report)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,8 @@ class Plan:
     """Each member's own prompt tokens (empty for a member that does not run)."""
     granularity: str
     """token | word."""
+    fim: dict[str, FimPrompt] = field(default_factory=dict)
+    """A FIM request's prompt per active member (by name): what each kept and dropped."""
 
 
 class Engine:
@@ -124,14 +137,32 @@ class Engine:
                 mode = "single"
         weights = [m.weight for m in cfg.members]
         active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
-        if sum(x is not None for x in (request.messages, request.prompt, request.tokens)) != 1:
+        if sum(x is not None for x in (request.messages, request.prompt, request.tokens, request.fim)) != 1:
             raise RequestError("give either chat messages or a raw prompt", param="messages")
         messages = normalize_messages(request.messages) if request.messages is not None else None
         members = loaded.members
+        if request.params.infill and mode == "ce":
+            raise RequestError("the infill sampler works on one member's distribution, and mode ce samples their "
+                               "mixture; use mode me or single, or leave `infill` out of `samplers`", param="samplers")
+        fim = request.fim
+        if fim is not None:
+            lacking = lacking_fim([(members[i].name, members[i].model.path.name, members[i].model.fim)
+                                   for i in active])
+            if lacking is not None:
+                raise RequestError(lacking, param=fim.param)
         prompts: list[list[int]] = [[] for _ in members]
+        fims: dict[str, FimPrompt] = {}
         cache: dict[tuple[int, str | None, str | None], list[int]] = {}
+        fim_cache: dict[int, FimPrompt] = {}
         for i in active:
             m = members[i]
+            if fim is not None:  # the same for every member of a model: no system prompt or chat template
+                if id(m.model) not in fim_cache:
+                    reserve = min(request.params.max_tokens, m.n_ctx // 4)
+                    fim_cache[id(m.model)] = fim_prompt(m.model, fim, n_ctx=m.n_ctx, reserve=reserve)
+                fims[m.name] = fim_cache[id(m.model)]
+                prompts[i] = fims[m.name].tokens
+                continue
             key = (id(m.model), m.system, m.chat_template)  # members differing in either get their own prompt
             if key not in cache:
                 if messages is not None:
@@ -145,7 +176,7 @@ class Engine:
         if request.params.logit_bias:
             check_logit_bias(loaded, active, request.params.logit_bias)
         check_fits([prompts[i] for i in active], [members[i] for i in active])
-        return Plan(mode, single, weights, prompts, granularity)
+        return Plan(mode, single, weights, prompts, granularity, fims)
 
     def generate(
         self,
@@ -163,13 +194,21 @@ class Engine:
         ticket = loaded.admit()
         try:
             plan = self._plan(loaded, request)
+            if request.on_plan is not None:
+                request.on_plan(plan)
             slot = loaded.acquire(ticket, plan.prompts, timeout=queue_timeout, cancel=cancel)
             if slot is None:  # cancelled while queued: nothing was evaluated
                 stats = GenerationStats(mode=plan.mode, seed=request.params.seed or 0,
                                         members=[MemberStats(name=m.name) for m in loaded.members])
                 yield DoneEvent("cancelled", stats)
                 return
-            yield from generate(
+            limits = request.limits if request.limits is not None and request.limits.active else None
+            reached = threading.Event()  # a limit ends the loop as a cancel does (checked before every token)
+
+            def stopped() -> bool:
+                return reached.is_set() or (cancel is not None and cancel())
+
+            events = generate(
                 slot.members,
                 plan.weights,
                 plan.prompts,
@@ -177,8 +216,9 @@ class Engine:
                 mode=plan.mode,
                 single=plan.single,
                 granularity=plan.granularity,
-                cancel=cancel or (lambda: False),
+                cancel=stopped if limits is not None else cancel or (lambda: False),
             )
+            yield from apply_limits(events, limits, reached) if limits is not None else events
         finally:
             loaded.leave(ticket)
 
@@ -305,6 +345,7 @@ class SamplingOverrides(TypedDict, total=False):
     frequency_penalty: float | None
     presence_penalty: float | None
     logit_bias: Mapping[int, float] | None
+    infill: bool | None
 
 
 def sampling_params(defaults: SamplingDefaults, **overrides: Unpack[SamplingOverrides]) -> SamplingParams:

@@ -1,4 +1,5 @@
-"""Every request field of the OpenAI and Ollama routes, and what me-local does with it.
+"""Every request field of the OpenAI, Ollama and llama-server (``/infill``) routes, and what me-local
+does with it.
 
 One table per object a client sends (a route's body, a chat message, Ollama's ``options``,
 ``stream_options``). Each field is
@@ -17,7 +18,7 @@ unrecognised arguments; Ollama ignores them, but a field me-local silently ignor
 that changes the answer.
 
 docs/server.md carries these tables as :func:`render_docs` writes them (a test keeps them equal:
-regenerate with ``python -c "from me_local.server.fields import render_docs; print(render_docs())"``).
+regenerate them with ``python scripts/fields_reference.py --write``).
 """
 
 from __future__ import annotations
@@ -157,7 +158,9 @@ OPENAI_COMPLETIONS = _table("OpenAI `POST /v1/completions`", "a field of /v1/com
     H("logprobs", "an integer 0..20: each token's log-probability and that many alternatives"),
     H("echo", "the prompt first in the text (and, with `logprobs`, its tokens' log-probabilities)"),
     H("best_of", "only 1 (400 otherwise)"),
-    R("suffix", f"(fill-in-the-middle) {NOT_YET}"),
+    H("suffix", "fill in the middle: the prompt is the text before the gap, `suffix` the text after it; each "
+      "member builds its prompt from its FIM tokens (`<PRE>prompt<SUF>suffix<MID>`; a model without them: "
+      "400); string prompts only, not with `echo`"),
     R("response_format", STRUCTURED, ({"type": "text"},)),
 ], hints={"top_logprobs": "completions take an integer `logprobs` (the number of alternatives)",
           "messages": "send chat messages to /v1/chat/completions"})
@@ -248,7 +251,9 @@ OLLAMA_GENERATE = _table("Ollama `POST /api/generate`", "a field of /api/generat
     H("system", "a system message before the prompt; not with `raw` (400, as Ollama)"),
     H("raw", "the prompt as written, no chat template"),
     *OLLAMA_SHARED,
-    R("suffix", f"(fill-in-the-middle) {NOT_YET}"),
+    H("suffix", "fill in the middle: `prompt` is the text before the gap (may be empty), `suffix` the text after "
+      "it; each member builds its prompt from its FIM tokens (`<PRE>prompt<SUF>suffix<MID>`, no chat template, "
+      "with or without `raw`; a model without them: 400); not with `system`"),
     R("images", "(image input) is not supported by me-local's text models"),
     R("template", "(a prompt template of the request's own) is not supported; send `raw` text instead"),
     R("context", "(the context of an earlier answer) is not supported; send the text, or use /api/chat"),
@@ -264,8 +269,59 @@ OLLAMA_MESSAGE = _table("Ollama chat message (`messages[i]`)", "a field of a cha
     R("tool_calls", TOOLS), R("tool_name", TOOLS), R("tool_call_id", TOOLS),
 ], prefix="messages[].")
 
+INFILL = _table("llama-server `POST /infill`", "a field of /infill", [
+    H("input_prefix", "the text before the gap (required; `\"\"` for none)"),
+    H("input_suffix", "the text after the gap (required; `\"\"` for none)"),
+    H("input_extra", "other files' text, before the FIM prefix: see `input_extra[]` below"),
+    H("prompt", "more text before the gap (llama.vim sends the cursor line's start), tokenized on its own and "
+      "put after `input_prefix`, before `<SUF>`: where llama-server's code puts it (its README says after "
+      "`<MID>`)"),
+    H("n_predict", f"-1: until the context is full; 0: nothing generated (the prompt is built and counted, not "
+      f"evaluated ahead); {_DEFAULT_MAX}"),
+    H("max_tokens", "as `n_predict`, when that is absent (as llama-server)"),
+    H("t_max_predict_ms", "once this many ms have passed since the first token, stop at the next newline"),
+    H("n_indent", "stop before a line (after the first) indented by fewer spaces or tabs"),
+    H("temperature", "0..100"), H("top_p", "0..1"), TOP_K, MIN_P,
+    H("seed", "negative: a random seed; the same request gives the same text, streaming or not"),
+    H("stop", "a string or up to 16; never part of the output"),
+    H("samplers", "which of `temperature`, `top_k`, `top_p`, `min_p` and `infill` (llama.cpp's infill sampler) "
+      "apply, as a list of names or llama-server's letters (`tkpmi`); unlisted ones are off, and a value sent for "
+      "one is a 400; they run in me-local's order (temperature and top_k, then top_p, min_p, infill): another "
+      "order is a 400; `penalties` is accepted (the penalties apply whenever their settings are sent), and `dry`, "
+      "`typ_p`, `xtc` and `top_n_sigma` are accepted and do nothing (their settings are refused); `infill` needs "
+      "`top_k` (1..1000) and is not for mode `ce`"),
+    H("stream", "server-sent events: llama-server's partial results, then the final one (no `[DONE]`)"),
+    H("response_fields", "the final result's fields to return, `a/b` for a nested one, flattened (llama-server's)"),
+    MODEL, ENSEMBLE,
+    N("cache_prompt", "a cache hint; me-local reuses each slot's cached prefix by itself"),
+    N("t_max_prompt_ms", "a limit on prompt processing that llama-server does not apply either"),
+    N("id_slot", "the slot to run in; me-local gives each request the free slot with the longest cached prefix"),
+    R("n_probs", f"(token probabilities) {NOT_YET} on /infill", (0,)),
+    *(f for f in OPENAI_SHARED if f.name in ("repeat_penalty", "repeat_last_n", "presence_penalty",
+                                             "frequency_penalty", "logit_bias")),
+    R("typical_p", f"(locally typical sampling) {NOT_YET}", (1,)),
+    R("mirostat", f"(Mirostat sampling) {NOT_YET}", (0,)),
+    R("dynatemp_range", f"(dynamic temperature) {NOT_YET}", (0,)),
+    R("xtc_probability", f"(XTC sampling) {NOT_YET}", (0,)),
+    R("dry_multiplier", f"(DRY repetition penalty) {NOT_YET}", (0,)),
+    R("top_n_sigma", f"(top-n-sigma sampling) {NOT_YET}", (-1,)),
+    R("grammar", f"(grammar-constrained output) {NOT_YET}"),
+    R("json_schema", f"(schema-constrained output) {NOT_YET}"),
+    R("ignore_eos", "(generating past the end of generation) is not supported"),
+    R("lora", "(LoRA adapters) are not supported"),
+    R("timings_per_token", "(timings in every partial result) is not supported; the final result has them"),
+    R("return_tokens", "(token ids in the result) is not supported on /infill"),
+    R("post_sampling_probs", f"(token probabilities) {NOT_YET} on /infill"),
+])
+
+INFILL_EXTRA = _table("`/infill` extra context (`input_extra[i]`)", "a field of an `input_extra` chunk", [
+    H("text", "the chunk's text (required)"),
+    H("filename", "its file's name (default `tmp`), after `<FIM_SEP>` when the model has that token"),
+    N("time", "when llama.vim picked the chunk; llama-server does not read it either"),
+], prefix="input_extra[].")
+
 TABLES = (OPENAI_CHAT, OPENAI_COMPLETIONS, STREAM_OPTIONS, OPENAI_MESSAGE,
-          OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_OPTIONS, OLLAMA_MESSAGE)
+          OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_OPTIONS, OLLAMA_MESSAGE, INFILL, INFILL_EXTRA)
 
 
 def check(obj: dict[str, Any], table: Table, at: str | None = None) -> None:
@@ -284,12 +340,13 @@ def check(obj: dict[str, Any], table: Table, at: str | None = None) -> None:
             raise ApiError(400, f"`{path}` {row.doc}; remove it{also}", code="unsupported_parameter", param=path)
 
 
-def check_messages(messages: Any, table: Table) -> None:
-    """:func:`check` on each message that is an object (the rest is the messages' own check)."""
+def check_messages(messages: Any, table: Table, key: str = "messages") -> None:
+    """:func:`check` on each message (or ``key``'s other list items) that is an object (the rest is the
+    list's own check)."""
     if isinstance(messages, list):
         for i, m in enumerate(messages):
             if isinstance(m, dict):
-                check(m, table, f"messages[{i}].")
+                check(m, table, f"{key}[{i}].")
 
 
 def render_docs() -> str:

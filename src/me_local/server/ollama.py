@@ -27,7 +27,7 @@ from .. import settings as S
 from ..backends.gguf_check import read_gguf_header
 from ..config import EnsembleConfig, MemberConfig
 from ..core import DoneEvent, TokenEvent
-from ..engine import Engine, Request
+from ..engine import Engine, FimInput, Request
 from ..errors import MeLocalError
 from . import fields, wire
 from .errors import ApiError, bad_request
@@ -108,6 +108,12 @@ def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Requ
     prompt = opt_str(body, "prompt")
     system = opt_str(body, "system")
     raw = opt_bool(body, "raw")
+    suffix = opt_str(body, "suffix")
+    if suffix:  # fill in the middle: the members' FIM tokens make the prompt, never a chat template
+        if system:
+            raise bad_request("`system` has no place in a fill-in-the-middle prompt (`suffix`), which is built from "
+                              "the model's FIM tokens, not its chat template; drop `system`", "system")
+        return ref, _request(ref, body, fim=FimInput(prompt or "", suffix))
     if raw and system:
         raise bad_request("`system` does not apply with `raw: true` (the prompt is taken as written; Ollama "
                           "refuses it too); drop `system`, or write it into the raw prompt", "system")
@@ -287,7 +293,9 @@ async def show(request: web.Request) -> web.Response:
     members = [m for m in ens.members if ref.member is None or m.name == ref.member]
     parameters = "\n".join([f"temperature {s.temperature}", f"top_k {s.top_k}", f"top_p {s.top_p}",
                             f"min_p {s.min_p}", f"num_predict {s.max_tokens}", f"num_ctx {ens.n_ctx}"])
-    templates = await asyncio.get_running_loop().run_in_executor(None, _chat_templates, members)
+    loop = asyncio.get_running_loop()
+    templates = await loop.run_in_executor(None, _chat_templates, members)
+    fim_template = await loop.run_in_executor(None, _fim_template, engine, ref)
     modelfile = "\n".join([f"# me-local {'member' if ref.member else 'ensemble'} {ref.name} "
                            f"(mode {'single' if ref.member else ens.mode})"]
                           + [f"# member {m.name} weight {m.weight} path {m.path} "
@@ -295,16 +303,42 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response({
         "modelfile": modelfile,
         "parameters": parameters,
-        "template": "",
+        "template": fim_template or "",
         "details": _details(ens, ref.member),
         "model_info": {"general.architecture": "me-local", "me-local.context_length": ens.n_ctx,
                        "me-local.mode": "single" if ref.member else ens.mode,
                        "me-local.members": [m.name for m in members],
                        "me-local.chat_templates": templates,
                        **_granularity(engine, ens.name, ref.member)},
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "insert"] if fim_template else ["completion"],
         "modified_at": _modified_at(engine),
     })
+
+
+def _fim_template(engine: Engine, ref: ModelRef) -> str | None:
+    """For a model whose members (those that run) all have FIM tokens: a Go template with ``.Suffix``
+    in Ollama's style, which is how Continue tells a model that can fill in the middle (its FIM tokens
+    are the first member's; each member writes its own). None otherwise. Loads the ensemble if it is
+    not loaded yet: off the loop."""
+    ens = ref.ensemble
+    loaded = engine.ensemble(ens.name)
+    if ref.member is not None or ens.mode == "single":
+        name = ref.member or ens.member or ens.members[0].name
+        active = [m for m in loaded.members if m.name == name]
+    else:
+        active = [m for m, cfg in zip(loaded.members, ens.members) if cfg.weight > 0]
+    if not active or not all(m.model.fim.capable for m in active):
+        return None
+    model = active[0].model
+
+    def text(token: int) -> str:
+        return model.token_texts[token].decode("utf-8", "replace")
+
+    fim = model.fim
+    return ("{{- if .Suffix }}" + text(fim.pre) + "{{ .Prompt }}" + text(fim.suf) + "{{ .Suffix }}" + text(fim.mid)
+            + "{{- else }}{{ .Prompt }}{{- end }}"
+            + "{{/* me-local: each member writes its own FIM tokens; chat uses each member's chat template, "
+            + "model_info[\"me-local.chat_templates\"] */}}")
 
 
 def _granularity(engine: Engine, name: str, member: str | None) -> dict[str, Any]:

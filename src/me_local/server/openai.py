@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .. import settings as S
 from ..core import DoneEvent, TokenEvent
-from ..engine import Engine, Request
+from ..engine import Engine, FimInput, Request
 from . import fields, wire
 from .echo import (
     Echo,
@@ -42,6 +42,7 @@ from .params import (
     opt_number,
     opt_object,
     opt_setting,
+    opt_str,
     read_json,
     resolve_model,
     sampling_fields,
@@ -154,13 +155,30 @@ def parse_completion(body: dict[str, Any], engine: Engine) -> CompletionCall:
     logprobs = opt_setting(body, S.TOP_LOGPROBS, "logprobs")  # completions: an integer, the top count
     want = logprobs is not None
     choice = ensemble_extension(body, ref)
+    suffix = opt_str(body, "suffix")
+    if suffix:
+        fim_prompts(prompts, echo)
     check_token_prompts(engine, ref, choice, prompts)
     spec = echo_spec(engine, ref, choice, prompts, logprobs) if echo else None
     params = dict(overrides, logprobs=want, top_logprobs=logprobs or 0)
-    requests = [engine_request(ref, choice, params, **({"prompt": p} if isinstance(p, str) else {"tokens": p}))
-                for p in prompts]
+    requests = [engine_request(ref, choice, params, **_prompt_fields(p, suffix)) for p in prompts]
     return CompletionCall(ref, requests[0], stream, include_usage, want, logprobs or 0, prompts=prompts,
                           requests=requests, echo=spec, generate=generate, batch=batch)
+
+
+def fim_prompts(prompts: list[Prompt], echo: bool) -> None:
+    """With ``suffix`` (fill in the middle) each prompt is the text before the gap: a string."""
+    if echo:
+        raise bad_request("`echo` does not apply with `suffix`: a fill-in-the-middle prompt is built from FIM "
+                          "tokens, not the text to repeat; drop `echo`", "echo")
+    if not all(isinstance(p, str) for p in prompts):
+        raise bad_request("`suffix` needs the prompt as text (the text before the gap), not token ids", "prompt")
+
+
+def _prompt_fields(prompt: Prompt, suffix: str | None) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"fim": FimInput(prompt, suffix)} if suffix else {"prompt": prompt}
+    return {"tokens": prompt}
 
 
 def _error_frame(err: ApiError) -> bytes:

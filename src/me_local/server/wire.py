@@ -335,6 +335,78 @@ def ollama_load_reply(kind: str, model: str, created_at: str, reason: str = "loa
     return obj
 
 
+# --------------------------------------------------------------------------- llama-server (/infill)
+
+
+STOP_TYPES = {"eos": "eos", "word": "word", "length": "limit", "cancelled": "none"}
+"""llama-server's ``stop_type`` for how a generation ended."""
+
+
+def llama_stop_type(done: DoneEvent) -> str:
+    """``eos`` (the model ended it), ``word`` (a stop string), ``limit`` (a token, time or indentation
+    limit, or the context's end) or ``none`` (cancelled)."""
+    if done.finish_reason == "stop":
+        return "eos" if done.end is not None else "word"
+    return STOP_TYPES.get(done.finish_reason, "none")
+
+
+def llama_timings(stats: GenerationStats) -> dict[str, Any]:
+    """llama-server's ``timings``: ``prompt_*`` for the prompt tokens evaluated (the cached ones are
+    ``cache_n``), ``predicted_*`` for the generated ones, in milliseconds."""
+    prompt_n = max(0, stats.prompt_tokens - stats.cached_prompt_tokens)
+    prompt_ms = stats.prompt_eval_s * 1000.0
+    predicted_ms = (stats.total_s - stats.ttft_s) * 1000.0 if stats.ttft_s is not None else 0.0
+    n = stats.generated_tokens
+    return {
+        "cache_n": stats.cached_prompt_tokens,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": prompt_n / stats.prompt_eval_s if prompt_n and stats.prompt_eval_s > 0 else 0.0,
+        "predicted_n": n,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / n if n else 0.0,
+        "predicted_per_second": n * 1000.0 / predicted_ms if n and predicted_ms > 0 else 0.0,
+    }
+
+
+def infill_partial(content: str, predicted: int, evaluated: int) -> dict[str, Any]:
+    """A streamed piece of an ``/infill`` answer, as llama-server sends it."""
+    return {"index": 0, "content": content, "tokens": [], "stop": False, "id_slot": -1,
+            "tokens_predicted": predicted, "tokens_evaluated": evaluated}
+
+
+def infill_final(model: str, content: str, done: DoneEvent, *, evaluated: int, settings: dict[str, Any],
+                 truncated: bool, extension: dict[str, Any]) -> dict[str, Any]:
+    """The final result of an ``/infill`` answer (streaming: its last event, with ``content`` empty)."""
+    stats = done.stats
+    ext = stats.to_dict()
+    ext["finish_reason"] = done.finish_reason
+    ext.update(extension)
+    return {
+        "index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": True, "model": model,
+        "tokens_predicted": stats.generated_tokens, "tokens_evaluated": evaluated,
+        "generation_settings": settings, "has_new_line": "\n" in content, "truncated": truncated,
+        "stop_type": llama_stop_type(done), "tokens_cached": evaluated + stats.generated_tokens,
+        "timings": llama_timings(stats), "me_local": ext,
+    }
+
+
+def nested_fields(obj: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
+    """llama-server's ``response_fields``: each path (``a/b`` for ``obj["a"]["b"]``) that exists, as a
+    key of a flat object; the others are left out."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        value: Any = obj
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            out[path] = value
+    return out
+
+
 # --------------------------------------------------------------------------- reading SSE (clients)
 
 

@@ -28,18 +28,20 @@ if TYPE_CHECKING:
 
 
 class NativeSampler:
-    """llama.cpp's sampler chain, in the core's order: temperature, top-k, top-p, min-p, draw,
-    after an optional logit bias (word-level ME's restriction to word starts), the request's
-    logit bias and the penalties (:func:`me_local.core.sampling.penalize` is their reference).
-    It reads its context's last logits inside llama.cpp: nothing vocabulary-sized crosses into
-    Python.
+    """llama.cpp's sampler chain, in the core's order: temperature, top-k, top-p, min-p, the infill
+    sampler (when asked for), draw, after an optional logit bias (word-level ME's restriction to word
+    starts), the request's logit bias and the penalties (:func:`me_local.core.sampling.penalize` is
+    their reference). It reads its context's last logits inside llama.cpp: nothing vocabulary-sized
+    crosses into Python.
 
     The penalties count the tokens the chain accepted: ``llama_sampler_sample`` accepts the token
     it draws, :meth:`observe` the tokens other members wrote."""
 
     def __init__(self, ctx: L.llama_context_p, params: SamplingParams, seed: int,
-                 bias: tuple[int, ctypes.Array[L.llama_logit_bias]] | None = None) -> None:
+                 bias: tuple[int, ctypes.Array[L.llama_logit_bias]] | None = None, *,
+                 model: LoadedModel | None = None) -> None:
         self._ctx = ctx
+        self._fallback = -1
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         n_vocab = int(L.llama_vocab_n_tokens(L.llama_model_get_vocab(L.llama_get_model(ctx))))
         if bias is not None:  # (n_vocab, biases): first, so the transforms see the restricted distribution
@@ -55,7 +57,14 @@ class NativeSampler:
             self._penalties = L.llama_sampler_init_penalties(
                 n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
             L.llama_sampler_chain_add(chain, self._penalties)
+        infill = params.infill and model is not None
+        if infill and model is not None:
+            # the infill sampler answers llama_vocab_eot when it keeps no text token; a vocabulary
+            # without an end-of-turn token gets -1 there: its end-of-generation token stands in
+            self._fallback = model.eos if model.eos >= 0 else int(np.flatnonzero(model.eog)[0])
         if params.greedy:
+            if infill and model is not None:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_infill(model.vocab))
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
             if params.temperature != 1.0:
@@ -66,11 +75,14 @@ class NativeSampler:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
             if params.min_p > 0.0:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+            if infill and model is not None:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_infill(model.vocab))
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         self._chain: L.llama_sampler_p | None = chain
 
     def sample(self) -> int:
-        return int(L.llama_sampler_sample(self._chain, self._ctx, -1))
+        token = int(L.llama_sampler_sample(self._chain, self._ctx, -1))
+        return token if token >= 0 else self._fallback
 
     def observe(self, tokens: Sequence[int]) -> None:
         if self._penalties is not None:
@@ -301,7 +313,7 @@ class LlamaMember:
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def make_sampler(self, params: SamplingParams, seed: int) -> NativeSampler:
-        return NativeSampler(self._context(), params, seed)
+        return NativeSampler(self._context(), params, seed, model=self.model)
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token)
@@ -319,7 +331,8 @@ class LlamaMember:
         return self.model.tokenize_text(text)
 
     def make_word_start_sampler(self, params: SamplingParams, seed: int) -> NativeSampler:
-        return NativeSampler(self._context(), params, seed, bias=(self.model.n_vocab, self.model.word_start_bias()))
+        return NativeSampler(self._context(), params, seed, bias=(self.model.n_vocab, self.model.word_start_bias()),
+                             model=self.model)
 
     def token_bytes(self, token: int) -> bytes:
         return self.model.pieces[token]

@@ -19,6 +19,7 @@ from llama_cpp import llama_cpp as L
 from ... import chat_templates
 from ...chat_templates import ChatTemplate
 from ...errors import RequestError
+from ...fim import FIM_NAMES, FimTokens
 from ..cpu import cpu_flags, decide_repack
 from ..gguf_check import read_gguf_header
 from ..hugepages import load_with_huge_pages
@@ -113,6 +114,9 @@ class LoadedModel:
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.fim = FimTokens(**{name: int(getattr(L, f"llama_vocab_fim_{name}")(self.vocab)) for name in FIM_NAMES})
+        """The fill-in-the-middle tokens llama.cpp found (GGUF keys ``tokenizer.ggml.fim_*_token_id``, or
+        known token texts such as ``<|fim_prefix|>``)."""
         self._eog: npt.NDArray[np.bool_] = np.array(
             [bool(L.llama_vocab_is_eog(self.vocab, t)) for t in range(self.n_vocab)])
         self.pieces = [self._piece(t, special=False) for t in range(self.n_vocab)]
