@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from me_local import chat_templates
 from me_local.core import Cancelled, SamplingParams
 from me_local.core.sampling import NumpySampler
 
@@ -129,11 +130,12 @@ class EngineMember(FakeMember):
     fingerprint, prompts (each byte of the text is a token, modulo the vocabulary)
     and close(). Tokenizing goes through the factory, which may hold it."""
 
-    def __init__(self, name: str, factory: FakeFactory, **kw: Any) -> None:
+    def __init__(self, name: str, factory: FakeFactory, chat_template: str | None = None, **kw: Any) -> None:
         super().__init__(name, 0, **kw)
-        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1)
+        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1,
+                                     template=lambda configured=None: chat_templates.choose(configured, None))
         self.system: str | None = None
-        self.chat_template: str | None = None
+        self.chat_template: str | None = chat_template
         self._factory = factory
         self.closed = False
 
@@ -141,7 +143,9 @@ class EngineMember(FakeMember):
         self._factory.tokenizing(text)
         return [b % self.n_vocab for b in text.encode()]
 
-    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], *, tools: Any = None, labels: Any = None) -> list[int]:
+        """Each message's content, one after another (``prompts`` records what it was given)."""
+        self._factory.prompts.append((list(messages), tools))
         return self.raw_prompt("".join(m["content"] for m in messages))
 
     def tokenize_text(self, text: str) -> list[int]:
@@ -164,10 +168,12 @@ class FakeFactory:
         self.gate: threading.Event | None = None
         self.held: set[str] | None = None
         self.tokenized: list[str] = []
+        self.prompts: list[tuple[list[dict[str, Any]], Any]] = []
+        """Each chat prompt's messages and tools, in order."""
         self._lock = threading.Lock()
 
     def __call__(self, mc: Any, ens: Any) -> EngineMember:
-        return EngineMember(mc.name, self, n_ctx=self.n_ctx or ens.n_ctx)
+        return EngineMember(mc.name, self, chat_template=mc.chat_template, n_ctx=self.n_ctx or ens.n_ctx)
 
     def tokenizing(self, text: str) -> None:
         with self._lock:

@@ -76,21 +76,38 @@ EXAMPLES[F.OLLAMA_GENERATE.title] = {
     "template": "{{ .Prompt }}", "context": [1, 2, 3], "width": 512, "height": 512, "steps": 4,
 }
 NEEDS = {"top_logprobs": {"logprobs": True}}
+TOOL_MESSAGE_FIELDS = {"tool_calls": 1, "tool_call_id": 2, "tool_name": 2}
+"""The message fields that belong to an assistant's call (index 1) or to a tool result (index 2)."""
+
+
+def messages_with(name: str, value: Any, api: str) -> list[dict[str, Any]]:
+    """A conversation whose message ``TOOL_MESSAGE_FIELDS[name]`` (default 0) has field ``name``."""
+    at = TOOL_MESSAGE_FIELDS.get(name, 0)
+    if at == 0:
+        return [{"role": "user", "content": "Hi", name: value}]
+    calls = CALL if api == "openai" else [{"function": {"name": "f", "arguments": {}}}]
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": calls},
+                    {"role": "tool", "content": "42"}]
+    conversation[at] = {**conversation[at], name: value}
+    return conversation[: at + 1] if at == 1 else conversation
 
 
 def request_with(table: F.Table, name: str, value: Any) -> tuple[str, dict[str, Any]]:
-    """A valid request of ``table``'s route whose field ``name`` is ``value``."""
+    """A valid request of ``table``'s route whose field ``name`` is ``value`` (tools go to ``solo``, whose
+    context holds the tools' system message in the fake members' byte tokens)."""
     if table is F.OPENAI_CHAT:
-        return CHAT, {"model": "tiny", "messages": HELLO, "max_tokens": 2, **NEEDS.get(name, {}), name: value}
+        return CHAT, {"model": "solo" if name == "tools" else "tiny", "messages": HELLO, "max_tokens": 2,
+                      **NEEDS.get(name, {}), name: value}
     if table is F.OPENAI_COMPLETIONS:
         return COMP, {"model": "tiny", "prompt": "Hi", "max_tokens": 2, name: value}
     if table is F.STREAM_OPTIONS:
         return CHAT, {"model": "tiny", "messages": HELLO, "max_tokens": 2, "stream": True,
                       "stream_options": {name: value}}
     if table is F.OPENAI_MESSAGE:
-        return CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "Hi", name: value}], "max_tokens": 2}
+        return CHAT, {"model": "tiny", "messages": messages_with(name, value, "openai"), "max_tokens": 2}
     if table is F.OLLAMA_CHAT:
-        return "/api/chat", {"model": "tiny", "messages": HELLO, "stream": False, "options": {"num_predict": 2},
+        return "/api/chat", {"model": "solo" if name == "tools" else "tiny", "messages": HELLO, "stream": False,
+                             "options": {"num_predict": 2},
                              **NEEDS.get(name, {}), name: value}
     if table is F.OLLAMA_GENERATE:
         return "/api/generate", {"model": "tiny", "prompt": "Hi", "stream": False, "options": {"num_predict": 2},
@@ -99,12 +116,14 @@ def request_with(table: F.Table, name: str, value: Any) -> tuple[str, dict[str, 
         return "/api/chat", {"model": "tiny", "messages": HELLO, "stream": False,
                              "options": {"num_predict": 2, name: value}}
     assert table is F.OLLAMA_MESSAGE
-    return "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "Hi", name: value}],
+    return "/api/chat", {"model": "tiny", "messages": messages_with(name, value, "ollama"),
                          "stream": False, "options": {"num_predict": 2}}
 
 
 def param_path(table: F.Table, name: str) -> str:
-    return f"messages[0].{name}" if table.prefix == "messages[]." else table.path(name)
+    if table.prefix == "messages[].":
+        return f"messages[{TOOL_MESSAGE_FIELDS.get(name, 0)}].{name}"
+    return table.path(name)
 
 
 ROWS = [(table, row) for table in F.TABLES for row in table.fields.values()]

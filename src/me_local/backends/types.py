@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..chat_templates import ChatTemplate
 from ..core.likelihood import TextMember
@@ -30,9 +30,14 @@ from ..core.likelihood import TextMember
 if TYPE_CHECKING:
     from ..config import EnsembleConfig, MemberConfig
 
-ChatMessage = Mapping[str, str]
-"""One chat message as the backends render it: ``role`` and ``content`` (already
-validated by :func:`me_local.engine.normalize_messages`)."""
+ChatMessage = Mapping[str, Any]
+"""One chat message as the backends render it: ``role`` and ``content``, and an assistant's
+``tool_calls`` or a tool result's ``tool_call_id`` and ``name`` (already validated by
+:func:`me_local.engine.normalize_messages`)."""
+
+ToolDefinitions = Sequence[Mapping[str, Any]]
+"""The ``tools`` a chat template receives: OpenAI's list, ``{"type": "function", "function": {name,
+description, parameters}}`` each (as llama.cpp and Ollama pass them)."""
 
 
 class ModelHandle(Protocol):
@@ -90,9 +95,11 @@ class ModelHandle(Protocol):
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
     def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None,
-                    template: ChatTemplate | None = None) -> list[int]:
-        """The prompt ``template`` (default: :meth:`template`) makes of ``messages``, with message
-        content tokenized as text (never as control tokens). ``labels`` name the messages in errors."""
+                    template: ChatTemplate | None = None, tools: ToolDefinitions | None = None) -> list[int]:
+        """The prompt ``template`` (default: :meth:`template`) makes of ``messages`` (and ``tools``,
+        which the template receives), with message content tokenized as text (never as control
+        tokens); text the template renders as markup (tool definitions, calls) that holds
+        control-token text is refused. ``labels`` name the messages in errors."""
         ...
 
 
@@ -115,8 +122,11 @@ class MemberContext(TextMember, Protocol):
         instead of its file's; None: the file's own (or the default when it has none)."""
         ...
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The prompt for chat messages: this member's system prompt first, its own template."""
+    def chat_prompt(self, messages: Sequence[ChatMessage], *, tools: ToolDefinitions | None = None,
+                    labels: Sequence[str] | None = None) -> list[int]:
+        """The prompt for chat messages: this member's system prompt first, its own template
+        (which receives ``tools`` when given). ``labels`` name the messages in errors
+        (default ``messages[i]``)."""
         ...
 
     def raw_prompt(self, text: str) -> list[int]:

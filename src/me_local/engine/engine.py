@@ -17,6 +17,8 @@ from ..core.ensemble import check_fits
 from ..core.likelihood import TextLikelihood
 from ..errors import ConfigError, MeLocalError, RequestError
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
+from ..tools import Format, ToolSpec, uses_tools
+from ..tools import prepare as prepare_tools
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
 from .messages import normalize_messages
@@ -45,6 +47,8 @@ class Request:
     """token | word (None: the ensemble's)."""
     tokens: list[int] | None = None
     """A raw prompt as token ids, taken as they are (no BOS added)."""
+    tools: ToolSpec | None = None
+    """The functions the model may call (chat messages only; :mod:`me_local.tools`)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class Plan:
     """Each member's own prompt tokens (empty for a member that does not run)."""
     granularity: str
     """token | word."""
+    tool_format: Format | None = None
+    """How the members write calls, when the request has tools or a conversation with calls."""
 
 
 class Engine:
@@ -103,7 +109,8 @@ class Engine:
         loaded = self.ensemble(request.ensemble)
         return loaded, self._plan(loaded, request)
 
-    def _plan(self, loaded: LoadedEnsemble, request: Request) -> Plan:
+    def _active(self, loaded: LoadedEnsemble, request: Request) -> tuple[str, int, list[float], list[int]]:
+        """A request's mode, single member, weights and the members that run."""
         cfg = loaded.config
         if request.weights:
             try:
@@ -113,9 +120,6 @@ class Engine:
         mode = request.mode or cfg.mode
         if mode not in MODES:
             raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param="mode")
-        if request.granularity is not None and request.granularity not in GRANULARITIES:
-            raise RequestError(f"unknown granularity {request.granularity!r}; choose one of "
-                               f"{', '.join(GRANULARITIES)}", param="granularity")
         single = 0
         if request.member is not None or mode == "single":
             name = request.member or cfg.member or cfg.members[0].name
@@ -124,9 +128,34 @@ class Engine:
                 mode = "single"
         weights = [m.weight for m in cfg.members]
         active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
+        return mode, single, weights, active
+
+    def tool_support(self, request: Request) -> tuple[Format, str | None]:
+        """The format the members a request runs write calls in, and why they cannot carry tools
+        (None: they can). See :mod:`me_local.engine.tools`."""
+        loaded = self.ensemble(request.ensemble)
+        active = self._active(loaded, request)[3]
+        return loaded.tools.format(active), loaded.tools.problem(active)
+
+    def _plan(self, loaded: LoadedEnsemble, request: Request) -> Plan:
+        mode, single, weights, active = self._active(loaded, request)
+        if request.granularity is not None and request.granularity not in GRANULARITIES:
+            raise RequestError(f"unknown granularity {request.granularity!r}; choose one of "
+                               f"{', '.join(GRANULARITIES)}", param="granularity")
         if sum(x is not None for x in (request.messages, request.prompt, request.tokens)) != 1:
             raise RequestError("give either chat messages or a raw prompt", param="messages")
+        if request.tools is not None and request.messages is None:
+            raise RequestError("tools need chat messages, not a raw prompt", param="tools")
         messages = normalize_messages(request.messages) if request.messages is not None else None
+        tool_format = None
+        chat = None
+        if messages is not None and (request.tools is not None or uses_tools(messages)):
+            tool_format = loaded.tools.format(active)
+            if request.tools is not None and request.tools.active:
+                problem = loaded.tools.problem(active)
+                if problem is not None:
+                    raise RequestError(f"{loaded.config.name} does not support tools: {problem}", param="tools")
+            chat = prepare_tools(messages, request.tools, tool_format)
         members = loaded.members
         prompts: list[list[int]] = [[] for _ in members]
         cache: dict[tuple[int, str | None, str | None], list[int]] = {}
@@ -134,7 +163,9 @@ class Engine:
             m = members[i]
             key = (id(m.model), m.system, m.chat_template)  # members differing in either get their own prompt
             if key not in cache:
-                if messages is not None:
+                if chat is not None:
+                    cache[key] = m.chat_prompt(chat.messages, tools=chat.tools, labels=chat.labels)
+                elif messages is not None:
                     cache[key] = m.chat_prompt(messages)
                 elif request.tokens is not None:
                     cache[key] = prompt_ids(loaded, active, request.tokens)
@@ -143,7 +174,7 @@ class Engine:
             prompts[i] = cache[key]
         granularity = loaded.vocabulary.check(mode, request.granularity)
         check_fits([prompts[i] for i in active], [members[i] for i in active])
-        return Plan(mode, single, weights, prompts, granularity)
+        return Plan(mode, single, weights, prompts, granularity, tool_format)
 
     def generate(
         self,

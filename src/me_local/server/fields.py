@@ -89,7 +89,6 @@ def R(name: str, doc: str, neutral: tuple[Any, ...] = ()) -> Field:
 
 
 NOT_YET = "is not supported yet"
-TOOLS = f"(tool calling) {NOT_YET}"
 STRUCTURED = f"(structured output) {NOT_YET}"
 PENALTY = f"(a repetition penalty) {NOT_YET}"
 
@@ -121,9 +120,13 @@ OPENAI_CHAT = _table("OpenAI `POST /v1/chat/completions`", "a field of /v1/chat/
     H("max_completion_tokens", "as `max_tokens`; wins over it"),
     H("logprobs", "true: each token's log-probability (with me-local's `id` and `member`)"),
     H("top_logprobs", "0..20; needs `logprobs: true`"),
-    R("tools", TOOLS), R("tool_choice", TOOLS), R("parallel_tool_calls", TOOLS),
-    R("functions", f"(the deprecated form of `tools`) {NOT_YET}"),
-    R("function_call", f"(the deprecated form of `tool_choice`) {NOT_YET}"),
+    H("tools", "function tools (custom tools: 400); the answer's calls in `message.tool_calls` "
+      "(see Tool calling)"),
+    H("tool_choice", "`auto`, `none`, `required`, a named function, or `allowed_tools`; `required` and a "
+      "named function constrain the whole answer to calls"),
+    H("parallel_tool_calls", "false: at most one call per answer (default true)"),
+    R("functions", "(the deprecated form of `tools`) is not supported; send `tools`"),
+    R("function_call", "(the deprecated form of `tool_choice`) is not supported; send `tool_choice`"),
     R("response_format", STRUCTURED, ({"type": "text"},)),
     R("audio", "(audio output) is not supported by me-local's text models"),
     R("modalities", "(output modalities other than text) are not supported by me-local's text models",
@@ -166,8 +169,10 @@ OPENAI_MESSAGE = _table("OpenAI chat message (`messages[i]`)", "a field of a cha
     H("role", "`system`, `developer` (as `system`), `user`, `assistant`, `tool`"),
     H("content", "a string or a list of text parts; other parts are refused"),
     R("name", "(a participant's name) is not passed to the chat templates"),
-    R("tool_calls", TOOLS), R("tool_call_id", TOOLS),
-    R("function_call", f"(the deprecated form of `tool_calls`) {NOT_YET}"),
+    H("tool_calls", "an assistant's calls (`arguments`: a JSON object as text), rendered as its members "
+      "write calls"),
+    H("tool_call_id", "the call a `tool` message answers"),
+    R("function_call", "(the deprecated form of `tool_calls`) is not supported; send `tool_calls`"),
     R("refusal", "(an earlier refusal) is not supported; put the text in `content`"),
     R("audio", "(an earlier audio answer) is not supported by me-local's text models"),
 ], prefix="messages[].")
@@ -226,7 +231,7 @@ _OLLAMA_HINTS = {**{name: _OPTION_HINT for name in (f.name for f in OLLAMA_OPTIO
 OLLAMA_CHAT = _table("Ollama `POST /api/chat`", "a field of /api/chat", [
     H("messages", "see the message fields below; empty: the model is loaded (`done_reason: \"load\"`)"),
     *OLLAMA_SHARED,
-    R("tools", TOOLS),
+    H("tools", "function tools; the answer's calls in `message.tool_calls` (see Tool calling)"),
 ], hints=_OLLAMA_HINTS)
 
 OLLAMA_GENERATE = _table("Ollama `POST /api/generate`", "a field of /api/generate", [
@@ -248,7 +253,9 @@ OLLAMA_MESSAGE = _table("Ollama chat message (`messages[i]`)", "a field of a cha
     H("content", "text"),
     R("images", "(image input) is not supported by me-local's text models"),
     R("thinking", "(an earlier answer's thinking) is not supported by me-local's models"),
-    R("tool_calls", TOOLS), R("tool_name", TOOLS), R("tool_call_id", TOOLS),
+    H("tool_calls", "an assistant's calls (`arguments`: an object), rendered as its members write calls"),
+    H("tool_name", "the function a `tool` message answers"),
+    H("tool_call_id", "the call a `tool` message answers"),
 ], prefix="messages[].")
 
 TABLES = (OPENAI_CHAT, OPENAI_COMPLETIONS, STREAM_OPTIONS, OPENAI_MESSAGE,

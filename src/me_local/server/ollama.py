@@ -28,7 +28,7 @@ from ..config import EnsembleConfig, MemberConfig
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, Request
 from ..errors import MeLocalError
-from . import fields, wire
+from . import fields, tools, wire
 from .errors import ApiError, bad_request
 from .params import (
     ModelRef,
@@ -93,8 +93,12 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request 
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)
         return ref, None  # "load the model"
-    messages = chat_messages(raw)
-    return ref, _request(ref, body, messages=messages)
+    messages = chat_messages(tools.engine_messages(raw, "ollama"))
+    spec = tools.ollama_spec(body)
+    if spec is not None and body.get("logprobs"):
+        raise bad_request("`logprobs` is not supported with `tools` (an answer's calls are not tokens of its "
+                          "content); drop one of them", "logprobs")
+    return ref, _request(ref, body, messages=messages, tools=spec)
 
 
 def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
@@ -124,8 +128,15 @@ def _error_frame(err: ApiError) -> bytes:
 async def chat(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
-    ref, req = parse_chat(body, state.require_engine())
-    return await _answer(request, "chat", ref, req, body)
+    engine = state.require_engine()
+    ref, req = parse_chat(body, engine)
+    use = None
+    if req is not None and req.tools is not None:
+        fmt, problem = await asyncio.get_running_loop().run_in_executor(None, engine.tool_support, req)
+        if problem is not None:
+            raise tools.unsupported(ref.name, problem)
+        use = tools.ToolUse(req.tools, fmt)
+    return await _answer(request, "chat", ref, req, body, use)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -136,7 +147,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request | None,
-                  body: dict[str, Any]) -> web.StreamResponse:
+                  body: dict[str, Any], use: tools.ToolUse | None = None) -> web.StreamResponse:
     state = request.app[STATE]
     stream_wanted = opt_bool(body, "stream", default=True)
     created_at = wire.now_rfc3339()
@@ -156,16 +167,39 @@ async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request |
 
         if not stream_wanted:
             tokens, done = await collect(stream, first)
-            final = wire.ollama_final(kind, ref.name, created_at, done, joined_text(tokens, done), lp(tokens))
+            text = joined_text(tokens, done)
+            if use is None:
+                final = wire.ollama_final(kind, ref.name, created_at, done, text, lp(tokens))
+                return web.json_response(final, dumps=wire.dumps)
+            whole = use.parser()
+            whole.feed(text)
+            whole.finish()
+            calls = [c for c in map(tools.ollama_call, whole.calls) if c is not None]
+            final = wire.ollama_final(kind, ref.name, created_at, done, whole.content, tool_calls=calls)
             return web.json_response(final, dumps=wire.dumps)
 
+        parser = use.parser() if use is not None else None
+
+        def parts(text: str, final: bool = False) -> Iterable[bytes]:
+            if parser is None:
+                if text:
+                    yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), text))
+                return
+            events = parser.feed(text)
+            if final:
+                events += parser.finish()
+            content, calls = tools.ollama_ready(events, parser)
+            if content or calls:  # Ollama sends each call whole, in a chunk of its own
+                yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), content, tool_calls=calls))
+
         def on_token(ev: TokenEvent) -> Iterable[bytes]:
-            if ev.text or tb is not None:
+            if tb is not None:
                 yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), ev.text, lp([ev])))
+            else:
+                yield from parts(ev.text)
 
         def on_done(done: DoneEvent) -> Iterable[bytes]:
-            if done.text:
-                yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), done.text))
+            yield from parts(done.text, final=True)
             yield wire.ndjson(wire.ollama_final(kind, ref.name, wire.now_rfc3339(), done))
 
         return await stream_response(request, stream, first, content_type=wire.NDJSON_CONTENT_TYPE, head=(),
@@ -282,7 +316,11 @@ async def show(request: web.Request) -> web.Response:
     members = [m for m in ens.members if ref.member is None or m.name == ref.member]
     parameters = "\n".join([f"temperature {s.temperature}", f"top_k {s.top_k}", f"top_p {s.top_p}",
                             f"min_p {s.min_p}", f"num_predict {s.max_tokens}", f"num_ctx {ens.n_ctx}"])
-    templates = await asyncio.get_running_loop().run_in_executor(None, _chat_templates, members)
+    loop = asyncio.get_running_loop()
+    templates = await loop.run_in_executor(None, _chat_templates, members)
+    capabilities = ["completion"]
+    if await loop.run_in_executor(None, _carries_tools, engine, ref):
+        capabilities.append("tools")
     modelfile = "\n".join([f"# me-local {'member' if ref.member else 'ensemble'} {ref.name} "
                            f"(mode {'single' if ref.member else ens.mode})"]
                           + [f"# member {m.name} weight {m.weight} path {m.path} "
@@ -297,9 +335,21 @@ async def show(request: web.Request) -> web.Response:
                        "me-local.members": [m.name for m in members],
                        "me-local.chat_templates": templates,
                        **_granularity(engine, ens.name, ref.member)},
-        "capabilities": ["completion"],
+        "capabilities": capabilities,
         "modified_at": _modified_at(engine),
     })
+
+
+def _carries_tools(engine: Engine, ref: ModelRef) -> bool:
+    """Whether the model can carry tools (its members' templates render a call and its result:
+    engine/tools.py); a model that is not loaded cannot be probed, and is said not to."""
+    if ref.ensemble.name not in engine.loaded:
+        return False
+    request = Request(ensemble=ref.ensemble.name, member=ref.member, messages=[])
+    try:
+        return engine.tool_support(request)[1] is None
+    except MeLocalError:
+        return False
 
 
 def _granularity(engine: Engine, name: str, member: str | None) -> dict[str, Any]:

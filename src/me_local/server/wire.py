@@ -227,7 +227,17 @@ def chat_completion(
     text: str,
     done: DoneEvent,
     logprobs: list[dict[str, Any]] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A whole chat answer; with ``tool_calls`` (OpenAI's shape) the message carries them (its
+    content null when it has none) and an answer that ended after them finishes with ``tool_calls``."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    reason = openai_finish_reason(done.finish_reason)
+    if tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = tool_calls
+        if reason == "stop":
+            reason = "tool_calls"
     return {
         "id": id,
         "object": "chat.completion",
@@ -236,9 +246,9 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None if logprobs is None else {"content": logprobs},
-                "finish_reason": openai_finish_reason(done.finish_reason),
+                "finish_reason": reason,
             }
         ],
         "usage": openai_usage(done.stats, done.finish_reason),
@@ -297,12 +307,16 @@ def ollama_logprob(ev: TokenEvent, token_bytes: TokenBytes) -> dict[str, Any]:
 
 
 def ollama_part(
-    kind: str, model: str, created_at: str, text: str, logprobs: list[dict[str, Any]] | None = None
+    kind: str, model: str, created_at: str, text: str, logprobs: list[dict[str, Any]] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A streamed piece of an answer: ``kind`` is ``chat`` or ``generate``."""
+    """A streamed piece of an answer: ``kind`` is ``chat`` or ``generate``; a chat message carries
+    ``tool_calls`` when given any."""
     obj: dict[str, Any] = {"model": model, "created_at": created_at}
     if kind == "chat":
         obj["message"] = {"role": "assistant", "content": text}
+        if tool_calls:
+            obj["message"]["tool_calls"] = tool_calls
     else:
         obj["response"] = text
     obj["done"] = False
@@ -318,9 +332,10 @@ def ollama_final(
     done: DoneEvent,
     text: str = "",
     logprobs: list[dict[str, Any]] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The last object of an answer (or the only one when not streaming)."""
-    obj = ollama_part(kind, model, created_at, text, logprobs)
+    obj = ollama_part(kind, model, created_at, text, logprobs, tool_calls)
     obj["done"] = True
     obj["done_reason"] = done.finish_reason
     obj.update(ollama_durations(done.stats))

@@ -19,7 +19,7 @@ from ...chat_templates import ChatTemplate
 from ...core.types import Cancelled, SamplingParams
 from ...errors import BackendError, ModelLoadError, SettingError
 from ...settings import KV_CACHE_TYPE, N_BATCH, N_CTX
-from ..types import ChatMessage
+from ..types import ChatMessage, ToolDefinitions
 from .model import LoadedModel
 from .threads import default_threads
 
@@ -304,11 +304,12 @@ class LlamaMember:
         """The chat template this member renders with, and where it came from."""
         return self.model.template(self.chat_template)
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Format messages with this member's own template (its system prompt first).
-        Message content is tokenized as text: see :meth:`LoadedModel.chat_tokens`."""
+    def chat_prompt(self, messages: Sequence[ChatMessage], *, tools: ToolDefinitions | None = None,
+                    labels: Sequence[str] | None = None) -> list[int]:
+        """Format messages with this member's own template (its system prompt first), which
+        receives ``tools``. Message content is tokenized as text: see :meth:`LoadedModel.chat_tokens`."""
         msgs = [dict(m) for m in messages]
-        labels = [f"messages[{i}]" for i in range(len(msgs))]
+        labels = list(labels) if labels is not None else [f"messages[{i}]" for i in range(len(msgs))]
         if self.system:
             if msgs and msgs[0].get("role") == "system":
                 msgs[0]["content"] = f"{self.system}\n\n{msgs[0].get('content') or ''}"
@@ -316,7 +317,7 @@ class LlamaMember:
             else:
                 msgs.insert(0, {"role": "system", "content": self.system})
                 labels.insert(0, f"the system prompt of member {self.name!r}")
-        return self.model.chat_tokens(msgs, labels, self.template)
+        return self.model.chat_tokens(msgs, labels, self.template, tools)
 
     def raw_prompt(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_special=True)

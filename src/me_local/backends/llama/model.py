@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,7 +22,7 @@ from ...errors import RequestError
 from ..cpu import cpu_flags, decide_repack
 from ..gguf_check import read_gguf_header
 from ..hugepages import load_with_huge_pages
-from ..types import ChatMessage
+from ..types import ChatMessage, ToolDefinitions
 from . import chat_template
 from ._lib import capture_errors, init_backend, load_failure, log
 
@@ -198,29 +198,60 @@ class LoadedModel:
         (None: this file's own, or the default when it has none), and where it came from."""
         return chat_templates.choose(configured, self.chat_template)
 
-    def format_chat(self, messages: Sequence[ChatMessage], template: ChatTemplate | None = None) -> str:
-        """``messages`` rendered by ``template`` (default: :meth:`template`)."""
+    def format_chat(self, messages: Sequence[ChatMessage], template: ChatTemplate | None = None,
+                    tools: ToolDefinitions | None = None) -> str:
+        """``messages`` rendered by ``template`` (default: :meth:`template`), which receives ``tools``."""
         t = template or self.template()
         return chat_template.render(t.text, messages, eos_text=self.eos_text, bos_text=self.bos_text,
-                                    who=t.named_for(self.path.name))
+                                    who=t.named_for(self.path.name), tools=tools)
 
     def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None,
-                    template: ChatTemplate | None = None) -> list[int]:
-        """The prompt for chat messages, rendered by ``template`` (default: :meth:`template`).
-        Only the template's own markup may produce special tokens: text in a message's content
-        that reads as a control token (``<|im_end|>``) is tokenized as plain text, so a user
-        cannot forge turns. ``labels`` name the messages in errors (default ``messages[i]``)."""
+                    template: ChatTemplate | None = None, tools: ToolDefinitions | None = None) -> list[int]:
+        """The prompt for chat messages, rendered by ``template`` (default: :meth:`template`), which
+        receives ``tools``. Only the template's own markup may produce special tokens: text in a
+        message's content that reads as a control token (``<|im_end|>``) is tokenized as plain
+        text, so a user cannot forge turns. What the template renders as markup besides the
+        content (tool definitions, an assistant's calls, a result's call id and name) cannot be
+        kept apart that way, so control-token text there is refused. ``labels`` name the
+        messages in errors (default ``messages[i]``)."""
         template = template or self.template()
+        self._refuse_markup(messages, labels, tools)
         marked = {}
         for i, m in enumerate(messages):
             found = self._control_texts(m.get("content") or "")
             if found is not None:
                 marked[i] = found
         if not marked:  # nothing at stake: the rendered text as one piece, exactly as always
-            text = self.format_chat(messages, template)
+            text = self.format_chat(messages, template, tools)
             starts_with_bos = bool(self.bos_text) and text.startswith(self.bos_text)
             return self.tokenize(text, add_special=self.add_bos and not starts_with_bos)
-        return self._chat_tokens_with_text_content(messages, marked, labels, template)
+        return self._chat_tokens_with_text_content(messages, marked, labels, template, tools)
+
+    def _refuse_markup(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None,
+                       tools: ToolDefinitions | None) -> None:
+        """A RequestError naming the first string of the tools, or of a message besides its role and
+        content, that holds control-token text of this vocabulary."""
+        places: list[tuple[str, str, Any]] = [("tools", f"tools[{i}]", t) for i, t in enumerate(tools or ())]
+        for i, m in enumerate(messages):
+            label = labels[i] if labels is not None else f"messages[{i}]"
+            places += [("messages", f"{label}.{k}", v) for k, v in m.items() if k not in ("role", "content")]
+        for param, path, value in places:
+            stack = [(path, value)]
+            while stack:
+                where, v = stack.pop()
+                if isinstance(v, dict):
+                    for k, item in v.items():
+                        stack.append((f"{where}.{k}", item))
+                        stack.append((f"a key of {where}", str(k)))
+                elif isinstance(v, (list, tuple)):
+                    stack += [(f"{where}[{j}]", item) for j, item in enumerate(v)]
+                elif isinstance(v, str):
+                    found = self._control_texts(v)
+                    if found is not None:
+                        raise RequestError(
+                            f"{where} contains {', '.join(found) or 'control-token text'}, which is markup for "
+                            f"{self.path.name}; its chat template writes this field as markup, not as text: "
+                            "remove it", param=param)
 
     _control_pattern: re.Pattern[str] | None = None
 
@@ -245,7 +276,8 @@ class LoadedModel:
         return list(dict.fromkeys(found))
 
     def _chat_tokens_with_text_content(self, messages: Sequence[ChatMessage], marked: dict[int, list[str]],
-                                       labels: Sequence[str] | None, template: ChatTemplate) -> list[int]:
+                                       labels: Sequence[str] | None, template: ChatTemplate,
+                                       tools: ToolDefinitions | None = None) -> list[int]:
         """Tokenize the template's pieces with special-token parsing and the contents
         without (:func:`chat_template.split_at_contents`). The pieces' boundaries may
         tokenize a little differently from one whole text, so this path is taken only when
@@ -260,8 +292,8 @@ class LoadedModel:
                 param="messages",
             )
 
-        pieces = chat_template.split_at_contents(lambda msgs: self.format_chat(msgs, template), messages, marked,
-                                                 refuse)
+        pieces = chat_template.split_at_contents(lambda msgs: self.format_chat(msgs, template, tools), messages,
+                                                 marked, refuse)
         # BOS as for the whole text: added unless the template's text starts with it
         starts_with_bos = bool(self.bos_text) and pieces[0][0].startswith(self.bos_text)
         tokens = [self.bos] if self.add_bos and self.bos >= 0 and not starts_with_bos else []
