@@ -24,6 +24,7 @@ from .types import (
     Cancelled,
     DoneEvent,
     Event,
+    GrammarSpec,
     Logits,
     Member,
     Probs,
@@ -55,6 +56,7 @@ def generate(
     granularity: str = "token",
     cancel: Callable[[], bool] = _never,
     clock: Callable[[], float] = time.perf_counter,
+    grammar: GrammarSpec | None = None,
 ) -> Iterator[Event]:
     """Generate from an ensemble, yielding a TokenEvent per token and one DoneEvent.
 
@@ -62,8 +64,11 @@ def generate(
     system prompts and templates). ``weights`` need not be normalised. At ``token``
     granularity every member must have the same vocabulary; ``word`` granularity
     (``me`` mode only, :mod:`.words`) takes any members that are :class:`WordMember`.
-    In ``single`` mode only ``members[single]`` runs.
+    In ``single`` mode only ``members[single]`` runs. ``grammar`` constrains the output
+    (docs/grammar.md); the done event then says whether it is complete.
     """
+    if grammar is not None and grammar.gbnf.strip():
+        raise RequestError("grammars are not supported yet", param=grammar.param)
     if granularity not in GRANULARITIES:
         raise RequestError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}",
                            param="granularity")

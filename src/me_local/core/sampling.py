@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .types import Logits, Probs, SamplingParams
+from .types import Constraint, Logits, Probs, SamplingParams
 
 
 def softmax(logits: Logits, temperature: float = 1.0) -> Probs:
@@ -134,7 +134,9 @@ class NumpySampler:
         self._rng = np.random.default_rng(seed)
         self._allowed = allowed
 
-    def sample(self) -> int:
+    def sample(self, constraint: Constraint | None = None) -> int:
+        if constraint is not None:
+            raise NotImplementedError("constrained sampling")
         logits = self._get_logits()
         if self._allowed is not None:  # restricted: the others' probability is 0 before the transforms
             logits = np.where(self._allowed, np.asarray(logits, dtype=np.float64), -np.inf)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..backends.types import MemberFactory
 from ..config import Config, SamplingDefaults
-from ..core import Cancelled, DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
+from ..core import Cancelled, DoneEvent, Event, GenerationStats, GrammarSpec, MemberStats, SamplingParams, generate
 from ..core.ensemble import check_fits
 from ..core.likelihood import TextLikelihood
 from ..errors import ConfigError, MeLocalError, RequestError
@@ -45,6 +45,8 @@ class Request:
     """token | word (None: the ensemble's)."""
     tokens: list[int] | None = None
     """A raw prompt as token ids, taken as they are (no BOS added)."""
+    grammar: GrammarSpec | None = None
+    """Constrain the output to a grammar (docs/grammar.md); an empty ``gbnf`` is no grammar."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ class Engine:
                 single=plan.single,
                 granularity=plan.granularity,
                 cancel=cancel or (lambda: False),
+                grammar=request.grammar,
             )
         finally:
             loaded.leave(ticket)

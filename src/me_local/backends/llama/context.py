@@ -16,7 +16,7 @@ import numpy.typing as npt
 from llama_cpp import llama_cpp as L
 
 from ...chat_templates import ChatTemplate
-from ...core.types import Cancelled, SamplingParams
+from ...core.types import Cancelled, Constraint, SamplingParams
 from ...errors import BackendError, ModelLoadError, SettingError
 from ...settings import KV_CACHE_TYPE, N_BATCH, N_CTX
 from ..types import ChatMessage
@@ -53,7 +53,9 @@ class NativeSampler:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         self._chain: L.llama_sampler_p | None = chain
 
-    def sample(self) -> int:
+    def sample(self, constraint: Constraint | None = None) -> int:
+        if constraint is not None:
+            raise NotImplementedError("constrained sampling")
         return int(L.llama_sampler_sample(self._chain, self._ctx, -1))
 
     def close(self) -> None:
