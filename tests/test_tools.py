@@ -202,7 +202,8 @@ def test_the_generic_prompt_writes_tools_and_calls_as_text():
     assert json.loads(system.split("tools:\n", 1)[1].split("\n\n")[0]) == [WEATHER.function()]
     assert '{"tool_call": {"name": "<tool name>"' in system and '{"response": "<your reply>"}' in system
     assert json.loads(p.messages[2]["content"]) == {"tool_calls": [
-        {"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]}
+        {"name": "get_weather", "arguments": {"city": "Paris"}},
+        {"name": "get_weather", "arguments": {"city": "Rome"}}]}
     # both results and the next user message are one user turn (Gemma's template needs the roles to alternate)
     results = p.messages[3]["content"].split("\n\n")
     assert [json.loads(r) for r in results[:2]] == [{"tool_response": {"tool": "get_weather", "content": "sunny"}},
@@ -245,7 +246,8 @@ def test_openai_tool_fields():
                          "tool_choice": {"type": "function", "function": {"name": "sub"}}})
     assert named is not None and named.names == ("sub",) and named.choice == "required"
     allowed = openai_spec({"tools": [TOOL, {**TOOL, "function": {"name": "sub"}}], "tool_choice": {
-        "type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "name": "add"}]}}})
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": "required", "tools": [{"type": "function", "name": "add"}]}}})
     assert allowed is not None and allowed.names == ("add",) and allowed.choice == "required"
     assert openai_spec({"tool_choice": "auto"}) is None and openai_spec({"tools": []}) is None
 

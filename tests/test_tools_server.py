@@ -183,7 +183,7 @@ def test_the_follow_up_turn_reaches_the_template(oa, ol, answer):
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
     r = oa.chat.completions.create(model="hermes", messages=history, tools=[WEATHER])
     assert r.choices[0].message.content == "It is sunny in Paris." and r.choices[0].finish_reason == "stop"
-    messages, tools = f.prompts[-1]
+    messages, _ = f.prompts[-1]
     assert messages[1]["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
         "name": "get_weather", "arguments": {"city": "Paris"}}}]
     assert messages[2] == {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "call_1", "name": "get_weather"}
