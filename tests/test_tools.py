@@ -198,9 +198,10 @@ def test_the_generic_prompt_writes_tools_and_calls_as_text():
     p = prepare(normalize_messages(HISTORY), ToolSpec((WEATHER,), parallel=False), "generic")
     assert p.tools is None and [m["role"] for m in p.messages] == ["system", "user", "assistant", "user"]
     system = p.messages[0]["content"]
-    assert system.startswith("Be brief.\n\nYou can call the following tools:\n")
-    assert json.loads(system.split("tools:\n", 1)[1].split("\n\n")[0]) == [WEATHER.function()]
-    assert '{"tool_call": {"name": "<tool name>"' in system and '{"response": "<your reply>"}' in system
+    assert system.startswith("Be brief.\n\nYou can call any of the following tools to satisfy the user's requests:\n")
+    assert json.loads(system.split("requests:\n", 1)[1].split("\n\n")[0]) == [WEATHER.function()]
+    assert "either with `tool_call` (a request to call tools) or with `response`" in system
+    assert system.endswith('{"tool_call": {"name": "tool_name", "arguments": {"arg1": "some_value"}}}')
     assert json.loads(p.messages[2]["content"]) == {"tool_calls": [
         {"name": "get_weather", "arguments": {"city": "Paris"}},
         {"name": "get_weather", "arguments": {"city": "Rome"}}]}
@@ -217,6 +218,7 @@ def test_the_generic_prompt_without_tool_choice_keeps_the_history_only():
     assert p.messages[0] == {"role": "system", "content": "Be brief."}
     required = prepare(normalize_messages(HISTORY[1:2]), ToolSpec((WEATHER,), choice="required"), "generic")
     assert "either" not in required.messages[0]["content"] and required.labels[0] == "the tools"
+    assert "with `tool_calls` (a request to call tools).\n" in required.messages[0]["content"]
 
 
 def test_a_native_template_gets_the_messages_and_tools_as_they_are():

@@ -159,7 +159,7 @@ def test_the_generic_format_for_templates_without_tools(oa, ol, answer):
     assert r.choices[0].message.tool_calls[0].function.arguments == '{"city": "Oslo"}'
     messages, tools = f.prompts[-1]
     assert tools is None and messages[0]["role"] == "system"
-    assert messages[0]["content"].startswith("You can call the following tools:")
+    assert messages[0]["content"].startswith("You can call any of the following tools")
     answer('{"response": "It is \\"sunny\\" \\u2600"}')
     r = oa.chat.completions.create(model="plain", messages=ASK, tools=[WEATHER])
     assert r.choices[0].message.content == 'It is "sunny" \u2600' and r.choices[0].message.tool_calls is None

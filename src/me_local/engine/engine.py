@@ -20,6 +20,7 @@ from ..errors import ConfigError, MeLocalError, RequestError
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
 from ..tools import Format, ToolSpec, uses_tools
 from ..tools import prepare as prepare_tools
+from ..tools.grammar import Converter, tool_grammar
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
 from .messages import normalize_messages
@@ -73,9 +74,14 @@ class Plan:
 
 
 class Engine:
-    def __init__(self, config: Config, factory: MemberFactory | None = None) -> None:
+    def __init__(self, config: Config, factory: MemberFactory | None = None, *,
+                 schema_grammar: Converter | None = None) -> None:
         self.config = config
         self._factory: MemberFactory = llama_member_factory() if factory is None else factory
+        # TODO(issue 12): default to me_local.grammar.schema_grammar once the i12-schema branch lands;
+        # until then tool calls are read from the answer but not constrained unless one is given.
+        self.schema_grammar = schema_grammar
+        """Converts a function's parameters (JSON Schema) to GBNF, for the grammar of tool calls."""
         self._loaded: dict[str, LoadedEnsemble] = {}
         self._lock = threading.Lock()
 
@@ -180,9 +186,21 @@ class Engine:
         granularity = loaded.vocabulary.check(mode, request.granularity)
         check_fits([prompts[i] for i in active], [members[i] for i in active])
         grammar = request.grammar if request.grammar is not None and request.grammar.gbnf.strip() else None
+        if request.tools is not None and request.tools.active and tool_format is not None:
+            if grammar is not None:
+                raise RequestError(f"tools and the grammar of {grammar.param} cannot both shape one answer; drop one "
+                                   "of them", param=grammar.param)
+            grammar = self._tool_grammar(request.tools, tool_format)
         if grammar is not None:
             check_grammar(grammar, [members[i] for i in active], granularity)
         return Plan(mode, single, weights, prompts, granularity, grammar, tool_format)
+
+    def _tool_grammar(self, spec: ToolSpec, fmt: Format) -> GrammarSpec | None:
+        """The grammar of the calls ``spec`` allows (lazy where text may come first; tools/grammar.py)."""
+        if self.schema_grammar is None:
+            return None
+        g = tool_grammar(spec, fmt, self.schema_grammar)
+        return GrammarSpec(g.gbnf, param="tools", triggers=g.triggers)
 
     def generate(
         self,

@@ -94,7 +94,7 @@ def read_tools(value: Any, api: Api) -> list[Tool]:
         strict = fn.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise bad_request(f"`{where}.function.strict` must be true or false", f"{where}.function.strict")
-        out.append(Tool(name, params, description))
+        out.append(Tool(name, params, description, position=i))
     return out
 
 

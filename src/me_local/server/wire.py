@@ -233,6 +233,9 @@ def chat_completion(
     content null when it has none) and an answer that ended after them finishes with ``tool_calls``."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     reason = openai_finish_reason(done.finish_reason)
+    usage = openai_usage(done.stats, done.finish_reason)
+    if done.grammar is not None:  # complete, incomplete (cut short) or untriggered (a lazy grammar never began)
+        usage["me_local"]["grammar"] = done.grammar
     if tool_calls:
         message["content"] = text or None
         message["tool_calls"] = tool_calls
@@ -251,7 +254,7 @@ def chat_completion(
                 "finish_reason": reason,
             }
         ],
-        "usage": openai_usage(done.stats, done.finish_reason),
+        "usage": usage,
     }
 
 

@@ -47,19 +47,20 @@ def prepare(messages: list[dict[str, Any]], spec: ToolSpec | None, fmt: Format) 
 
 
 def generic_instructions(spec: ToolSpec) -> str:
-    """The system text of the generic format: the tools, and the JSON the answer must be."""
+    """The system text of the generic format: the tools, and the JSON the answer must be (after
+    llama.cpp's generic handler and minja's tool polyfill)."""
     tools = json.dumps([t.function() for t in spec.tools], ensure_ascii=False, indent=2)
-    call = '{"name": "<tool name>", "arguments": {<its arguments>}}'
     if spec.parallel:
-        calls = f'{{"tool_calls": [{call}]}} (one or more calls)'
+        key, example = "tool_calls", '{"tool_calls": [{"name": "tool_name", "arguments": {"arg1": "some_value"}}]}'
     else:
-        calls = f'{{"tool_call": {call}}}'
+        key, example = "tool_call", '{"tool_call": {"name": "tool_name", "arguments": {"arg1": "some_value"}}}'
     if spec.choice == "required":
-        form = f"Respond in JSON format with a call of one of these tools: {calls}."
+        form = f"Respond in JSON format with `{key}` (a request to call tools)."
     else:
-        form = (f"Respond in JSON format, either with a call of one of these tools, {calls}, or with your "
-                'reply to the user, {"response": "<your reply>"}.')
-    return f"You can call the following tools:\n{tools}\n\n{form}"
+        form = (f"Respond in JSON format, either with `{key}` (a request to call tools) or with `response` (your "
+                "reply to the user's request).")
+    return (f"You can call any of the following tools to satisfy the user's requests:\n{tools}\n\n{form}\n"
+            f"Example tool call syntax:\n\n{example}")
 
 
 def call_json(calls: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:

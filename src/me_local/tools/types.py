@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Choice = Literal["auto", "none", "required"]
@@ -26,6 +26,8 @@ class Tool:
     name: str
     parameters: dict[str, Any]
     description: str | None = None
+    position: int = field(default=0, compare=False)
+    """Its index in the request's ``tools`` (to name it in errors)."""
 
     def openai(self) -> dict[str, Any]:
         """As OpenAI's ``tools`` list holds it, which is what chat templates receive (as llama.cpp
