@@ -7,9 +7,10 @@ sampler, cache). The engine needs a little more, and only this:
   fingerprint that says whether two files share one), tokenizing and the chat template;
 - :class:`MemberContext`, one member in one slot: the core's Member (which can also score
   a text: :class:`me_local.core.scoring.ScoringMember`, logits at every position in
-  chunks, and its word-start and end-of-generation tokens), plus its model, its
-  prompts (its own system prompt and chat template) and ``close()``, which frees the
-  context and gives back the member's hold on its model;
+  chunks, and its word-start and end-of-generation tokens, and constrain its output to a
+  grammar: ``make_constraint``), plus its model, its prompts (its own system prompt and chat
+  template) and ``close()``, which frees the context and gives back the member's hold on
+  its model;
 - :class:`MemberFactory`, which makes a member context from a member's configuration.
   The context it returns is owned by the caller: closing it releases everything the
   factory took for it.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..chat_templates import ChatTemplate
 from ..core.likelihood import TextMember
+from ..core.types import Constraint, GrammarSpec
 
 if TYPE_CHECKING:
     from ..config import EnsembleConfig, MemberConfig
@@ -121,6 +123,12 @@ class MemberContext(TextMember, Protocol):
 
     def raw_prompt(self, text: str) -> list[int]:
         """The prompt for a raw text, tokenized as written (markup included)."""
+        ...
+
+    def make_constraint(self, spec: GrammarSpec) -> Constraint:
+        """A fresh grammar state for ``spec`` over this member's vocabulary (the core's
+        :class:`~me_local.core.types.GrammarMember`): a RequestError naming ``spec.param`` when
+        the grammar cannot be used (not valid GBNF)."""
         ...
 
     def close(self) -> None:

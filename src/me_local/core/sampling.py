@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .types import Logits, Probs, SamplingParams
+from .types import Constraint, Logits, NoTokenAllowed, Probs, SamplingParams
 
 
 def softmax(logits: Logits, temperature: float = 1.0) -> Probs:
@@ -80,26 +80,95 @@ def mixture(prob_rows: Sequence[Probs], weights: Sequence[float]) -> Probs:
 
 
 def ce_distribution(
-    logit_rows: Sequence[Logits], weights: Sequence[float], params: SamplingParams, *, want_raw: bool = False
+    logit_rows: Sequence[Logits], weights: Sequence[float], params: SamplingParams, *, want_raw: bool = False,
+    allowed: npt.NDArray[np.bool_] | None = None,
 ) -> tuple[Probs, Probs | None]:
     """``ce`` mode: trunc(Σ λ_i softmax(l_i / T)), and, when ``want_raw`` (logprobs were
     asked for), the untransformed mixture Σ λ_i softmax(l_i) (else None).
 
-    Greedy takes the argmax of the untransformed mixture.
+    Greedy takes the argmax of the untransformed mixture. With ``allowed`` (a grammar's mask)
+    the tempered mixture is restricted to it and renormalised before the truncation (greedy:
+    the argmax among the allowed tokens); the raw mixture stays unrestricted.
     """
+    tempered, raw = ce_mixture(logit_rows, weights, params, want_raw=want_raw)
+    if allowed is not None:
+        tempered = restrict(tempered, allowed)
+    if params.greedy:
+        out = np.zeros_like(tempered)
+        out[int(np.argmax(tempered))] = 1.0
+        return out, raw
+    return truncate(tempered, params.top_k, params.top_p, params.min_p), raw
+
+
+def ce_mixture(
+    logit_rows: Sequence[Logits], weights: Sequence[float], params: SamplingParams, *, want_raw: bool = False
+) -> tuple[Probs, Probs | None]:
+    """``ce`` mode before truncation: the tempered mixture Σ λ_i softmax(l_i / T) (greedy: the
+    untransformed one, whose argmax it takes), and the untransformed mixture when ``want_raw``."""
     need_raw = want_raw or params.greedy or params.temperature == 1.0
     raw = mixture([softmax(row) for row in logit_rows], weights) if need_raw else None
-    if params.greedy:
-        assert raw is not None
-        out = np.zeros_like(raw)
-        out[int(np.argmax(raw))] = 1.0
-        return out, raw if want_raw else None
-    if params.temperature == 1.0:
+    if params.greedy or params.temperature == 1.0:
         assert raw is not None
         tempered = raw
     else:
         tempered = mixture([softmax(row, params.temperature) for row in logit_rows], weights)
-    return truncate(tempered, params.top_k, params.top_p, params.min_p), raw if want_raw else None
+    return tempered, raw if want_raw else None
+
+
+def restrict(probs: Probs, allowed: npt.NDArray[np.bool_]) -> Probs:
+    """``probs`` restricted to ``allowed`` and renormalised (NoTokenAllowed when none has mass)."""
+    out = np.where(allowed, probs, 0.0)
+    total = out.sum()
+    if not total > 0:
+        raise NoTokenAllowed("no token is allowed")
+    res: Probs = out / total
+    return res
+
+
+CANDIDATES = 1024
+"""How many of the most likely tokens a constrained draw checks before it asks the constraint
+for its whole-vocabulary mask (as the native sampler does)."""
+
+
+def constrained_draw(probs: Probs, params: SamplingParams, constraint: Constraint, rng: np.random.Generator) -> int:
+    """A draw from trunc(probs restricted to what ``constraint`` allows, renormalised): ``probs``
+    is the distribution before truncation (softmax(l/T), or a tempered mixture; zero where a
+    token is excluded otherwise); greedy, the most likely allowed token of ``probs``.
+
+    The exact shortcuts of docs/grammar.md come first, so the whole vocabulary's mask is
+    needed only when they do not apply: without truncation, a draw from ``probs`` kept if
+    allowed (p(x)/p(G) overall); with top-k, the restricted top-k found among the
+    :data:`CANDIDATES` most likely tokens; greedy, the first allowed among them."""
+    n = probs.shape[0]
+    m = min(n, CANDIDATES)
+    k = params.top_k
+    untruncated = (k <= 0 or k >= n) and params.top_p >= 1.0 and params.min_p <= 0.0
+
+    def top(count: int) -> npt.NDArray[np.intp]:
+        idx = np.argpartition(-probs, count - 1)[:count] if count < n else np.arange(n)
+        idx = idx[np.argsort(-probs[idx], kind="stable")]
+        out: npt.NDArray[np.intp] = idx[probs[idx] > 0]
+        return out
+
+    if params.greedy:
+        cand = top(m)
+        ok = constraint.allowed(cand)
+        if ok.any():
+            return int(cand[int(np.argmax(ok))])
+    elif untruncated:
+        token = draw(probs, rng)
+        if constraint.allowed(np.array([token]))[0]:
+            return token
+    elif 0 < k < n:
+        cand = top(min(n, max(m, 4 * k)))
+        keep = cand[constraint.allowed(cand)][:k]
+        if len(keep) == k:
+            sub = probs[keep] / probs[keep].sum()
+            return int(keep[draw(truncate(sub, 0, params.top_p, params.min_p), rng)])
+    restricted = restrict(probs, constraint.mask())
+    if params.greedy:
+        return int(np.argmax(restricted))
+    return draw(truncate(restricted, k, params.top_p, params.min_p), rng)
 
 
 def draw(probs: Probs, rng: np.random.Generator) -> int:
@@ -134,10 +203,14 @@ class NumpySampler:
         self._rng = np.random.default_rng(seed)
         self._allowed = allowed
 
-    def sample(self) -> int:
+    def sample(self, constraint: Constraint | None = None) -> int:
         logits = self._get_logits()
         if self._allowed is not None:  # restricted: the others' probability is 0 before the transforms
             logits = np.where(self._allowed, np.asarray(logits, dtype=np.float64), -np.inf)
+        if constraint is not None:
+            probs = softmax(logits, 1.0 if self._params.greedy else self._params.temperature)
+            return constrained_draw(probs, self._params, constraint, self._rng)
         if self._params.greedy:
             return int(np.argmax(logits))
         return draw(transform(logits, self._params), self._rng)
+

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from ..backends.types import MemberFactory
+from ..backends.types import MemberContext, MemberFactory
 from ..config import Config, SamplingDefaults
-from ..core import Cancelled, DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
+from ..core import Cancelled, DoneEvent, Event, GenerationStats, GrammarSpec, MemberStats, SamplingParams, generate
 from ..core.ensemble import check_fits
+from ..core.grammar import token_literals
 from ..core.likelihood import TextLikelihood
 from ..errors import ConfigError, MeLocalError, RequestError
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
@@ -45,6 +46,8 @@ class Request:
     """token | word (None: the ensemble's)."""
     tokens: list[int] | None = None
     """A raw prompt as token ids, taken as they are (no BOS added)."""
+    grammar: GrammarSpec | None = None
+    """Constrain the output to a grammar (docs/grammar.md); an empty ``gbnf`` is no grammar."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class Plan:
     """Each member's own prompt tokens (empty for a member that does not run)."""
     granularity: str
     """token | word."""
+    grammar: GrammarSpec | None = None
+    """The request's grammar, checked (None: none, or an empty one)."""
 
 
 class Engine:
@@ -143,7 +148,10 @@ class Engine:
             prompts[i] = cache[key]
         granularity = loaded.vocabulary.check(mode, request.granularity)
         check_fits([prompts[i] for i in active], [members[i] for i in active])
-        return Plan(mode, single, weights, prompts, granularity)
+        grammar = request.grammar if request.grammar is not None and request.grammar.gbnf.strip() else None
+        if grammar is not None:
+            check_grammar(grammar, [members[i] for i in active], granularity)
+        return Plan(mode, single, weights, prompts, granularity, grammar)
 
     def generate(
         self,
@@ -176,6 +184,7 @@ class Engine:
                 single=plan.single,
                 granularity=plan.granularity,
                 cancel=cancel or (lambda: False),
+                grammar=plan.grammar,
             )
         finally:
             loaded.leave(ticket)
@@ -235,6 +244,23 @@ class Engine:
         run.thread = threading.Thread(target=work, name=name, daemon=True)
         run.thread.start()
         return run
+
+
+def check_grammar(spec: GrammarSpec, members: Sequence[MemberContext], granularity: str) -> None:
+    """Refuse a grammar the members cannot use, before the request waits for a slot: GBNF
+    llama.cpp cannot parse, and token literals across vocabularies (word granularity).
+    Each model's vocabulary parses it once."""
+    if granularity == "word":
+        literals = token_literals(spec.gbnf)
+        if literals:
+            raise RequestError(
+                f"the grammar in {spec.param} names tokens ({', '.join(literals[:3])}), which differ between the "
+                "members' vocabularies (granularity word); write them as text (\"...\") instead", param=spec.param)
+    seen: set[int] = set()
+    for m in members:
+        if id(m.model) not in seen:
+            seen.add(id(m.model))
+            m.make_constraint(spec).close()
 
 
 def prompt_ids(loaded: LoadedEnsemble, active: list[int], tokens: list[int], param: str = "prompt") -> list[int]:

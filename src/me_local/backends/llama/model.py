@@ -18,6 +18,7 @@ from llama_cpp import llama_cpp as L
 
 from ... import chat_templates
 from ...chat_templates import ChatTemplate
+from ...core.types import GrammarSpec
 from ...errors import RequestError
 from ..cpu import cpu_flags, decide_repack
 from ..gguf_check import read_gguf_header
@@ -27,6 +28,7 @@ from . import chat_template
 from ._lib import capture_errors, init_backend, load_failure, log
 
 if TYPE_CHECKING:
+    from .grammar import LlamaGrammar
     from .threads import CpuShare
 
 
@@ -193,6 +195,60 @@ class LoadedModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.pieces[t] for t in tokens).decode("utf-8", "replace")
 
+    # -- grammars ------------------------------------------------------------------
+    _grammar_banned: npt.NDArray[np.bool_] | None = None
+    _byte_tokens: dict[int, int] | None = None
+
+    @property
+    def grammar_banned(self) -> npt.NDArray[np.bool_]:
+        """Per token id: not end-of-generation, and its text as a grammar reads it (llama.cpp
+        renders pieces with special tokens as their text: ``<|im_start|>``, ``<pad>``) differs
+        from the text me-local writes for it (nothing, for a control token). Such tokens are
+        never drawn under a grammar, or the output would differ from what the grammar matched
+        (built once: a piece per token)."""
+        if self._grammar_banned is None:
+            banned = np.zeros(self.n_vocab, dtype=bool)
+            for t in range(self.n_vocab):
+                if not self._eog[t] and self._piece(t, special=True) != self.pieces[t]:
+                    banned[t] = True
+            self._grammar_banned = banned
+        return self._grammar_banned
+
+    def byte_token(self, byte: int) -> int | None:
+        """A token whose text is exactly the byte ``byte`` (None: the vocabulary has none)."""
+        if self._byte_tokens is None:
+            banned = self.grammar_banned
+            table: dict[int, int] = {}
+            for t, p in enumerate(self.pieces):
+                if len(p) == 1 and p[0] not in table and not banned[t] and not self._eog[t]:
+                    table[p[0]] = t
+            self._byte_tokens = table
+        return self._byte_tokens.get(byte)
+
+    def spell(self, data: bytes) -> list[int] | None:
+        """Tokens whose texts concatenate to exactly ``data`` (to advance a grammar over text
+        another member wrote): this vocabulary's own tokenization of the text when it spells
+        the bytes exactly (and uses no banned token), else one token per byte. None when a
+        byte has no token of its own."""
+        banned = self.grammar_banned
+        rest = data
+        out: list[int] = []
+        head = data[: len(data) - _incomplete_tail(data)]
+        try:
+            text = head.decode("utf-8") if head else None
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            tokens = self.tokenize_text(text)
+            if b"".join(self.pieces[t] for t in tokens) == head and not any(banned[t] for t in tokens):
+                out, rest = tokens, data[len(head):]
+        for b in rest:
+            t = self.byte_token(b)
+            if t is None:
+                return None
+            out.append(t)
+        return out
+
     def template(self, configured: str | None = None) -> ChatTemplate:
         """The chat template of a member whose models.yaml ``chat_template`` is ``configured``
         (None: this file's own, or the default when it has none), and where it came from."""
@@ -270,10 +326,29 @@ class LoadedModel:
                 tokens += self.tokenize(piece, add_special=False, parse_special=not is_content)
         return tokens
 
+    def make_grammar(self, spec: GrammarSpec, member: str) -> LlamaGrammar:
+        """A fresh grammar state for ``spec`` over this vocabulary (RequestError when llama.cpp
+        cannot use it)."""
+        from .grammar import LlamaGrammar
+
+        return LlamaGrammar(self, spec, member)
+
     def close(self) -> None:
         if self.ptr:
             L.llama_model_free(self.ptr)
             self.ptr = None
+
+
+def _incomplete_tail(data: bytes) -> int:
+    """How many bytes at the end of ``data`` begin a UTF-8 character that is not complete."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b < 0x80:
+            return 0
+        if b >= 0xC0:  # a lead byte
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return back if back < need else 0
+    return 0
 
 
 def inspect_model(path: Path) -> LoadedModel:
