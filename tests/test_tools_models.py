@@ -16,21 +16,11 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from me_local.config import load_config
-from me_local.engine import Engine
 from me_local.errors import RequestError
 from me_local.server import ServerSettings
 
-from .server_helpers import LiveServer
+from .server_helpers import LiveServer, engine_loader
 from .tool_templates import HERMES
-
-
-def convert(schema, *, param, rule="root"):
-    # TODO(issue 12): the i12-schema branch's converter (me_local.grammar.schema_grammar) once it lands
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    return json_schema_to_gbnf(json.dumps(schema))
-
 
 WEATHER_PARAMS = {"type": "object", "properties": {
     "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
@@ -62,12 +52,7 @@ def live(tmp_path_factory, tiny_models, smollm_path):
                  "members": [{"name": "smol", "path": str(smollm_path), "n_threads": 1}]},
     }}))
 
-    def load() -> Engine:
-        engine = Engine(load_config(path), schema_grammar=convert)
-        engine.load_all()
-        return engine
-
-    server = LiveServer(ServerSettings(port=0), load).start()
+    server = LiveServer(ServerSettings(port=0), engine_loader(path)).start()
     yield server
     server.stop()
 
@@ -111,16 +96,16 @@ def test_a_required_call_validates_and_streams_the_same(oa, model):
 
 def test_a_named_function_is_the_one_called(oa):
     r = oa.chat.completions.create(model="hermes", messages=ASK, tools=[WEATHER, TIME], seed=1, max_tokens=200,
-                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
-    calls = r.choices[0].message.tool_calls
-    assert calls and {c.function.name for c in calls} == {"get_time"}
-    for c in calls:
-        valid("get_time", c.function.arguments)
+                                   tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                   parallel_tool_calls=False)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and valid("get_time", call.function.arguments)
+    assert r.choices[0].finish_reason == "tool_calls"
 
 
 def test_parallel_calls(oa):
     r = oa.chat.completions.create(model="chatml", messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
-                                   seed=6, max_tokens=300)
+                                   seed=7, max_tokens=300)
     calls = r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "tool_calls" and len(calls) > 1
     assert len({c.id for c in calls}) == len(calls)

@@ -130,8 +130,7 @@ CANDIDATES = 1024
 for its whole-vocabulary mask (as the native sampler does)."""
 
 
-def constrained_draw(probs: Probs, params: SamplingParams, constraint: Constraint, rng: np.random.Generator,
-                     candidates: int | None = None) -> int:
+def constrained_draw(probs: Probs, params: SamplingParams, constraint: Constraint, rng: np.random.Generator) -> int:
     """A draw from trunc(probs restricted to what ``constraint`` allows, renormalised): ``probs``
     is the distribution before truncation (softmax(l/T), or a tempered mixture; zero where a
     token is excluded otherwise); greedy, the most likely allowed token of ``probs``.
@@ -139,9 +138,9 @@ def constrained_draw(probs: Probs, params: SamplingParams, constraint: Constrain
     The exact shortcuts of docs/grammar.md come first, so the whole vocabulary's mask is
     needed only when they do not apply: without truncation, a draw from ``probs`` kept if
     allowed (p(x)/p(G) overall); with top-k, the restricted top-k found among the
-    ``candidates`` most likely tokens; greedy, the first allowed among them."""
+    :data:`CANDIDATES` most likely tokens; greedy, the first allowed among them."""
     n = probs.shape[0]
-    m = min(n, CANDIDATES if candidates is None else candidates)
+    m = min(n, CANDIDATES)
     k = params.top_k
     untruncated = (k <= 0 or k >= n) and params.top_p >= 1.0 and params.min_p <= 0.0
 
@@ -210,10 +209,8 @@ class NumpySampler:
             logits = np.where(self._allowed, np.asarray(logits, dtype=np.float64), -np.inf)
         if constraint is not None:
             probs = softmax(logits, 1.0 if self._params.greedy else self._params.temperature)
-            return constrained_draw(probs, self._params, constraint, self._rng, self.candidates)
+            return constrained_draw(probs, self._params, constraint, self._rng)
         if self._params.greedy:
             return int(np.argmax(logits))
         return draw(transform(logits, self._params), self._rng)
 
-    candidates: int | None = None
-    """How many candidates a constrained draw checks first (None: :data:`CANDIDATES`)."""

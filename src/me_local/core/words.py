@@ -31,6 +31,7 @@ there is not where the members' pre-tokenizers split.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
@@ -43,6 +44,8 @@ from .draw import GenerationSetup, common_prefix, draw_member
 from .grammar import GrammarTrack
 from .text import TextAssembler
 from .types import Cancelled, DoneEvent, Event, Member, NoTokenAllowed, SamplingParams, TokenEvent, TokenSampler
+
+log = logging.getLogger("me_local.core")
 
 WORD_MAX_BYTES = 32
 """A word longer than this (bytes, without a whitespace boundary) is cut at the next
@@ -179,6 +182,8 @@ def generate_words(
                 raise grammar.no_token(members[i].name) from None
             # no word-start token is allowed here: the word goes on unrestricted, as after a
             # forced boundary (docs/grammar.md)
+            log.debug("member %r: the grammar allows none of its word-start tokens here; its first token "
+                      "is unrestricted", members[i].name)
             return sample(i, restricted=False)
         if not params.logprobs:
             return token, None, None

@@ -20,7 +20,7 @@ from ..errors import ConfigError, MeLocalError, RequestError
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
 from ..tools import Format, ToolSpec, uses_tools
 from ..tools import prepare as prepare_tools
-from ..tools.grammar import Converter, tool_grammar
+from ..tools.grammar import tool_grammar
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
 from .messages import normalize_messages
@@ -74,14 +74,9 @@ class Plan:
 
 
 class Engine:
-    def __init__(self, config: Config, factory: MemberFactory | None = None, *,
-                 schema_grammar: Converter | None = None) -> None:
+    def __init__(self, config: Config, factory: MemberFactory | None = None) -> None:
         self.config = config
         self._factory: MemberFactory = llama_member_factory() if factory is None else factory
-        # TODO(issue 12): default to me_local.grammar.schema_grammar once the i12-schema branch lands;
-        # until then tool calls are read from the answer but not constrained unless one is given.
-        self.schema_grammar = schema_grammar
-        """Converts a function's parameters (JSON Schema) to GBNF, for the grammar of tool calls."""
         self._loaded: dict[str, LoadedEnsemble] = {}
         self._lock = threading.Lock()
 
@@ -195,11 +190,9 @@ class Engine:
             check_grammar(grammar, [members[i] for i in active], granularity)
         return Plan(mode, single, weights, prompts, granularity, grammar, tool_format)
 
-    def _tool_grammar(self, spec: ToolSpec, fmt: Format) -> GrammarSpec | None:
+    def _tool_grammar(self, spec: ToolSpec, fmt: Format) -> GrammarSpec:
         """The grammar of the calls ``spec`` allows (lazy where text may come first; tools/grammar.py)."""
-        if self.schema_grammar is None:
-            return None
-        g = tool_grammar(spec, fmt, self.schema_grammar)
+        g = tool_grammar(spec, fmt)
         return GrammarSpec(g.gbnf, param="tools", triggers=g.triggers)
 
     def generate(

@@ -89,7 +89,6 @@ def R(name: str, doc: str, neutral: tuple[Any, ...] = ()) -> Field:
 
 
 NOT_YET = "is not supported yet"
-STRUCTURED = f"(structured output) {NOT_YET}"
 PENALTY = f"(a repetition penalty) {NOT_YET}"
 
 ENSEMBLE = H("ensemble", "me-local's extension: `mode`, `granularity`, `weights`, `member` for this request")
@@ -109,8 +108,10 @@ OPENAI_SHARED = [
     R("frequency_penalty", PENALTY, (0,)), R("presence_penalty", PENALTY, (0,)),
     R("logit_bias", f"(token biases) {NOT_YET}"),
     N("user", "an end-user id for the provider's abuse monitoring; me-local keeps nothing"),
-    R("grammar", f"(llama-server's grammar-constrained output) {NOT_YET}"),
-    R("json_schema", f"(llama-server's schema-constrained output) {NOT_YET}"),
+    H("grammar", "llama-server's extension: the answer follows this GBNF grammar (see Structured output); "
+      "not with `json_schema` or `response_format`"),
+    H("json_schema", "llama-server's extension: the answer is JSON valid against this JSON Schema (see "
+      "Structured output); not with `grammar` or `response_format`"),
 ]
 
 OPENAI_CHAT = _table("OpenAI `POST /v1/chat/completions`", "a field of /v1/chat/completions", [
@@ -127,7 +128,8 @@ OPENAI_CHAT = _table("OpenAI `POST /v1/chat/completions`", "a field of /v1/chat/
     H("parallel_tool_calls", "false: at most one call per answer (default true)"),
     R("functions", "(the deprecated form of `tools`) is not supported; send `tools`"),
     R("function_call", "(the deprecated form of `tool_choice`) is not supported; send `tool_choice`"),
-    R("response_format", STRUCTURED, ({"type": "text"},)),
+    H("response_format", "`text`, `json_object`, `json_schema` (see Structured output); the messages need not "
+      "mention JSON"),
     R("audio", "(audio output) is not supported by me-local's text models"),
     R("modalities", "(output modalities other than text) are not supported by me-local's text models",
       (["text"],)),
@@ -155,7 +157,7 @@ OPENAI_COMPLETIONS = _table("OpenAI `POST /v1/completions`", "a field of /v1/com
     H("echo", "the prompt first in the text (and, with `logprobs`, its tokens' log-probabilities)"),
     H("best_of", "only 1 (400 otherwise)"),
     R("suffix", f"(fill-in-the-middle) {NOT_YET}"),
-    R("response_format", STRUCTURED, ({"type": "text"},)),
+    H("response_format", "as on chat (llama-server takes it here too)"),
 ], hints={"top_logprobs": "completions take an integer `logprobs` (the number of alternatives)",
           "messages": "send chat messages to /v1/chat/completions"})
 
@@ -216,7 +218,7 @@ OLLAMA_SHARED = [
     H("logprobs", "true: Ollama's `logprobs` list (with me-local's `id` and `member`)"),
     H("top_logprobs", "0..20; needs `logprobs: true`"),
     ENSEMBLE,
-    R("format", STRUCTURED),
+    H("format", "`\"json\"` (a JSON object) or a JSON Schema (see Structured output)"),
     N("keep_alive", "how long Ollama keeps the model loaded; me-local keeps every model loaded while it runs "
       "(with empty `messages`/`prompt`, 0 answers `done_reason: \"unload\"`)"),
     R("think", "(thinking) is not supported by me-local's models"),

@@ -48,6 +48,7 @@ from .params import (
 )
 from .respond import collect, joined_text, stream_response
 from .state import NOTE, STATE
+from .structured import ollama_format
 
 OLLAMA_API_VERSION = "0.9.0"
 """The Ollama API version reported by /api/version (clients gate features on it)."""
@@ -76,12 +77,13 @@ def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, An
 
 def _request(ref: ModelRef, body: dict[str, Any], **kw: Any) -> Request:
     choice = ensemble_extension(body, ref)
+    grammar = ollama_format(body.get("format"))
     logprobs, top = logprob_options(body)
     if top and not logprobs:
         raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
     overrides = dict(options_overrides(body, ref.ensemble), logprobs=logprobs or None,
                      top_logprobs=top if logprobs else None)
-    return engine_request(ref, choice, overrides, **kw)
+    return engine_request(ref, choice, overrides, grammar=grammar, **kw)
 
 
 def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
@@ -92,12 +94,16 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request 
     if raw is None or raw == []:
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)
+        ollama_format(body.get("format"))
         return ref, None  # "load the model"
     messages = chat_messages(tools.engine_messages(raw, "ollama"))
     spec = tools.ollama_spec(body)
     if spec is not None and body.get("logprobs"):
         raise bad_request("`logprobs` is not supported with `tools` (an answer's calls are not tokens of its "
                           "content); drop one of them", "logprobs")
+    if spec is not None and not fields.absent(body.get("format")):
+        raise bad_request("`format` is not supported with `tools`: the tools' grammar shapes the answer; drop one "
+                          "of them", "format")
     return ref, _request(ref, body, messages=messages, tools=spec)
 
 
@@ -113,6 +119,7 @@ def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Requ
     if not prompt:
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)
+        ollama_format(body.get("format"))
         return ref, None
     if raw:
         return ref, _request(ref, body, prompt=prompt)

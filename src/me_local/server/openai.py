@@ -53,6 +53,7 @@ from .params import (
 )
 from .respond import collect, joined_text, stream_response
 from .state import NOTE, STATE, ServerState
+from .structured import openai_grammar
 
 
 @dataclass
@@ -114,16 +115,17 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> Call:
     logprobs, top = logprob_options(body)
     if top and not logprobs:
         raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
+    grammar = openai_grammar(body)
     if spec is not None and spec.active:
         if logprobs:
             raise bad_request("`logprobs` is not supported with `tools` (an answer's calls are not tokens of its "
                               "content); drop one of them", "logprobs", code="unsupported_parameter")
-        if not fields.absent(body.get("response_format")) and body.get("response_format") != {"type": "text"}:
-            raise bad_request("`response_format` is not supported with `tools`: the tools' grammar shapes the "
-                              "answer; drop one of them (or send `tool_choice: \"none\"`)", "response_format",
+        if grammar is not None:
+            raise bad_request(f"`{grammar.param}` is not supported with `tools`: the tools' grammar shapes the "
+                              "answer; drop one of them (or send `tool_choice: \"none\"`)", grammar.param,
                               code="unsupported_parameter")
     request = _request(ref, body, dict(overrides, logprobs=logprobs, top_logprobs=top), messages=messages,
-                       tools=spec)
+                       grammar=grammar, tools=spec)
     return Call(ref, request, stream, include_usage, logprobs, top)
 
 
@@ -183,7 +185,9 @@ def parse_completion(body: dict[str, Any], engine: Engine) -> CompletionCall:
     check_token_prompts(engine, ref, choice, prompts)
     spec = echo_spec(engine, ref, choice, prompts, logprobs) if echo else None
     params = dict(overrides, logprobs=want, top_logprobs=logprobs or 0)
-    requests = [engine_request(ref, choice, params, **({"prompt": p} if isinstance(p, str) else {"tokens": p}))
+    grammar = openai_grammar(body)
+    requests = [engine_request(ref, choice, params, grammar=grammar,
+                               **({"prompt": p} if isinstance(p, str) else {"tokens": p}))
                 for p in prompts]
     return CompletionCall(ref, requests[0], stream, include_usage, want, logprobs or 0, prompts=prompts,
                           requests=requests, echo=spec, generate=generate, batch=batch)
@@ -245,10 +249,13 @@ async def _run_choices(request: web.Request, state: ServerState, call: Completio
             completion_tokens += done.stats.generated_tokens
             cached += done.stats.cached_prompt_tokens
             dones.append(done)
-        choices.append({"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason})
+        choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+        if call.generate and (ext := wire.grammar_extension(dones[-1].grammar)) and len(call.prompts) > 1:
+            choice["me_local"] = ext  # a batch's usage is a sum: each choice says how its grammar ended
+        choices.append(choice)
     note.prompt_tokens, note.completion_tokens = prompt_tokens, completion_tokens
     if len(dones) == 1 and len(choices) == 1:
-        usage = wire.openai_usage(dones[0].stats, dones[0].finish_reason)
+        usage = wire.openai_usage(dones[0].stats, dones[0].finish_reason, dones[0].grammar)
     else:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
@@ -343,7 +350,7 @@ class ChatFrames:
             reason = tools.finish_reason(reason, self.parser.calls)
         yield self._chunk({}, finish_reason=reason)
         if self.call.include_usage:
-            usage = wire.openai_usage(done.stats, done.finish_reason)
+            usage = wire.openai_usage(done.stats, done.finish_reason, done.grammar)
             yield wire.sse(wire.usage_chunk(self.cid, self.created, self.call.model, "chat.completion.chunk", usage))
 
 
@@ -372,7 +379,7 @@ class CompletionFrames:
             yield self._chunk(done.text)
         yield self._chunk("", finish_reason=wire.openai_finish_reason(done.finish_reason))
         if self.call.include_usage:
-            usage = wire.openai_usage(done.stats, done.finish_reason)
+            usage = wire.openai_usage(done.stats, done.finish_reason, done.grammar)
             yield wire.sse(wire.usage_chunk(self.cid, self.created, self.call.model, "text_completion", usage))
 
 

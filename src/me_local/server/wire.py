@@ -99,10 +99,29 @@ def openai_finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def openai_usage(stats: GenerationStats, finish_reason: str) -> dict[str, Any]:
-    """``usage`` as OpenAI gives it, plus the engine's figures under ``me_local``."""
+INCOMPLETE_NOTE = ("the answer ended before it was complete in the requested format (the JSON, or the text the "
+                   "grammar describes, is cut off); raise the token limit (`max_tokens`, `num_predict`) or ask for "
+                   "a shorter answer")
+
+
+def grammar_extension(grammar: str | None) -> dict[str, Any]:
+    """What an answer says about its grammar (:attr:`DoneEvent.grammar`; nothing without one):
+    ``grammar`` is complete, incomplete or untriggered, and an incomplete one has a ``note``
+    that the structured output is cut off."""
+    if grammar is None:
+        return {}
+    ext: dict[str, Any] = {"grammar": grammar}
+    if grammar == "incomplete":
+        ext["note"] = INCOMPLETE_NOTE
+    return ext
+
+
+def openai_usage(stats: GenerationStats, finish_reason: str, grammar: str | None = None) -> dict[str, Any]:
+    """``usage`` as OpenAI gives it, plus the engine's figures under ``me_local`` (and, for a
+    request with a grammar, :func:`grammar_extension`)."""
     ext = stats.to_dict()
     ext["finish_reason"] = finish_reason
+    ext.update(grammar_extension(grammar))
     return {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.generated_tokens,
@@ -233,9 +252,6 @@ def chat_completion(
     content null when it has none) and an answer that ended after them finishes with ``tool_calls``."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     reason = openai_finish_reason(done.finish_reason)
-    usage = openai_usage(done.stats, done.finish_reason)
-    if done.grammar is not None:  # complete, incomplete (cut short) or untriggered (a lazy grammar never began)
-        usage["me_local"]["grammar"] = done.grammar
     if tool_calls:
         message["content"] = text or None
         message["tool_calls"] = tool_calls
@@ -254,7 +270,7 @@ def chat_completion(
                 "finish_reason": reason,
             }
         ],
-        "usage": usage,
+        "usage": openai_usage(done.stats, done.finish_reason, done.grammar),
     }
 
 
@@ -269,7 +285,7 @@ def text_completion(
         "choices": [
             {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": openai_finish_reason(done.finish_reason)}
         ],
-        "usage": openai_usage(done.stats, done.finish_reason),
+        "usage": openai_usage(done.stats, done.finish_reason, done.grammar),
     }
 
 
@@ -337,11 +353,15 @@ def ollama_final(
     logprobs: list[dict[str, Any]] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The last object of an answer (or the only one when not streaming)."""
+    """The last object of an answer (or the only one when not streaming); with a grammar,
+    me-local's ``me_local`` extension says whether the answer completed it."""
     obj = ollama_part(kind, model, created_at, text, logprobs, tool_calls)
     obj["done"] = True
     obj["done_reason"] = done.finish_reason
     obj.update(ollama_durations(done.stats))
+    ext = grammar_extension(done.grammar)
+    if ext:
+        obj["me_local"] = ext
     return obj
 
 

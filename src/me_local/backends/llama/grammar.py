@@ -73,6 +73,9 @@ class LlamaGrammar:
     text the grammar would read, while me-local writes nothing for them) and, through the
     grammar, end-of-generation tokens until the grammar is complete."""
 
+    _smpl: L.llama_sampler_p | None = None
+    _mask: npt.NDArray[np.bool_] | None = None
+
     def __init__(self, model: LoadedModel, spec: GrammarSpec, member: str) -> None:
         self._model = model
         self._member = member
