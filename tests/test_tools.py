@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from me_local.engine import normalize_messages
 from me_local.errors import RequestError
@@ -299,3 +301,33 @@ def test_each_apis_calls_in_the_history_become_object_arguments():
                                                  "function": {"name": "add", "arguments": {"a": 1}}}]}]
     param, message = refused(engine_messages, obj, "openai")
     assert "must be a string of JSON" in message
+
+
+# pieces of the formats' syntax, so that random answers come near calls often
+_BITS = ["<tool_call>", "</tool_call>", "\n", " ", '{"name": ', '"add"', '"get_weather"', '"zz"', ', "arguments": ',
+         '"parameters": ', "{", "}", "[", "]", ",", ":", '"', "\\", '\\"', "\\u00e9", "\\ud83d", '{"tool_call": ',
+         '{"tool_calls": [', '{"response": "', '{"type": "function", ', "x", "é", "1"]
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(fmt=st.sampled_from(["hermes", "llama3", "generic"]), bits=st.lists(st.sampled_from(_BITS), max_size=30),
+       cuts=st.lists(st.integers(1, 7), min_size=1, max_size=40))
+def test_any_answer_reads_the_same_streamed_or_whole(fmt, bits, cuts):
+    text = "".join(bits)
+    content, calls = parse(fmt, NAMES, text, new_id=ids())
+    parser = ToolParser(fmt, NAMES, new_id=ids())
+    events, i, k = [], 0, 0
+    while i < len(text):
+        n = cuts[k % len(cuts)]
+        events += parser.feed(text[i : i + n])
+        i, k = i + n, k + 1
+    events += parser.finish()
+    assert "".join(e.text for e in events if isinstance(e, Content)) == content
+    args: dict[int, str] = {}
+    for e in events:
+        if isinstance(e, CallArguments):
+            args[e.index] = args.get(e.index, "") + e.text
+    assert [(e.name) for e in events if isinstance(e, CallStart)] == [c.name for c in calls]
+    assert [args.get(c.index, "") for c in calls] == [c.arguments for c in calls]
+    for c in calls:
+        assert c.name in NAMES and (not c.complete or c.parsed_arguments() is not None)

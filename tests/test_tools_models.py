@@ -20,7 +20,7 @@ from me_local.errors import RequestError
 from me_local.server import ServerSettings
 
 from .server_helpers import LiveServer, engine_loader
-from .tool_templates import HERMES
+from .tool_templates import HERMES, LLAMA3
 
 WEATHER_PARAMS = {"type": "object", "properties": {
     "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
@@ -48,6 +48,11 @@ def live(tmp_path_factory, tiny_models, smollm_path):
     path.write_text(json.dumps({"ensembles": {
         "hermes": {"n_ctx": 2048, "sampling": {"max_tokens": 200}, "members": members(tiny_models, HERMES)},
         "chatml": {"n_ctx": 2048, "sampling": {"max_tokens": 200}, "members": members(tiny_models)},
+        "llama3": {"n_ctx": 2048, "sampling": {"max_tokens": 200}, "members": members(tiny_models, LLAMA3)[:1]},
+        "gemma": {"n_ctx": 2048, "sampling": {"max_tokens": 200},
+                  "members": [{"name": "s", "path": str(tiny_models["s1"]), "n_threads": 1}]},
+        "words": {"n_ctx": 2048, "sampling": {"max_tokens": 200},
+                  "members": [members(tiny_models)[0], {"name": "s", "path": str(tiny_models["s1"]), "n_threads": 1}]},
         "smol": {"n_ctx": 2048, "sampling": {"max_tokens": 120},
                  "members": [{"name": "smol", "path": str(smollm_path), "n_threads": 1}]},
     }}))
@@ -145,6 +150,26 @@ def test_smollm2_takes_the_generic_format(oa):
                                    parallel_tool_calls=False, seed=1, temperature=0.2, max_tokens=80)
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and valid("get_weather", call.function.arguments)
+
+
+@pytest.mark.parametrize(("model", "extra"), [
+    ("llama3", {}),  # Llama 3's format: {"name": ..., "parameters": ...}
+    ("gemma", {}),  # Gemma's template (roles must alternate), the generic format
+    ("words", {}),  # two vocabularies: word-level ME under the grammar
+    ("chatml", {"ensemble": {"mode": "ce"}}),  # the mixture under the grammar
+])
+def test_calls_in_each_format_and_mode(oa, model, extra):
+    history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "rain"},
+        {"role": "tool", "tool_call_id": "call_b", "content": "noon"},
+        {"role": "user", "content": "And in Paris?"}]
+    r = oa.chat.completions.create(model=model, messages=history, tools=[WEATHER, TIME], tool_choice="required",
+                                   parallel_tool_calls=False, seed=3, max_tokens=200, extra_body=extra)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message.content
+    (call,) = r.choices[0].message.tool_calls
+    valid(call.function.name, call.function.arguments)
 
 
 # --------------------------------------------------------------------------- ollama
