@@ -220,7 +220,7 @@ def test_langchain_ollama_bind_tools(live):
 # --------------------------------------------------------------------------- markup in tools
 
 
-def test_control_token_text_in_tools_or_calls_is_refused(live, tiny_models):
+def test_control_token_text_in_tools_or_calls_is_refused(tiny_models):
     from me_local.backends.llama import LoadedModel
     from me_local.chat_templates import choose
 
