@@ -61,7 +61,18 @@ def _is_uuid(value: object) -> bool:
     return not isinstance(value, str) or str(uuid.UUID(value)) == value.lower()
 
 
+def without_nullable(schema: Any) -> Any:
+    """OpenAPI's ``nullable: true`` (which jsonschema does not know) written as JSON Schema says it."""
+    if isinstance(schema, list):
+        return [without_nullable(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: without_nullable(v) for k, v in schema.items() if k != "nullable"}
+    return {"anyOf": [out, {"type": "null"}]} if schema.get("nullable") is True else out
+
+
 def validate(schema: dict[str, Any], text: str) -> Any:
+    schema = without_nullable(schema)
     value = json.loads(text)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     cls(schema, format_checker=FORMAT_CHECKER).validate(value)
@@ -230,9 +241,6 @@ SCHEMAS: dict[str, Any] = {
     "pydantic bounds": Reading.model_json_schema(),
 }
 
-VALIDATE_AS = {"nullable": {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]}}
-"""OpenAPI's ``nullable``, which jsonschema does not know, as JSON Schema says it."""
-
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_every_text_the_grammar_draws_is_valid_and_llama_cpp_takes_it(name, llama):
@@ -240,7 +248,7 @@ def test_every_text_the_grammar_draws_is_valid_and_llama_cpp_takes_it(name, llam
     gbnf, texts = draws(schema)
     assert llama.parses(gbnf), gbnf
     for text in texts:
-        validate(VALIDATE_AS.get(name, schema), text)
+        validate(schema, text)
     for text in texts[:25]:  # llama.cpp's engine agrees with the texts drawn here
         assert llama.run(gbnf, text) == "complete", (text, gbnf)
 
@@ -484,3 +492,72 @@ def test_a_bug_in_the_converter_is_a_request_error_not_a_crash(monkeypatch):
 def test_rule_names_must_be_gbnf_names():
     with pytest.raises(ValueError):
         schema_grammar({}, param=PARAM, rule="my_rule")
+
+
+# --------------------------------------------------------------------------- random schemas
+
+
+def _schemas() -> Any:
+    from hypothesis import strategies as st
+
+    def bounds(lo_max: int = 50) -> Any:
+        return st.tuples(st.integers(-lo_max, lo_max), st.integers(0, 60)).map(lambda t: (t[0], t[0] + t[1]))
+
+    def integer(b: tuple[int, int], kinds: tuple[str, str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "integer"}
+        lo, hi = b
+        if kinds[0] != "none":
+            out["minimum" if kinds[0] == "incl" else "exclusiveMinimum"] = lo - (kinds[0] == "excl")
+        if kinds[1] != "none":
+            out["maximum" if kinds[1] == "incl" else "exclusiveMaximum"] = hi + (kinds[1] == "excl")
+        return out
+
+    side = st.sampled_from(["none", "incl", "excl"])
+    leaves = st.one_of(
+        st.builds(lambda lo, extra: {"type": "string", "minLength": lo, "maxLength": lo + extra},
+                  st.integers(0, 4), st.integers(0, 6)),
+        st.sampled_from([{"type": "string", "format": f} for f in ("date", "time", "date-time", "uuid")]),
+        st.sampled_from([{"type": "string", "pattern": p} for p in (r"^[a-z]{2,4}$", r"^\d+(\.\d\d)?$", r"x",
+                                                                   r"^(?:ab|[^\s,])*$")]),
+        st.builds(integer, bounds(), st.tuples(side, side)),
+        st.builds(lambda b, k: {"type": "number", **({"minimum": b[0]} if k[0] else {}),
+                                **({"exclusiveMaximum": b[1] + 1} if k[1] else {})},
+                  bounds(), st.tuples(st.booleans(), st.booleans())),
+        st.sampled_from([{"type": "boolean"}, {"type": "null"}, {"type": "integer"}, {"type": "number"}, {},
+                         {"enum": ["a", 1, None]}, {"const": {"k": [True]}}]),
+    )
+
+    def compound(children: Any) -> Any:
+        names = st.sampled_from(["a", "b", "ab", "name", "x y", "é"])
+        obj = st.builds(
+            lambda props, req, addl: {"type": "object", "properties": props,
+                                      "required": [n for n in props if n in req],
+                                      **({} if addl == "absent" else {"additionalProperties": addl})},
+            st.dictionaries(names, children, max_size=4), st.sets(names),
+            st.one_of(st.sampled_from(["absent", True, False]), children))
+        arr = st.builds(lambda item, lo, extra: {"type": "array", "items": item, "minItems": lo,
+                                                 "maxItems": lo + extra}, children, st.integers(0, 2),
+                        st.integers(0, 3))
+        tup = st.builds(lambda items, rest: {"type": "array", "prefixItems": items,
+                                             **({} if rest is None else {"items": rest})},
+                        st.lists(children, min_size=1, max_size=3), st.one_of(st.none(), children))
+        any_of = st.builds(lambda xs: {"anyOf": xs}, st.lists(children, min_size=1, max_size=3))
+        nullable = st.builds(lambda x: {**x, "nullable": True} if "type" in x else x, children)
+        return st.one_of(obj, arr, tup, any_of, nullable)
+
+    return st.recursive(leaves, compound, max_leaves=8)
+
+
+def test_random_schemas_convert_and_every_draw_validates(llama):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(_schemas())
+    def check(schema: dict[str, Any]) -> None:
+        gbnf, texts = draws(schema, n=25)
+        assert llama.parses(gbnf), gbnf
+        for text in texts:
+            validate(schema, text)
+        assert llama.run(gbnf, texts[0]) == "complete", (texts[0], gbnf)
+
+    check()

@@ -147,7 +147,8 @@ async def test_the_schema_grammar_is_the_converters(client, grammars, planned):
 
 
 async def test_text_and_empty_values_ask_for_no_grammar(client):
-    for field, value in [("response_format", {"type": "text"}), ("response_format", None), ("grammar", ""),
+    for field, value in [("response_format", {"type": "text"}), ("response_format", None),
+                         ("response_format", {}), ("grammar", ""),
                          ("grammar", None), ("json_schema", None)]:
         await post(client, CHAT, {"model": "solo", "messages": HELLO, "max_tokens": 2, field: value})
     for value in ("", None):
@@ -209,7 +210,7 @@ async def test_a_batch_of_prompts_says_how_each_grammar_ended(client, grammars):
     ({"response_format": "json"}, "response_format", '`response_format` must be an object such as {"type"'),
     ({"response_format": {"type": "xml"}}, "response_format.type",
      '`response_format.type` must be one of text, json_object, json_schema, got "xml"'),
-    ({"response_format": {}}, "response_format.type", "got missing"),
+    ({"response_format": {"schema": SCHEMA}}, "response_format.type", "got missing"),
     ({"response_format": {"type": "text", "schema": {}}}, "response_format.schema",
      "`response_format.schema` is not a field of `response_format` with type text; remove it"),
     ({"response_format": {"type": "json_schema", "schema": SCHEMA}}, "response_format.schema",

@@ -8,6 +8,7 @@ the wisdom of the answer; seeds are fixed and chosen where a call is the model's
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 import jsonschema
@@ -42,22 +43,23 @@ def members(models, template=None):
             {"name": "two", "path": str(models["a2"]), "n_threads": 1, **extra}]
 
 
+def serve(path: Path, ensembles: dict) -> LiveServer:
+    path.write_text(json.dumps({"ensembles": ensembles}))  # YAML reads JSON
+    return LiveServer(ServerSettings(port=0), engine_loader(path)).start()
+
+
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, tiny_models, smollm_path):
-    path = tmp_path_factory.mktemp("tool-models") / "models.yaml"
-    path.write_text(json.dumps({"ensembles": {
+def live(tmp_path_factory, tiny_models):
+    """Tiny models: a Hermes-style template (hermes), ChatML (generic), a Llama-3-style template, the
+    Gemma-style template of vocabulary s, and two vocabularies together (word-level ME)."""
+    spm = {"name": "s", "path": str(tiny_models["s1"]), "n_threads": 1}
+    server = serve(tmp_path_factory.mktemp("tool-models") / "models.yaml", {
         "hermes": {"n_ctx": 2048, "sampling": {"max_tokens": 200}, "members": members(tiny_models, HERMES)},
         "chatml": {"n_ctx": 2048, "sampling": {"max_tokens": 200}, "members": members(tiny_models)},
         "llama3": {"n_ctx": 2048, "sampling": {"max_tokens": 200}, "members": members(tiny_models, LLAMA3)[:1]},
-        "gemma": {"n_ctx": 2048, "sampling": {"max_tokens": 200},
-                  "members": [{"name": "s", "path": str(tiny_models["s1"]), "n_threads": 1}]},
-        "words": {"n_ctx": 2048, "sampling": {"max_tokens": 200},
-                  "members": [members(tiny_models)[0], {"name": "s", "path": str(tiny_models["s1"]), "n_threads": 1}]},
-        "smol": {"n_ctx": 2048, "sampling": {"max_tokens": 120},
-                 "members": [{"name": "smol", "path": str(smollm_path), "n_threads": 1}]},
-    }}))
-
-    server = LiveServer(ServerSettings(port=0), engine_loader(path)).start()
+        "gemma": {"n_ctx": 2048, "sampling": {"max_tokens": 200}, "members": [spm]},
+        "words": {"n_ctx": 2048, "sampling": {"max_tokens": 200}, "members": [members(tiny_models)[0], spm]},
+    })
     yield server
     server.stop()
 
@@ -69,8 +71,24 @@ def oa(live):
 
 
 @pytest.fixture(scope="module")
-def ol(live):
-    return ollama.Client(host=live.url)
+def smol(tmp_path_factory, smollm_path):
+    """SmolLM2 with its own template (the generic format)."""
+    server = serve(tmp_path_factory.mktemp("tool-smol") / "models.yaml", {
+        "smol": {"n_ctx": 2048, "sampling": {"max_tokens": 120},
+                 "members": [{"name": "smol", "path": str(smollm_path), "n_threads": 1}]}})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def smol_oa(smol):
+    with openai.OpenAI(base_url=smol.url + "/v1", api_key="none", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def smol_ol(smol):
+    return ollama.Client(host=smol.url)
 
 
 def valid(name: str, arguments: str | dict) -> dict:
@@ -124,7 +142,9 @@ def test_auto_with_a_hermes_template_answers_in_text_until_a_call_opens(oa):
     assert r.usage.model_extra["me_local"]["grammar"] == "untriggered"
 
 
-def test_the_follow_up_turn_with_the_tools_result(oa):
+@pytest.mark.smollm
+def test_the_follow_up_turn_with_the_tools_result(smol_oa):
+    oa = smol_oa
     first = oa.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER], tool_choice="required",
                                        parallel_tool_calls=False, seed=1, max_tokens=80).choices[0].message
     (call,) = first.tool_calls
@@ -145,8 +165,9 @@ def test_tool_choice_none_is_free_text(oa):
     assert "grammar" not in r.usage.model_extra["me_local"]
 
 
-def test_smollm2_takes_the_generic_format(oa):
-    r = oa.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER], tool_choice="required",
+@pytest.mark.smollm
+def test_smollm2_takes_the_generic_format(smol_oa):
+    r = smol_oa.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER], tool_choice="required",
                                    parallel_tool_calls=False, seed=1, temperature=0.2, max_tokens=80)
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and valid("get_weather", call.function.arguments)
@@ -175,7 +196,9 @@ def test_calls_in_each_format_and_mode(oa, model, extra):
 # --------------------------------------------------------------------------- ollama
 
 
-def test_ollama_calls_whole_and_streamed(ol):
+@pytest.mark.smollm
+def test_ollama_calls_whole_and_streamed(smol_ol):
+    ol = smol_ol
     # Ollama has no tool_choice: the model decides (SmolLM2 calls with this seed, answers in prose with others)
     opts = {"seed": 2, "num_predict": 80}
     r = ol.chat(model="smol", messages=ASK, tools=[WEATHER], options=opts)
@@ -197,7 +220,9 @@ class Weather(BaseModel):
     unit: Literal["celsius", "fahrenheit"]
 
 
-def test_langchain_openai_bind_tools_and_structured_output(live):
+@pytest.mark.smollm
+def test_langchain_openai_bind_tools_and_structured_output(smol):
+    live = smol
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(base_url=live.url + "/v1", api_key="none", model="smol", seed=0, max_tokens=80, max_retries=0)
@@ -208,7 +233,9 @@ def test_langchain_openai_bind_tools_and_structured_output(live):
     assert isinstance(out, Weather)
 
 
-def test_langchain_ollama_bind_tools(live):
+@pytest.mark.smollm
+def test_langchain_ollama_bind_tools(smol):
+    live = smol
     from langchain_ollama import ChatOllama
 
     llm = ChatOllama(base_url=live.url, model="smol", seed=0, num_predict=80)

@@ -90,6 +90,8 @@ class GrammarTrack:
         self._search = 0
         """Where the next trigger may begin (bytes of ``text``)."""
         self.lazy = bool(self._triggers)
+        self._last = -1
+        """The member that wrote the last token."""
         self.rejected = 0
         """Triggers whose following text the grammar rejected (the output stayed free)."""
         if not self.lazy:
@@ -140,6 +142,7 @@ class GrammarTrack:
         lazy grammar waits, the text is searched for a trigger."""
         c = self._constraints.get(i)
         self.text += piece
+        self._last = i
         if c is not None:
             try:
                 c.accept(token)
@@ -182,8 +185,8 @@ class GrammarTrack:
         """The done event's ``grammar``: complete, incomplete or untriggered."""
         if not self._constraints:
             return "untriggered"
-        i = next(iter(self._constraints))
-        c = self.ready(i)
+        i = self._last if self._last in self._constraints else next(iter(self._constraints))
+        c = self.ready(i)  # the last writer's has accepted everything
         assert c is not None
         return "complete" if c.complete() else "incomplete"
 

@@ -57,8 +57,8 @@ def schema_spec(schema: Any, param: str, spec_param: str | None = None) -> Gramm
 
 
 def response_format(value: Any, param: str = "response_format") -> GrammarSpec | None:
-    """OpenAI's ``response_format`` (None: free text)."""
-    if value is None:
+    """OpenAI's ``response_format`` (None: free text; so is ``{}``, which asks for nothing)."""
+    if value is None or value == {}:
         return None
     if not isinstance(value, dict):
         raise bad_request(f'`{param}` must be an object such as {{"type": "json_object"}}, got {_kind(value)}', param)

@@ -7,10 +7,13 @@ the grammar. The core accepts only committed tokens, and every accept is checked
 llama.cpp aborts the process (SIGABRT, which Python cannot catch) when its grammar is made
 to accept a token it rejects, or an end-of-generation token before it is complete.
 
-Checking a token is a one-element ``llama_sampler_apply`` (microseconds); a mask over the
-whole vocabulary costs 8-15 ms for SmolLM2's 49,152 tokens and 45-110 ms for Gemma 3's
-262,144, which is why :class:`~.context.NativeSampler` takes the exact shortcuts of
-docs/grammar.md before it asks for one."""
+Checking a token is a one-element ``llama_sampler_apply`` (microseconds); an apply to the
+whole vocabulary costs 8-15 ms for SmolLM2's 49,152 tokens and 45-150 ms for Gemma 3's
+262,144. So :class:`~.context.NativeSampler` takes the exact shortcuts of docs/grammar.md
+before it asks for a whole mask, and :meth:`LlamaGrammar.mask` applies the grammar only to
+the tokens whose first bytes can come next (:class:`PrefixIndex`): well under a millisecond
+where the grammar forces a few characters (a key, punctuation), an apply to the whole
+vocabulary where most may come (inside a string)."""
 
 from __future__ import annotations
 
@@ -67,6 +70,49 @@ class TokenArray:
         return out
 
 
+SPLIT = 1024
+"""A first byte with more tokens than this is split by the second byte (see :class:`PrefixIndex`)."""
+
+
+class PrefixIndex:
+    """A model's tokens grouped by their first byte (and, for crowded first bytes such as the
+    space, by their second), with a one-byte token for each byte: what :meth:`LlamaGrammar.mask`
+    needs to apply a grammar to a superset of the allowed tokens rather than to the whole
+    vocabulary. Built once per model (:attr:`LoadedModel.grammar_index`). Tokens that are
+    banned, end the generation or have no text are left out (end tokens are checked apart)."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        n = model.n_vocab
+        banned, eog = model.grammar_banned, model.eog
+        b0 = np.full(n, -1, dtype=np.int16)
+        b1 = np.full(n, -1, dtype=np.int16)
+        for t, p in enumerate(model.pieces):
+            if p and not banned[t] and not eog[t]:
+                b0[t] = p[0]
+                if len(p) > 1:
+                    b1[t] = p[1]
+        self.probe = np.array([model.byte_token(b) if model.byte_token(b) is not None else -1 for b in range(256)],
+                              dtype=np.int32)
+        """Per byte: a token whose text is that byte alone (-1: none)."""
+        self.has_probe = self.probe >= 0
+        self.probes = self.probe[self.has_probe]
+        order = np.argsort(b0, kind="stable").astype(np.int32)
+        bounds = np.searchsorted(b0[order], np.arange(257))
+        self.first = [order[bounds[b]:bounds[b + 1]] for b in range(256)]
+        """Per first byte: the tokens that begin with it."""
+        self.everything = np.arange(n, dtype=np.int32)
+        self.second: dict[int, tuple[npt.NDArray[np.int32], list[npt.NDArray[np.int32]]]] = {}
+        """For crowded first bytes: (the tokens that are that byte alone, the others per second byte)."""
+        for b in range(256):
+            ids = self.first[b]
+            if len(ids) > SPLIT and self.has_probe[b]:
+                sec = b1[ids]
+                o = ids[np.argsort(sec, kind="stable")]
+                cuts = np.searchsorted(b1[o], np.arange(-1, 257))
+                self.second[b] = (o[cuts[0]:cuts[1]], [o[cuts[c + 1]:cuts[c + 2]] for c in range(256)])
+        self.eog_ids = np.flatnonzero(eog).astype(np.int32)
+
+
 class LlamaGrammar:
     """One grammar's state over one model's vocabulary (the core's Constraint). Besides what
     the grammar rejects it disallows :attr:`LoadedModel.grammar_banned` (control tokens whose
@@ -89,6 +135,7 @@ class LlamaGrammar:
                 param=spec.param)
         self._smpl: L.llama_sampler_p | None = smpl
         self._banned = model.grammar_banned
+        self._index = model.grammar_index  # built once per model, when its first grammar is planned (0.2-0.6 s)
         self._eog_ids = np.flatnonzero(model.eog).astype(np.int32)
         self._small = TokenArray(1024)
         self._full: TokenArray | None = None
@@ -115,14 +162,61 @@ class LlamaGrammar:
         return out
 
     def mask(self) -> npt.NDArray[np.bool_]:
+        """The whole vocabulary's mask, from one apply to the tokens whose first bytes (two, for
+        crowded ones) can come next, which holds every allowed token: a token the grammar
+        allows begins with a byte (sequence) it allows, and a one-byte token (the probe) says
+        whether it does, partial UTF-8 included. A byte without a probe token keeps its tokens.
+        Exact, and at forced positions (a key, punctuation) hundreds of times cheaper than an
+        apply to the whole vocabulary."""
         if self._mask is None:
-            n = self._model.n_vocab
-            if self._full is None:
-                self._full = TokenArray(n)
-            L.llama_sampler_apply(self._sampler(), self._full.fill(np.arange(n, dtype=np.int32)))
-            self._mask = self._full.finite(n) & ~self._banned
+            index = self._index
+            smpl = self._sampler()
+            first = np.flatnonzero(self._next_bytes(smpl, index))
+            if len(first) > 128:  # most bytes may come (inside a string): most tokens may
+                self._mask = self._apply(smpl, index.everything)
+                return self._mask
+            parts = [index.eog_ids]
+            for b in first:
+                split = index.second.get(int(b))
+                if split is None:
+                    parts.append(index.first[b])
+                    continue
+                singles, by_second = split
+                parts.append(singles)
+                clone = L.llama_sampler_clone(smpl)  # the grammar after the byte b (the probe, allowed)
+                if not clone:
+                    raise BackendError(f"llama.cpp could not copy the grammar of member {self._member!r}")
+                try:
+                    L.llama_sampler_accept(clone, int(index.probe[b]))
+                    parts += [by_second[c] for c in np.flatnonzero(self._next_bytes(clone, index))]
+                finally:
+                    L.llama_sampler_free(clone)
+            ids = np.concatenate(parts)
+            self._mask = self._apply(smpl, ids)
         mask: npt.NDArray[np.bool_] = self._mask
         return mask
+
+    def mask_everything(self) -> npt.NDArray[np.bool_]:
+        """:meth:`mask` by one apply to the whole vocabulary (the reference it is tested against)."""
+        return self._apply(self._sampler(), self._index.everything)
+
+    def _apply(self, smpl: L.llama_sampler_p, ids: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
+        """The mask over the vocabulary after applying the grammar to ``ids`` (the rest: not allowed)."""
+        if self._full is None:
+            self._full = TokenArray(len(ids))
+        L.llama_sampler_apply(smpl, self._full.fill(ids))
+        out = np.zeros(self._model.n_vocab, dtype=bool)
+        out[ids[self._full.finite(len(ids))]] = True
+        out &= ~self._banned
+        return out
+
+    def _next_bytes(self, smpl: L.llama_sampler_p, index: PrefixIndex) -> npt.NDArray[np.bool_]:
+        """Per byte: whether a token could begin with it now (True where no probe token tells)."""
+        arr = self._small
+        L.llama_sampler_apply(smpl, arr.fill(index.probes))
+        out = ~index.has_probe
+        out[index.has_probe] = arr.finite(len(index.probes))
+        return out
 
     def accept(self, token: int) -> None:
         if self._model.is_eog(token) or not self.allowed(np.array([token]))[0]:

@@ -28,7 +28,7 @@ from . import chat_template
 from ._lib import capture_errors, init_backend, load_failure, log
 
 if TYPE_CHECKING:
-    from .grammar import LlamaGrammar
+    from .grammar import LlamaGrammar, PrefixIndex
     from .threads import CpuShare
 
 
@@ -213,6 +213,17 @@ class LoadedModel:
                     banned[t] = True
             self._grammar_banned = banned
         return self._grammar_banned
+
+    _grammar_index: PrefixIndex | None = None
+
+    @property
+    def grammar_index(self) -> PrefixIndex:
+        """The tokens by their first bytes, for grammar masks (built once)."""
+        if self._grammar_index is None:
+            from .grammar import PrefixIndex
+
+            self._grammar_index = PrefixIndex(self)
+        return self._grammar_index
 
     def byte_token(self, byte: int) -> int | None:
         """A token whose text is exactly the byte ``byte`` (None: the vocabulary has none)."""
