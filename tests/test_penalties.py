@@ -145,11 +145,11 @@ class Recording(NumpySampler):
         super().__init__(member.logits, params, seed, allowed)
         self._member, self._prompt_len, self._log = member, prompt_len, log
 
-    def sample(self) -> int:
+    def sample(self, constraint=None) -> int:
         window = list(self._params.penalty_window(self.history))
         held = list(self._params.penalty_window(list(self._member.cached[self._prompt_len:])))
         probs = self.distribution()
-        token = super().sample()
+        token = super().sample(constraint)
         self._log.append((self._member.name, window, held, probs))
         return token
 

@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
+from me_local.grammar import JSON_OBJECT_GBNF, schema_grammar
 from me_local.server import ServerState, create_app
 from me_local.server import fields as F
 from me_local.server.security import make_policy
 
+from .fakes import FAKE_GRAMMARS
 from .server_helpers import FAKE_MODELS, fake_engine_loader, write_tiny_config
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -30,7 +32,7 @@ OPENAI_COMMON = {
     "top_k": 5, "min_p": 0.1, "seed": 3, "stop": ["zz"], "n": 1, "ensemble": {"mode": "ce"},
     "frequency_penalty": 0.5, "presence_penalty": -1, "logit_bias": {"7": 5}, "repeat_penalty": 1.3,
     "repeat_last_n": -1, "user": "someone",
-    "grammar": "root ::= \"a\"", "json_schema": {"type": "object"}, "max_tokens": 3, "max_completion_tokens": 3,
+    "grammar": "even", "json_schema": {"type": "object"}, "max_tokens": 3, "max_completion_tokens": 3,
 }
 EXAMPLES: dict[str, dict[str, Any]] = {
     F.OPENAI_CHAT.title: {
@@ -92,21 +94,38 @@ EXAMPLES[F.INFILL.title] = {
 }
 EXAMPLES[F.INFILL_EXTRA.title] = {"text": "x = 1\n", "filename": "a.py", "time": [1700000000, 1]}
 NEEDS = {"top_logprobs": {"logprobs": True}}
+TOOL_MESSAGE_FIELDS = {"tool_calls": 1, "tool_call_id": 2, "tool_name": 2}
+"""The message fields that belong to an assistant's call (index 1) or to a tool result (index 2)."""
+
+
+def messages_with(name: str, value: Any, api: str) -> list[dict[str, Any]]:
+    """A conversation whose message ``TOOL_MESSAGE_FIELDS[name]`` (default 0) has field ``name``."""
+    at = TOOL_MESSAGE_FIELDS.get(name, 0)
+    if at == 0:
+        return [{"role": "user", "content": "Hi", name: value}]
+    calls = CALL if api == "openai" else [{"function": {"name": "f", "arguments": {}}}]
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": calls},
+                    {"role": "tool", "content": "42"}]
+    conversation[at] = {**conversation[at], name: value}
+    return conversation[: at + 1] if at == 1 else conversation
 
 
 def request_with(table: F.Table, name: str, value: Any) -> tuple[str, dict[str, Any]]:
-    """A valid request of ``table``'s route whose field ``name`` is ``value``."""
+    """A valid request of ``table``'s route whose field ``name`` is ``value`` (tools go to ``solo``, whose
+    context holds the tools' system message in the fake members' byte tokens)."""
     if table is F.OPENAI_CHAT:
-        return CHAT, {"model": "tiny", "messages": HELLO, "max_tokens": 2, **NEEDS.get(name, {}), name: value}
+        return CHAT, {"model": "solo" if name == "tools" else "tiny", "messages": HELLO, "max_tokens": 2,
+                      **NEEDS.get(name, {}), name: value}
     if table is F.OPENAI_COMPLETIONS:
         return COMP, {"model": "tiny", "prompt": "Hi", "max_tokens": 2, name: value}
     if table is F.STREAM_OPTIONS:
         return CHAT, {"model": "tiny", "messages": HELLO, "max_tokens": 2, "stream": True,
                       "stream_options": {name: value}}
     if table is F.OPENAI_MESSAGE:
-        return CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "Hi", name: value}], "max_tokens": 2}
+        return CHAT, {"model": "tiny", "messages": messages_with(name, value, "openai"), "max_tokens": 2}
     if table is F.OLLAMA_CHAT:
-        return "/api/chat", {"model": "tiny", "messages": HELLO, "stream": False, "options": {"num_predict": 2},
+        return "/api/chat", {"model": "solo" if name == "tools" else "tiny", "messages": HELLO, "stream": False,
+                             "options": {"num_predict": 2},
                              **NEEDS.get(name, {}), name: value}
     if table is F.OLLAMA_GENERATE:
         return "/api/generate", {"model": "tiny", "prompt": "Hi", "stream": False, "options": {"num_predict": 2},
@@ -119,17 +138,27 @@ def request_with(table: F.Table, name: str, value: Any) -> tuple[str, dict[str, 
     if table is F.INFILL_EXTRA:
         return "/infill", {"model": "tiny", **INFILL_BODY, "input_extra": [{"text": "x = 1\n", name: value}]}
     assert table is F.OLLAMA_MESSAGE
-    return "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "Hi", name: value}],
+    return "/api/chat", {"model": "tiny", "messages": messages_with(name, value, "ollama"),
                          "stream": False, "options": {"num_predict": 2}}
 
 
 def param_path(table: F.Table, name: str) -> str:
+    if table.prefix == "messages[].":
+        return f"messages[{TOOL_MESSAGE_FIELDS.get(name, 0)}].{name}"
     if table.prefix.endswith("[]."):
         return f"{table.prefix[:-3]}[0].{name}"
     return table.path(name)
 
 
 ROWS = [(table, row) for table in F.TABLES for row in table.fields.values()]
+
+
+@pytest.fixture(autouse=True)
+def fakes_run_the_examples_grammars(monkeypatch):
+    """The fake members cannot spell JSON: the grammars of the structured-output examples
+    (``grammar: "even"`` is a fake grammar already) are the fakes' "even" automaton here."""
+    for gbnf in (JSON_OBJECT_GBNF, schema_grammar({"type": "object"}, param="json_schema")):
+        monkeypatch.setitem(FAKE_GRAMMARS, gbnf, FAKE_GRAMMARS["even"])
 
 
 @pytest.fixture

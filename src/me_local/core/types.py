@@ -34,6 +34,77 @@ class Cancelled(Exception):
     """Raised by a Member's evaluate() when the cancel callback fired between chunks."""
 
 
+GRAMMAR_STATES = ("complete", "incomplete", "untriggered")
+""":attr:`DoneEvent.grammar` when the request had a grammar: the output matches it whole
+(``complete``), was cut before it did (``incomplete``: the token limit, a stop string, a
+cancel), or a lazy grammar's trigger never took (``untriggered``: the output is free text)."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A request's grammar: the output is constrained to text that ``gbnf`` (llama.cpp's GBNF,
+    with a ``root`` rule) matches. docs/grammar.md has the semantics in every mode."""
+
+    gbnf: str
+    """GBNF text with a ``root`` rule; character-level (no ``<token>`` literals needed)."""
+    param: str = "grammar"
+    """The request field it came from, named in errors (e.g. ``response_format``)."""
+    triggers: tuple[str, ...] = ()
+    """``()``: the whole output is constrained from its first token. Else lazy: the output is
+    free until its text contains one of these strings; from the first byte of that trigger
+    on it is constrained (the grammar sees the trigger's bytes first, so its root must start
+    with it)."""
+
+
+class GrammarRejected(Exception):
+    """Raised by :meth:`Constraint.accept` / :meth:`Constraint.accept_bytes` when the grammar
+    does not allow the token or bytes (the constraint's state is unchanged)."""
+
+
+class NoTokenAllowed(Exception):
+    """Raised by :meth:`TokenSampler.sample` when the constraint (with the sampler's own
+    restriction) allows no token of the vocabulary."""
+
+
+@runtime_checkable
+class Constraint(Protocol):
+    """A grammar's state over one member's vocabulary: which tokens may come next, advanced
+    only by what is committed to the text. One per (request, member), used on the
+    generation's thread only. Besides the grammar, it disallows tokens whose text the grammar
+    would read differently from the text me-local writes (control tokens), and end-of-
+    generation tokens until the grammar is complete."""
+
+    def allowed(self, ids: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.bool_]:
+        """Per token of ``ids``: whether it may come next."""
+        ...
+
+    def mask(self) -> npt.NDArray[np.bool_]:
+        """Per token id of the whole vocabulary: whether it may come next."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance over ``token`` (never an end-of-generation token). Raises
+        :class:`GrammarRejected`, leaving the state as it was, if it is not allowed."""
+        ...
+
+    def accept_bytes(self, data: bytes) -> None:
+        """Advance over text another member wrote (any tokenization of it; may end inside a
+        UTF-8 character). Raises :class:`GrammarRejected` if the grammar rejects it."""
+        ...
+
+    def complete(self) -> bool:
+        """Whether the text so far is a whole match (end of generation is allowed now)."""
+        ...
+
+    def only_end(self) -> bool:
+        """Complete, and no token but end-of-generation may follow (the output is done)."""
+        ...
+
+    def close(self) -> None:
+        """Free what the constraint holds. Idempotent."""
+        ...
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. Truncation applies per member in ``me`` mode and to the
@@ -91,8 +162,11 @@ class TokenSampler(Protocol):
     seen: the ones it sampled itself (``sample`` takes each into account) and the ones it is
     shown with ``observe``; never show it a token it sampled."""
 
-    def sample(self) -> int:
-        """Draw a token from the owning member's current (last-position) logits."""
+    def sample(self, constraint: Constraint | None = None) -> int:
+        """Draw a token from the owning member's current (last-position) logits; with a
+        ``constraint``, from the distribution restricted to the tokens it allows (renormalised
+        before the transforms), without advancing it. Raises :class:`NoTokenAllowed` when
+        nothing is allowed."""
         ...
 
     def observe(self, tokens: Sequence[int]) -> None:
@@ -142,6 +216,16 @@ class Member(Protocol):
     def is_eog(self, token: int) -> bool: ...
 
     def token_bytes(self, token: int) -> bytes: ...
+
+
+@runtime_checkable
+class GrammarMember(Member, Protocol):
+    """A member that can constrain its output to a grammar."""
+
+    def make_constraint(self, spec: GrammarSpec) -> Constraint:
+        """A fresh constraint for ``spec`` over this member's vocabulary; a grammar that
+        cannot be used raises :class:`~me_local.errors.RequestError` naming ``spec.param``."""
+        ...
 
 
 @dataclass
@@ -219,6 +303,9 @@ class DoneEvent:
     end: TokenEvent | None = None
     """The end-of-generation token the model drew to end it (finish ``stop``), which is not part
     of the text: completions' ``echo`` lists it after the generated tokens, as OpenAI does."""
+    grammar: str | None = None
+    """With a grammar: one of :data:`GRAMMAR_STATES` (complete, incomplete, untriggered);
+    None without one. ``length`` with ``incomplete`` means the structured output was cut."""
 
 
 Event = TokenEvent | DoneEvent

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from ..backends.types import MemberFactory
+from ..backends.types import MemberContext, MemberFactory
 from ..config import Config, SamplingDefaults
-from ..core import Cancelled, DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
+from ..core import Cancelled, DoneEvent, Event, GenerationStats, GrammarSpec, MemberStats, SamplingParams, generate
 from ..core.ensemble import check_fits
+from ..core.grammar import token_literals
 from ..core.likelihood import TextLikelihood
 from ..errors import ConfigError, MeLocalError, RequestError
 from ..fim import FimInput, FimPrompt, fim_prompt, lacking_fim
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
+from ..tools import Format, ToolSpec, uses_tools
+from ..tools import prepare as prepare_tools
+from ..tools.grammar import tool_grammar
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
 from .limits import LineLimits, apply_limits
@@ -56,6 +60,10 @@ class Request:
     on_plan: Callable[[Plan], None] | None = field(default=None, compare=False, repr=False)
     """Called (on the generating thread) with the plan once the request is planned, before it waits for a
     slot: what each member's prompt became (a FIM prompt's cuts, for the answer to report)."""
+    grammar: GrammarSpec | None = None
+    """Constrain the output to a grammar (docs/grammar.md); an empty ``gbnf`` is no grammar."""
+    tools: ToolSpec | None = None
+    """The functions the model may call (chat messages only; :mod:`me_local.tools`)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,10 @@ class Plan:
     """token | word."""
     fim: dict[str, FimPrompt] = field(default_factory=dict)
     """A FIM request's prompt per active member (by name): what each kept and dropped."""
+    grammar: GrammarSpec | None = None
+    """The request's grammar, checked (None: none, or an empty one)."""
+    tool_format: Format | None = None
+    """How the members write calls, when the request has tools or a conversation with calls."""
 
 
 class Engine:
@@ -116,7 +128,8 @@ class Engine:
         loaded = self.ensemble(request.ensemble)
         return loaded, self._plan(loaded, request)
 
-    def _plan(self, loaded: LoadedEnsemble, request: Request) -> Plan:
+    def _active(self, loaded: LoadedEnsemble, request: Request) -> tuple[str, int, list[float], list[int]]:
+        """A request's mode, single member, weights and the members that run."""
         cfg = loaded.config
         if request.weights:
             try:
@@ -126,9 +139,6 @@ class Engine:
         mode = request.mode or cfg.mode
         if mode not in MODES:
             raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param="mode")
-        if request.granularity is not None and request.granularity not in GRANULARITIES:
-            raise RequestError(f"unknown granularity {request.granularity!r}; choose one of "
-                               f"{', '.join(GRANULARITIES)}", param="granularity")
         single = 0
         if request.member is not None or mode == "single":
             name = request.member or cfg.member or cfg.members[0].name
@@ -137,9 +147,34 @@ class Engine:
                 mode = "single"
         weights = [m.weight for m in cfg.members]
         active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
+        return mode, single, weights, active
+
+    def tool_support(self, request: Request) -> tuple[Format, str | None]:
+        """The format the members a request runs write calls in, and why they cannot carry tools
+        (None: they can). See :mod:`me_local.engine.tools`."""
+        loaded = self.ensemble(request.ensemble)
+        active = self._active(loaded, request)[3]
+        return loaded.tools.format(active), loaded.tools.problem(active)
+
+    def _plan(self, loaded: LoadedEnsemble, request: Request) -> Plan:
+        mode, single, weights, active = self._active(loaded, request)
+        if request.granularity is not None and request.granularity not in GRANULARITIES:
+            raise RequestError(f"unknown granularity {request.granularity!r}; choose one of "
+                               f"{', '.join(GRANULARITIES)}", param="granularity")
         if sum(x is not None for x in (request.messages, request.prompt, request.tokens, request.fim)) != 1:
             raise RequestError("give either chat messages or a raw prompt", param="messages")
+        if request.tools is not None and request.messages is None:
+            raise RequestError("tools need chat messages, not a raw prompt", param="tools")
         messages = normalize_messages(request.messages) if request.messages is not None else None
+        tool_format = None
+        chat = None
+        if messages is not None and (request.tools is not None or uses_tools(messages)):
+            tool_format = loaded.tools.format(active)
+            if request.tools is not None and request.tools.active:
+                problem = loaded.tools.problem(active)
+                if problem is not None:
+                    raise RequestError(f"{loaded.config.name} does not support tools: {problem}", param="tools")
+            chat = prepare_tools(messages, request.tools, tool_format)
         members = loaded.members
         if request.params.infill and mode == "ce":
             raise RequestError("the infill sampler works on one member's distribution, and mode ce samples their "
@@ -165,7 +200,9 @@ class Engine:
                 continue
             key = (id(m.model), m.system, m.chat_template)  # members differing in either get their own prompt
             if key not in cache:
-                if messages is not None:
+                if chat is not None:
+                    cache[key] = m.chat_prompt(chat.messages, tools=chat.tools, labels=chat.labels)
+                elif messages is not None:
                     cache[key] = m.chat_prompt(messages)
                 elif request.tokens is not None:
                     cache[key] = prompt_ids(loaded, active, request.tokens)
@@ -176,7 +213,20 @@ class Engine:
         if request.params.logit_bias:
             check_logit_bias(loaded, active, request.params.logit_bias)
         check_fits([prompts[i] for i in active], [members[i] for i in active])
-        return Plan(mode, single, weights, prompts, granularity, fims)
+        grammar = request.grammar if request.grammar is not None and request.grammar.gbnf.strip() else None
+        if request.tools is not None and request.tools.active and tool_format is not None:
+            if grammar is not None:
+                raise RequestError(f"tools and the grammar of {grammar.param} cannot both shape one answer; drop one "
+                                   "of them", param=grammar.param)
+            grammar = self._tool_grammar(request.tools, tool_format)
+        if grammar is not None:
+            check_grammar(grammar, [members[i] for i in active], granularity)
+        return Plan(mode, single, weights, prompts, granularity, fims, grammar, tool_format)
+
+    def _tool_grammar(self, spec: ToolSpec, fmt: Format) -> GrammarSpec:
+        """The grammar of the calls ``spec`` allows (lazy where text may come first; tools/grammar.py)."""
+        g = tool_grammar(spec, fmt)
+        return GrammarSpec(g.gbnf, param="tools", triggers=g.triggers)
 
     def generate(
         self,
@@ -217,6 +267,7 @@ class Engine:
                 single=plan.single,
                 granularity=plan.granularity,
                 cancel=stopped if limits is not None else cancel or (lambda: False),
+                grammar=plan.grammar,
             )
             yield from apply_limits(events, limits, reached) if limits is not None else events
         finally:
@@ -277,6 +328,23 @@ class Engine:
         run.thread = threading.Thread(target=work, name=name, daemon=True)
         run.thread.start()
         return run
+
+
+def check_grammar(spec: GrammarSpec, members: Sequence[MemberContext], granularity: str) -> None:
+    """Refuse a grammar the members cannot use, before the request waits for a slot: GBNF
+    llama.cpp cannot parse, and token literals across vocabularies (word granularity).
+    Each model's vocabulary parses it once."""
+    if granularity == "word":
+        literals = token_literals(spec.gbnf)
+        if literals:
+            raise RequestError(
+                f"the grammar in {spec.param} names tokens ({', '.join(literals[:3])}), which differ between the "
+                "members' vocabularies (granularity word); write them as text (\"...\") instead", param=spec.param)
+    seen: set[int] = set()
+    for m in members:
+        if id(m.model) not in seen:
+            seen.add(id(m.model))
+            m.make_constraint(spec).close()
 
 
 def prompt_ids(loaded: LoadedEnsemble, active: list[int], tokens: list[int], param: str = "prompt") -> list[int]:

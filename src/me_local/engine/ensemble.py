@@ -14,6 +14,7 @@ from ..backends.types import MemberContext, MemberFactory
 from ..config import EnsembleConfig
 from ..core import common_prefix
 from ..errors import ConfigError, QueueFullError, RequestError, VocabMismatchError
+from .tools import ToolPlanner
 
 CANCEL_POLL_S = 0.05
 """How often a request waiting for a slot checks whether it was cancelled."""
@@ -72,6 +73,8 @@ class LoadedEnsemble:
         try:
             self.vocabulary = plan_vocabulary(config, self._slots[0].members)
             check_ensemble_bias(config, self._slots[0].members, self.vocabulary)
+            self.tools = ToolPlanner(self._slots[0].members)
+            """The members' tool-call format and whether they can carry tools (engine/tools.py)."""
         except BaseException:
             self.close()  # not yet in the engine's table: nobody else would free it
             raise

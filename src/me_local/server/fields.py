@@ -90,8 +90,6 @@ def R(name: str, doc: str, neutral: tuple[Any, ...] = ()) -> Field:
 
 
 NOT_YET = "is not supported yet"
-TOOLS = f"(tool calling) {NOT_YET}"
-STRUCTURED = f"(structured output) {NOT_YET}"
 _WINDOW = "in the last `repeat_last_n` generated tokens (default 64; -1: all of them, as OpenAI counts)"
 
 ENSEMBLE = H("ensemble", "me-local's extension: `mode`, `granularity`, `weights`, `member` for this request")
@@ -117,8 +115,10 @@ OPENAI_SHARED = [
     H("logit_bias", "token ids (strings of digits) to -100..100, added to their logits (-100 bans, 100 forces); "
       "the ids are the model's: an ensemble of different vocabularies takes it only for one member"),
     N("user", "an end-user id for the provider's abuse monitoring; me-local keeps nothing"),
-    R("grammar", f"(llama-server's grammar-constrained output) {NOT_YET}"),
-    R("json_schema", f"(llama-server's schema-constrained output) {NOT_YET}"),
+    H("grammar", "llama-server's extension: the answer follows this GBNF grammar (see Structured output); "
+      "not with `json_schema` or `response_format`"),
+    H("json_schema", "llama-server's extension: the answer is JSON valid against this JSON Schema (see "
+      "Structured output); not with `grammar` or `response_format`"),
 ]
 
 OPENAI_CHAT = _table("OpenAI `POST /v1/chat/completions`", "a field of /v1/chat/completions", [
@@ -128,10 +128,15 @@ OPENAI_CHAT = _table("OpenAI `POST /v1/chat/completions`", "a field of /v1/chat/
     H("max_completion_tokens", "as `max_tokens`; wins over it"),
     H("logprobs", "true: each token's log-probability (with me-local's `id` and `member`)"),
     H("top_logprobs", "0..20; needs `logprobs: true`"),
-    R("tools", TOOLS), R("tool_choice", TOOLS), R("parallel_tool_calls", TOOLS),
-    R("functions", f"(the deprecated form of `tools`) {NOT_YET}"),
-    R("function_call", f"(the deprecated form of `tool_choice`) {NOT_YET}"),
-    R("response_format", STRUCTURED, ({"type": "text"},)),
+    H("tools", "function tools (custom tools: 400); the answer's calls in `message.tool_calls` "
+      "(see Tool calling)"),
+    H("tool_choice", "`auto`, `none`, `required`, a named function, or `allowed_tools`; `required` and a "
+      "named function constrain the whole answer to calls"),
+    H("parallel_tool_calls", "false: at most one call per answer (default true)"),
+    R("functions", "(the deprecated form of `tools`) is not supported; send `tools`"),
+    R("function_call", "(the deprecated form of `tool_choice`) is not supported; send `tool_choice`"),
+    H("response_format", "`text`, `json_object`, `json_schema` (see Structured output); the messages need not "
+      "mention JSON"),
     R("audio", "(audio output) is not supported by me-local's text models"),
     R("modalities", "(output modalities other than text) are not supported by me-local's text models",
       (["text"],)),
@@ -161,7 +166,7 @@ OPENAI_COMPLETIONS = _table("OpenAI `POST /v1/completions`", "a field of /v1/com
     H("suffix", "fill in the middle: the prompt is the text before the gap, `suffix` the text after it; each "
       "member builds its prompt from its FIM tokens (`<PRE>prompt<SUF>suffix<MID>`; a model without them: "
       "400); string prompts only, not with `echo`"),
-    R("response_format", STRUCTURED, ({"type": "text"},)),
+    H("response_format", "as on chat (llama-server takes it here too)"),
 ], hints={"top_logprobs": "completions take an integer `logprobs` (the number of alternatives)",
           "messages": "send chat messages to /v1/chat/completions"})
 
@@ -175,8 +180,10 @@ OPENAI_MESSAGE = _table("OpenAI chat message (`messages[i]`)", "a field of a cha
     H("role", "`system`, `developer` (as `system`), `user`, `assistant`, `tool`"),
     H("content", "a string or a list of text parts; other parts are refused"),
     R("name", "(a participant's name) is not passed to the chat templates"),
-    R("tool_calls", TOOLS), R("tool_call_id", TOOLS),
-    R("function_call", f"(the deprecated form of `tool_calls`) {NOT_YET}"),
+    H("tool_calls", "an assistant's calls (`arguments`: a JSON object as text), rendered as its members "
+      "write calls"),
+    H("tool_call_id", "the call a `tool` message answers"),
+    R("function_call", "(the deprecated form of `tool_calls`) is not supported; send `tool_calls`"),
     R("refusal", "(an earlier refusal) is not supported; put the text in `content`"),
     R("audio", "(an earlier audio answer) is not supported by me-local's text models"),
 ], prefix="messages[].")
@@ -227,7 +234,7 @@ OLLAMA_SHARED = [
     H("logprobs", "true: Ollama's `logprobs` list (with me-local's `id` and `member`)"),
     H("top_logprobs", "0..20; needs `logprobs: true`"),
     ENSEMBLE,
-    R("format", STRUCTURED),
+    H("format", "`\"json\"` (a JSON object) or a JSON Schema (see Structured output)"),
     N("keep_alive", "how long Ollama keeps the model loaded; me-local keeps every model loaded while it runs "
       "(with empty `messages`/`prompt`, 0 answers `done_reason: \"unload\"`)"),
     R("think", "(thinking) is not supported by me-local's models"),
@@ -242,7 +249,7 @@ _OLLAMA_HINTS = {**{name: _OPTION_HINT for name in (f.name for f in OLLAMA_OPTIO
 OLLAMA_CHAT = _table("Ollama `POST /api/chat`", "a field of /api/chat", [
     H("messages", "see the message fields below; empty: the model is loaded (`done_reason: \"load\"`)"),
     *OLLAMA_SHARED,
-    R("tools", TOOLS),
+    H("tools", "function tools; the answer's calls in `message.tool_calls` (see Tool calling)"),
 ], hints=_OLLAMA_HINTS)
 
 OLLAMA_GENERATE = _table("Ollama `POST /api/generate`", "a field of /api/generate", [
@@ -266,7 +273,9 @@ OLLAMA_MESSAGE = _table("Ollama chat message (`messages[i]`)", "a field of a cha
     H("content", "text"),
     R("images", "(image input) is not supported by me-local's text models"),
     R("thinking", "(an earlier answer's thinking) is not supported by me-local's models"),
-    R("tool_calls", TOOLS), R("tool_name", TOOLS), R("tool_call_id", TOOLS),
+    H("tool_calls", "an assistant's calls (`arguments`: an object), rendered as its members write calls"),
+    H("tool_name", "the function a `tool` message answers"),
+    H("tool_call_id", "the call a `tool` message answers"),
 ], prefix="messages[].")
 
 INFILL = _table("llama-server `POST /infill`", "a field of /infill", [

@@ -29,7 +29,7 @@ from ..config import EnsembleConfig, MemberConfig
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, FimInput, Request
 from ..errors import MeLocalError
-from . import fields, wire
+from . import fields, tools, wire
 from .errors import ApiError, bad_request
 from .params import (
     ModelRef,
@@ -49,6 +49,7 @@ from .params import (
 )
 from .respond import collect, joined_text, stream_response
 from .state import NOTE, STATE
+from .structured import ollama_format
 
 OLLAMA_API_VERSION = "0.9.0"
 """The Ollama API version reported by /api/version (clients gate features on it)."""
@@ -81,12 +82,13 @@ def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, An
 
 def _request(ref: ModelRef, body: dict[str, Any], **kw: Any) -> Request:
     choice = ensemble_extension(body, ref)
+    grammar = ollama_format(body.get("format"))
     logprobs, top = logprob_options(body)
     if top and not logprobs:
         raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
     overrides = dict(options_overrides(body, ref.ensemble), logprobs=logprobs or None,
                      top_logprobs=top if logprobs else None)
-    return engine_request(ref, choice, overrides, **kw)
+    return engine_request(ref, choice, overrides, grammar=grammar, **kw)
 
 
 def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
@@ -97,9 +99,17 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request 
     if raw is None or raw == []:
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)
+        ollama_format(body.get("format"))
         return ref, None  # "load the model"
-    messages = chat_messages(raw)
-    return ref, _request(ref, body, messages=messages)
+    messages = chat_messages(tools.engine_messages(raw, "ollama"))
+    spec = tools.ollama_spec(body)
+    if spec is not None and body.get("logprobs"):
+        raise bad_request("`logprobs` is not supported with `tools` (an answer's calls are not tokens of its "
+                          "content); drop one of them", "logprobs")
+    if spec is not None and not fields.absent(body.get("format")):
+        raise bad_request("`format` is not supported with `tools`: the tools' grammar shapes the answer; drop one "
+                          "of them", "format")
+    return ref, _request(ref, body, messages=messages, tools=spec)
 
 
 def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
@@ -120,6 +130,7 @@ def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Requ
     if not prompt:
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)
+        ollama_format(body.get("format"))
         return ref, None
     if raw:
         return ref, _request(ref, body, prompt=prompt)
@@ -135,8 +146,15 @@ def _error_frame(err: ApiError) -> bytes:
 async def chat(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
-    ref, req = parse_chat(body, state.require_engine())
-    return await _answer(request, "chat", ref, req, body)
+    engine = state.require_engine()
+    ref, req = parse_chat(body, engine)
+    use = None
+    if req is not None and req.tools is not None:
+        fmt, problem = await asyncio.get_running_loop().run_in_executor(None, engine.tool_support, req)
+        if problem is not None:
+            raise tools.unsupported(ref.name, problem)
+        use = tools.ToolUse(req.tools, fmt)
+    return await _answer(request, "chat", ref, req, body, use)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -147,7 +165,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request | None,
-                  body: dict[str, Any]) -> web.StreamResponse:
+                  body: dict[str, Any], use: tools.ToolUse | None = None) -> web.StreamResponse:
     state = request.app[STATE]
     stream_wanted = opt_bool(body, "stream", default=True)
     created_at = wire.now_rfc3339()
@@ -167,16 +185,39 @@ async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request |
 
         if not stream_wanted:
             tokens, done = await collect(stream, first)
-            final = wire.ollama_final(kind, ref.name, created_at, done, joined_text(tokens, done), lp(tokens))
+            text = joined_text(tokens, done)
+            if use is None:
+                final = wire.ollama_final(kind, ref.name, created_at, done, text, lp(tokens))
+                return web.json_response(final, dumps=wire.dumps)
+            whole = use.parser()
+            whole.feed(text)
+            whole.finish()
+            calls = [c for c in map(tools.ollama_call, whole.calls) if c is not None]
+            final = wire.ollama_final(kind, ref.name, created_at, done, whole.content, tool_calls=calls)
             return web.json_response(final, dumps=wire.dumps)
 
+        parser = use.parser() if use is not None else None
+
+        def parts(text: str, final: bool = False) -> Iterable[bytes]:
+            if parser is None:
+                if text:
+                    yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), text))
+                return
+            events = parser.feed(text)
+            if final:
+                events += parser.finish()
+            content, calls = tools.ollama_ready(events, parser)
+            if content or calls:  # Ollama sends each call whole, in a chunk of its own
+                yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), content, tool_calls=calls))
+
         def on_token(ev: TokenEvent) -> Iterable[bytes]:
-            if ev.text or tb is not None:
+            if tb is not None:
                 yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), ev.text, lp([ev])))
+            else:
+                yield from parts(ev.text)
 
         def on_done(done: DoneEvent) -> Iterable[bytes]:
-            if done.text:
-                yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), done.text))
+            yield from parts(done.text, final=True)
             yield wire.ndjson(wire.ollama_final(kind, ref.name, wire.now_rfc3339(), done))
 
         return await stream_response(request, stream, first, content_type=wire.NDJSON_CONTENT_TYPE, head=(),
@@ -296,6 +337,9 @@ async def show(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     templates = await loop.run_in_executor(None, _chat_templates, members)
     fim_template = await loop.run_in_executor(None, _fim_template, engine, ref)
+    capabilities = ["completion"]
+    if await loop.run_in_executor(None, _carries_tools, engine, ref):
+        capabilities.append("tools")
     modelfile = "\n".join([f"# me-local {'member' if ref.member else 'ensemble'} {ref.name} "
                            f"(mode {'single' if ref.member else ens.mode})"]
                           + [f"# member {m.name} weight {m.weight} path {m.path} "
@@ -310,7 +354,7 @@ async def show(request: web.Request) -> web.Response:
                        "me-local.members": [m.name for m in members],
                        "me-local.chat_templates": templates,
                        **_granularity(engine, ens.name, ref.member)},
-        "capabilities": ["completion", "insert"] if fim_template else ["completion"],
+        "capabilities": capabilities + (["insert"] if fim_template else []),
         "modified_at": _modified_at(engine),
     })
 
@@ -339,6 +383,18 @@ def _fim_template(engine: Engine, ref: ModelRef) -> str | None:
             + "{{- else }}{{ .Prompt }}{{- end }}"
             + "{{/* me-local: each member writes its own FIM tokens; chat uses each member's chat template, "
             + "model_info[\"me-local.chat_templates\"] */}}")
+
+
+def _carries_tools(engine: Engine, ref: ModelRef) -> bool:
+    """Whether the model can carry tools (its members' templates render a call and its result:
+    engine/tools.py); a model that is not loaded cannot be probed, and is said not to."""
+    if ref.ensemble.name not in engine.loaded:
+        return False
+    request = Request(ensemble=ref.ensemble.name, member=ref.member, messages=[])
+    try:
+        return engine.tool_support(request)[1] is None
+    except MeLocalError:
+        return False
 
 
 def _granularity(engine: Engine, name: str, member: str | None) -> dict[str, Any]:
