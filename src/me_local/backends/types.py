@@ -8,8 +8,9 @@ sampler, cache). The engine needs a little more, and only this:
 - :class:`MemberContext`, one member in one slot: the core's Member (which can also score
   a text: :class:`me_local.core.scoring.ScoringMember`, logits at every position in
   chunks, and its word-start and end-of-generation tokens), plus its model, its
-  prompts (its own system prompt and chat template) and ``close()``, which frees the
-  context and gives back the member's hold on its model;
+  prompts (its own system prompt and chat template), ``resize()`` (a request asked for a
+  larger context) and ``close()``, which frees the context and gives back the member's hold
+  on its model;
 - :class:`MemberFactory`, which makes a member context from a member's configuration.
   The context it returns is owned by the caller: closing it releases everything the
   factory took for it.
@@ -43,6 +44,16 @@ class ModelHandle(Protocol):
 
     @property
     def n_vocab(self) -> int: ...
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context the model was trained with (GGUF ``<arch>.context_length``; 0: unknown)."""
+        ...
+
+    @property
+    def weights_bytes(self) -> int:
+        """The memory its weights take, shared by every context over it."""
+        ...
 
     @property
     def bos(self) -> int:
@@ -121,6 +132,17 @@ class MemberContext(TextMember, Protocol):
 
     def raw_prompt(self, text: str) -> list[int]:
         """The prompt for a raw text, tokenized as written (markup included)."""
+        ...
+
+    @property
+    def memory_bytes(self) -> int:
+        """The memory this member's context takes (its KV cache), besides its model's weights."""
+        ...
+
+    def resize(self, n_ctx: int) -> None:
+        """Give the member a context of ``n_ctx`` tokens (a new one: its cache starts empty).
+        Raises :class:`~me_local.errors.ModelLoadError` when there is not the memory for it; the
+        member then keeps the context it had."""
         ...
 
     def close(self) -> None:

@@ -149,7 +149,7 @@ async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request |
     try:
         first = await state.first_event(stream)
         logprobs = req.params.logprobs
-        tb = token_bytes(stream.engine, ref.ensemble.name) if logprobs else None
+        tb = token_bytes(stream) if logprobs else None
 
         def lp(tokens: Iterable[TokenEvent]) -> list[dict[str, Any]] | None:
             return [wire.ollama_logprob(t, tb) for t in tokens] if tb is not None else None
