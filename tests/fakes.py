@@ -132,7 +132,7 @@ class EngineMember(FakeMember):
     def __init__(self, name: str, factory: FakeFactory, **kw: Any) -> None:
         super().__init__(name, 0, **kw)
         self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1,
-                                     n_ctx_train=factory.n_ctx_train, weights_bytes=1000)
+                                     n_ctx_train=factory.n_ctx_train, weights_bytes=1000, offloaded=0.0)
         self.system: str | None = None
         self.chat_template: str | None = None
         self._factory = factory

@@ -152,7 +152,7 @@ MAX_CTX_DEFAULT = 32768
 MAX_CTX: Setting[int | None] = Setting(
     "max_ctx", int, None, "The largest context a request may ask for (Ollama's `options.num_ctx`; more is a 400). "
     "A member never gets more than its model's trained context.", "ensemble", lo=16, yaml=True,
-    default_text=f"{MAX_CTX_DEFAULT}, or n_ctx if larger")
+    default_text=f"{MAX_CTX_DEFAULT} or n_ctx if larger")
 PARALLEL: Setting[int] = Setting(
     "parallel", int, 1, "Slots for `me-local serve`; each holds one context per member.", "ensemble", lo=1,
     yaml=True)

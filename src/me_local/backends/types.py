@@ -56,6 +56,11 @@ class ModelHandle(Protocol):
         ...
 
     @property
+    def offloaded(self) -> float:
+        """The share of its layers (their weights and KV cache) on a GPU: 0 on a CPU build."""
+        ...
+
+    @property
     def bos(self) -> int:
         """The beginning-of-sequence token (-1: none)."""
         ...

@@ -405,7 +405,8 @@ def _overflow(loaded: LoadedEnsemble, i: int, n_prompt: int, n_ctx: int, request
                f"(`ensemble.weights` {{{m.name!r}: 0}})")
     else:
         fix = f"shorten the prompt or ask for a larger context (num_ctx, up to max_ctx {cfg.ctx_ceiling})"
-    if request.messages is not None and not request.truncate:
+    turns = [m for m in request.messages or [] if isinstance(m, dict) and m.get("role") != "system"]
+    if len(turns) > 1 and not request.truncate:
         fix += ", or let the oldest messages be left out (truncate)"
     return f"{what} but member {m.name!r} has a context of {n_ctx} tokens for this request; {fix}"
 

@@ -10,7 +10,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ..backends.types import MemberContext, MemberFactory
 from ..config import EnsembleConfig
@@ -147,9 +146,18 @@ class LoadedEnsemble:
 
     @property
     def memory_bytes(self) -> int:
-        """Its weights (each model once) and every slot's contexts."""
-        models: dict[int, int] = {id(m.model): m.model.weights_bytes for m in self._members}
-        return sum(models.values()) + sum(s.memory_bytes for s in list(self._slots))
+        """Its weights (each model once, though other ensembles may share them) and every slot's contexts."""
+        return self._memory(lambda m: 1.0)
+
+    @property
+    def gpu_bytes(self) -> int:
+        """The part of :attr:`memory_bytes` on a GPU (the offloaded layers' share)."""
+        return self._memory(lambda m: m.model.offloaded)
+
+    def _memory(self, share: Callable[[MemberContext], float]) -> int:
+        models = {id(m.model): m.model.weights_bytes * share(m) for m in self._members}
+        contexts = sum(m.memory_bytes * share(m) for s in list(self._slots) for m in s.members)
+        return int(sum(models.values()) + contexts)
 
     # -- its life ----------------------------------------------------------------
     def set_keep_alive(self, seconds: float | None) -> None:
@@ -355,11 +363,6 @@ class LoadedEnsemble:
         for s in self._slots:
             s.close()
         self._slots.clear()
-
-    def describe(self) -> dict[str, Any]:
-        """What /api/ps shows of it: its memory, its largest context, when it expires."""
-        return {"memory_bytes": self.memory_bytes, "context_length": self.context_length,
-                "expires_in": self.expires_in()}
 
 
 @dataclass(frozen=True)

@@ -319,11 +319,16 @@ def ollama_final(
     text: str = "",
     logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The last object of an answer (or the only one when not streaming)."""
+    """The last object of an answer (or the only one when not streaming). When the request asked for a
+    context size, or messages were left out to fit one, the engine's figures follow under ``me_local``
+    (as OpenAI's ``usage.me_local``): each member's ``n_ctx`` and ``dropped_messages``."""
     obj = ollama_part(kind, model, created_at, text, logprobs)
     obj["done"] = True
     obj["done_reason"] = done.finish_reason
     obj.update(ollama_durations(done.stats))
+    stats = done.stats
+    if stats.dropped_messages or any(m.n_ctx is not None for m in stats.members):
+        obj["me_local"] = stats.to_dict()
     return obj
 
 

@@ -125,6 +125,10 @@ class LoadedModel:
         self.size_bytes = path.stat().st_size
         self.weights_bytes = 0 if vocab_only else int(L.llama_model_size(ptr))
         """The weights' bytes in memory (the tensors as loaded)."""
+        ngl = load.n_gpu_layers
+        self.offloaded = 0.0 if vocab_only or not ngl or not L.llama_supports_gpu_offload() else \
+            1.0 if ngl < 0 else min(1.0, ngl / max(1, self.n_layer))
+        """The share of its layers (their weights and KV cache) on a GPU: 0 on a CPU build."""
         self.chat_template = _meta_str(ptr, "tokenizer.chat_template")
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
