@@ -288,3 +288,57 @@ async def test_num_ctx_beyond_max_ctx_is_a_400_naming_it(server):
     assert (await resp.json())["error"] == ("`options.num_ctx` is 32769 but ensemble 'tiny' allows contexts of at "
                                             "most 32768 tokens (`max_ctx` in models.yaml); send at most that, or "
                                             "raise `max_ctx`")
+
+
+# --------------------------------------------------------------------------- editors' requests, shipped ensembles
+
+CODE = "\n".join(f"def area_{i}(width, height):\n    return width * height * {i}\n" for i in range(98))
+EDITOR_TURNS = [
+    msg("system", "You are a coding assistant. Answer with code only."),
+    msg("user", f"Here is my file:\n```python\n{CODE}```\nWhat does area_3 return?"),
+    msg("assistant", "It returns width * height * 3."),
+    msg("user", "Rename it to area_three."),
+]
+
+
+@pytest.fixture(scope="module")
+def shipped_engine(tmp_path_factory, smollm_path, gemma_path):
+    """The packaged models.yaml with its pkg:// paths made absolute (Gemma assembled in a test cache)."""
+    import yaml
+
+    from me_local.config import load_config, packaged_config_path
+
+    raw = yaml.safe_load(packaged_config_path().read_text())
+    for ens in raw["ensembles"].values():
+        for m in ens["members"]:
+            m["path"] = str(gemma_path if "gemma" in m["path"] else smollm_path)
+            m["n_threads"] = 1  # kinder to a loaded 2-core machine (ggml's threads spin)
+    path = tmp_path_factory.mktemp("shipped") / "models.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    engine = Engine(load_config(path))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.smollm
+@pytest.mark.parametrize("ensemble", ["default", "smollm-duo", "smollm", "gemma"])
+def test_cline_aider_and_zed_shaped_requests_run_on_the_shipped_ensembles(shipped_engine, ensemble):
+    """Cline asks for 32768 tokens, aider for its prompt's tokens x 1.25 + 8192, Zed for 4096, with a
+    prompt beyond 2048 tokens, the n_ctx of the shipped two-member ensembles (before num_ctx was
+    honoured: a 400). Each member gets the context asked for, at most its trained one."""
+    loaded = shipped_engine.ensemble(ensemble)
+    sizes = {m.name: len(m.chat_prompt(EDITOR_TURNS)) for m in loaded.members}
+    trained = {m.name: m.model.n_ctx_train for m in loaded.members}
+    assert trained == {m.name: 8192 if m.model.path.name.startswith("SmolLM2") else 32768 for m in loaded.members}
+    assert min(sizes.values()) > 2048
+    aider = int(max(sizes.values()) * 1.25) + 8192
+    for num_ctx in (32768, aider, 4096):
+        _, done = collect(shipped_engine.generate(Request(
+            ensemble=ensemble, messages=EDITOR_TURNS, n_ctx=num_ctx, truncate=True,
+            params=SamplingParams(seed=3, max_tokens=8))))
+        assert done.finish_reason in ("length", "stop") and done.stats.dropped_messages is None
+        assert done.stats.prompt_tokens == max(sizes.values())
+        got = {m.name: m.n_ctx for m in done.stats.members}
+        assert got == {name: min(num_ctx, trained[name]) for name in sizes}, (num_ctx, got)
+        if num_ctx == 32768:  # every member ran: its whole prompt in its grown context
+            assert all(m.prompt_tokens == sizes[m.name] for m in done.stats.members), done.stats.members
