@@ -144,7 +144,10 @@ async def test_ps_shows_when_keep_alive_unloads_and_keep_alive_zero_unloads_at_o
     assert expires((await ps(client))["solo:latest"]).year > 2300
     unload = await (await client.post("/api/generate", json={"model": "solo", "keep_alive": 0})).json()
     assert unload["done_reason"] == "unload" and "solo:latest" not in await ps(client)
-    out = await (await client.post("/api/generate", json=body)).json()  # loaded again on demand
+    tokens = await (await client.post("/tokenize", json={"model": "solo", "content": "Hi"})).json()
+    assert tokens["tokens"] and "solo:latest" in await ps(client)  # its tokenizer loads it again
+    await client.post("/api/generate", json={"model": "solo", "keep_alive": 0})
+    out = await (await client.post("/api/generate", json=body)).json()  # and so does a request
     assert out["done"] is True and out["eval_count"] == 2 and "solo:latest" in await ps(client)
     load = await client.post("/api/chat", json={"model": "pair:latest", "messages": [], "keep_alive": "1h"})
     assert (await load.json())["done_reason"] == "load"
