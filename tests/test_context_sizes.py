@@ -114,6 +114,13 @@ def test_a_request_context_grows_its_slot_and_the_text_ends_there():
     assert done.stats.prompt_tokens + done.stats.generated_tokens == 32 + 1 and done.stats.members[0].n_ctx is None
 
 
+def test_only_the_members_that_run_grow_their_contexts():
+    e, factory = engine()
+    _, done = run(e, ensemble="duo", prompt="x" * 40, n_ctx=100, member="two")
+    assert factory.resized == [("two", 100)] and done.stats.prompt_tokens + done.stats.generated_tokens == 101
+    assert [m.n_ctx for m in done.stats.members] == [None, 100]
+
+
 def test_more_than_max_ctx_is_refused_naming_it():
     e, _ = engine()
     with pytest.raises(RequestError, match=r"\(129 tokens\) is more than ensemble 'e' allows \(max_ctx 128\); "

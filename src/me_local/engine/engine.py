@@ -248,7 +248,8 @@ class Engine:
             raise RequestError("give either chat messages or a raw prompt", param="messages")
         messages = normalize_messages(request.messages) if request.messages is not None else None
         members = loaded.members
-        n_ctx = self._contexts(loaded, request)
+        # members that do not run keep their own size: growing them would only cost memory
+        n_ctx = [n if i in active else loaded.base_n_ctx[i] for i, n in enumerate(self._contexts(loaded, request))]
         prompts: list[list[int]] = [[] for _ in members]
         dropped = [0 for _ in members]
         cache: dict[tuple[int, str | None, str | None, int], tuple[list[int], int]] = {}
@@ -405,7 +406,7 @@ def _overflow(loaded: LoadedEnsemble, i: int, n_prompt: int, n_ctx: int, request
                f"(`ensemble.weights` {{{m.name!r}: 0}})")
     else:
         fix = f"shorten the prompt or ask for a larger context (num_ctx, up to max_ctx {cfg.ctx_ceiling})"
-    turns = [m for m in request.messages or [] if isinstance(m, dict) and m.get("role") != "system"]
+    turns = [t for t in request.messages or [] if isinstance(t, dict) and t.get("role") != "system"]
     if len(turns) > 1 and not request.truncate:
         fix += ", or let the oldest messages be left out (truncate)"
     return f"{what} but member {m.name!r} has a context of {n_ctx} tokens for this request; {fix}"

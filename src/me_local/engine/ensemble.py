@@ -88,7 +88,7 @@ class LoadedEnsemble:
         """Seconds it stays loaded once idle (None: for ever); set by each request."""
         self.on_idle: Callable[[], None] | None = None
         """Called (outside its lock) when it falls idle with a keep_alive, or its keep_alive changes."""
-        self._idle_since: float | None = time.monotonic()
+        self._idle_since: float | None = None
         self._users = 0
         """Holds by work that is not a request (:meth:`hold`)."""
         self._closing = False
@@ -113,6 +113,7 @@ class LoadedEnsemble:
         """Each member's context as loaded: what a request gets unless it asks for another size."""
         self.n_ctx_train = [m.model.n_ctx_train for m in self._members]
         """Each member's model's trained context (0: unknown): the most a request may give it."""
+        self._idle_since = time.monotonic()  # loaded: idle from now
 
     def _new_slot(self, index: int) -> Slot:
         members: list[MemberContext] = []
