@@ -256,7 +256,8 @@ class EngineMember(FakeMember):
         fim = FimTokens(pre=n - 3, suf=n - 2, mid=n - 1) if factory.fim else FimTokens()
         self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1, add_bos=False,
                                      fim=fim, token_texts=self.pieces, tokenize=self._model_tokenize,
-                                     template=lambda configured=None: chat_templates.choose(configured, None))
+                                     template=lambda configured=None: chat_templates.choose(configured, None),
+                                     n_ctx_train=factory.n_ctx_train, weights_bytes=1000, offloaded=0.0)
         self.system: str | None = None
         self.chat_template: str | None = chat_template
         self._factory = factory
@@ -279,6 +280,16 @@ class EngineMember(FakeMember):
         """The model's tokenizer (FIM prompts): each byte, as :meth:`raw_prompt`, not held by the gate."""
         return [b % self.n_vocab for b in text.encode()]
 
+    @property
+    def memory_bytes(self) -> int:
+        return 0 if self.closed else 10 * self._n_ctx
+
+    def resize(self, n_ctx: int) -> None:
+        """A new context (the cache starts empty), as a llama.cpp member's; ``factory.resized`` records it."""
+        self._factory.resized.append((self.name, n_ctx))
+        self._n_ctx = n_ctx
+        self._cached = []
+
     def close(self) -> None:
         self.closed = True
 
@@ -290,9 +301,12 @@ class FakeFactory:
     tokenized so far; while ``gate`` is set to an unset Event, tokenizing waits for it (only
     for the texts in ``held``, when that is set)."""
 
-    def __init__(self, n_ctx: int | None = 256, *, fim: bool = False) -> None:
+    def __init__(self, n_ctx: int | None = 256, *, fim: bool = False, n_ctx_train: int = 0) -> None:
         self.n_ctx = n_ctx
         self.fim = fim
+        self.n_ctx_train = n_ctx_train
+        """The models' trained context (0: unknown, no limit)."""
+        self.resized: list[tuple[str, int]] = []
         self.gate: threading.Event | None = None
         self.held: set[str] | None = None
         self.tokenized: list[str] = []

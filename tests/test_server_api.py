@@ -134,18 +134,25 @@ async def test_ollama_tags_show_ps(fake_server, tiny_models):
     client, _ = fake_server
     tags = await (await client.get("/api/tags")).json()
     names = [m["name"] for m in tags["models"]]
-    assert names[:4] == ["tiny", "tiny/one", "tiny/two", "tiny/three"]
+    assert names[:4] == ["tiny:latest", "tiny/one:latest", "tiny/two:latest", "tiny/three:latest"]
     tiny = tags["models"][0]
     sizes = sum(tiny_models[k].stat().st_size for k in ("a1", "a2", "a3"))
-    assert tiny["size"] == sizes and tiny["model"] == "tiny" and len(tiny["digest"]) == 64
+    assert tiny["size"] == sizes and tiny["model"] == "tiny:latest" and len(tiny["digest"]) == 64
     assert tiny["details"]["format"] == "gguf"
-    show = await (await client.post("/api/show", json={"model": "pair:latest"})).json()
-    assert show["model_info"]["me-local.context_length"] == 256
-    assert show["model_info"]["me-local.members"] == ["one", "two"]
-    assert "temperature 0.8" in show["parameters"] and "num_predict 16" in show["parameters"]
+    for name in ("pair", "pair:latest"):  # either form is accepted
+        show = await (await client.post("/api/show", json={"model": name})).json()
+        # what a request may get whole: max_ctx (32768 by default), less the tiny models' trained 2048
+        assert show["model_info"]["me-local.context_length"] == 2048
+        assert show["model_info"]["me-local.trained_context_lengths"] == {"one": 2048, "two": 2048}
+        assert show["model_info"]["me-local.n_ctx"] == 256 and show["model_info"]["me-local.max_ctx"] == 32768
+        assert show["model_info"]["me-local.members"] == ["one", "two"]
+        assert "temperature 0.8" in show["parameters"] and "num_predict 16" in show["parameters"]
+        assert "num_ctx 256" in show["parameters"].splitlines()
     ps = await (await client.get("/api/ps")).json()
-    assert {m["name"] for m in ps["models"]} == set(names)
-    assert next(m for m in ps["models"] if m["name"] == "short")["context_length"] == 32
+    assert [m["name"] for m in ps["models"]] == [n for n in names if "/" not in n]  # ensembles, loaded at start
+    short = next(m for m in ps["models"] if m["name"] == "short:latest")
+    assert short["context_length"] == 32 and short["model"] == "short:latest" and short["size_vram"] == 0
+    assert short["size"] == 1000 + 10 * 32  # the fake model's weights and its one context
 
 
 # --------------------------------------------------------------------------- OpenAI chat

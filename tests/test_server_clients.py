@@ -104,9 +104,9 @@ def test_openai_errors(oa, live):
 
 def test_ollama_list_show_ps(ol):
     names = [m.model for m in ol.list().models]
-    assert names[:4] == ["tiny", "tiny/one", "tiny/two", "tiny/three"]
-    assert ol.show("pair").modelinfo["me-local.context_length"] == 256
-    assert {m.model for m in ol.ps().models} == set(names)
+    assert names[:4] == ["tiny:latest", "tiny/one:latest", "tiny/two:latest", "tiny/three:latest"]
+    assert ol.show("pair").modelinfo["me-local.context_length"] == 2048  # the tiny models' trained context
+    assert {m.model for m in ol.ps().models} == {n for n in names if "/" not in n}  # the ensembles loaded
 
 
 def test_ollama_chat_and_generate(ol):

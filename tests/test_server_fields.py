@@ -229,8 +229,9 @@ async def test_a_key_in_no_table_is_a_400_naming_it(client, table):
      "`temperature` is not a field of /api/chat; it is an option: put it in `options`"),
     ("/api/generate", {"model": "tiny", "prompt": "Hi", "max_tokens": 2},
      "`max_tokens` is not a field of /api/generate; Ollama's limit is `options.num_predict`"),
-    ("/api/chat", {"model": "tiny", "messages": HELLO, "options": {"num_ctx": 4096}},
-     "`options.num_ctx` is 4096 but 'tiny' has a context of 256 tokens; send at most that, or raise `n_ctx`"),
+    ("/api/chat", {"model": "tiny", "messages": HELLO, "options": {"num_ctx": 65536}},
+     "`options.num_ctx` is 65536 but ensemble 'tiny' allows contexts of at most 32768 tokens (`max_ctx` in "
+     "models.yaml); send at most that, or raise `max_ctx`"),
     ("/api/generate", {"model": "tiny", "prompt": "Hi", "raw": True, "system": "Be brief."},
      "`system` does not apply with `raw: true`"),
     ("/api/chat", {"model": "tiny", "messages": HELLO, "top_logprobs": 2}, "`top_logprobs` needs `logprobs: true`"),

@@ -116,6 +116,8 @@ class EnsembleConfig:
     granularity: str | None = S.GRANULARITY.default
     """token | word; None: token when the members share a vocabulary, else word (decided at load)."""
     n_ctx: int = S.N_CTX.default
+    max_ctx: int | None = S.MAX_CTX.default
+    """The largest context a request may ask for; None: :attr:`ctx_ceiling`'s default."""
     parallel: int = S.PARALLEL.default
     max_queue: int = S.MAX_QUEUE.default
     n_batch: int = S.N_BATCH.default
@@ -125,6 +127,12 @@ class EnsembleConfig:
     kv_cache_type: str = S.KV_CACHE_TYPE.default
     """Element type of each context's KV cache: f16, or q8_0 / q4_0 to halve / quarter its memory."""
     file: str = ""
+
+    @property
+    def ctx_ceiling(self) -> int:
+        """The largest context a request may ask for: ``max_ctx``, else the larger of n_ctx and
+        :data:`~me_local.settings.MAX_CTX_DEFAULT`."""
+        return self.max_ctx if self.max_ctx is not None else max(self.n_ctx, S.MAX_CTX_DEFAULT)
 
     @property
     def member_names(self) -> list[str]:
@@ -432,6 +440,7 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         mode=mode,
         granularity=granularity,
         n_ctx=_int(raw, S.N_CTX, file=fname, key=key),
+        max_ctx=_opt_int(raw, S.MAX_CTX, file=fname, key=key),
         parallel=_int(raw, S.PARALLEL, file=fname, key=key),
         max_queue=_int(raw, S.MAX_QUEUE, file=fname, key=key),
         n_batch=_int(raw, S.N_BATCH, file=fname, key=key),

@@ -216,7 +216,14 @@ MEMBER: Setting[str | None] = Setting(
     "member", str, None, "The member `single` mode uses (default: the first).", "ensemble", yaml=True,
     flag="--member", openai="ensemble.member", ollama="ensemble.member", chat="member", default_text="the first")
 N_CTX: Setting[int] = Setting(
-    "n_ctx", int, 4096, "Context window per member, in tokens.", "ensemble", lo=16, yaml=True)
+    "n_ctx", int, 4096, "Context window per member, in tokens: what a request gets unless it asks for another "
+    "size (Ollama's `options.num_ctx`, up to `max_ctx`).", "ensemble", lo=16, yaml=True, ollama="options.num_ctx")
+MAX_CTX_DEFAULT = 32768
+"""``max_ctx`` when models.yaml sets none (or ``n_ctx``, when that is larger): what Cline asks for."""
+MAX_CTX: Setting[int | None] = Setting(
+    "max_ctx", int, None, "The largest context a request may ask for (Ollama's `options.num_ctx`; more is a 400). "
+    "A member never gets more than its model's trained context.", "ensemble", lo=16, yaml=True,
+    default_text=f"{MAX_CTX_DEFAULT} or n_ctx if larger")
 PARALLEL: Setting[int] = Setting(
     "parallel", int, 1, "Slots for `me-local serve`; each holds one context per member.", "ensemble", lo=1,
     yaml=True)
@@ -289,7 +296,7 @@ WRITE_TIMEOUT: Setting[float] = Setting(
 SETTINGS: tuple[Setting[Any], ...] = (
     TEMPERATURE, TOP_P, TOP_K, MIN_P, MAX_TOKENS, SEED, STOP, TOP_LOGPROBS,
     REPEAT_PENALTY, REPEAT_LAST_N, FREQUENCY_PENALTY, PRESENCE_PENALTY, LOGIT_BIAS,
-    MODE, GRANULARITY, MEMBER, N_CTX, PARALLEL, MAX_QUEUE, N_BATCH, KV_CACHE_TYPE,
+    MODE, GRANULARITY, MEMBER, N_CTX, MAX_CTX, PARALLEL, MAX_QUEUE, N_BATCH, KV_CACHE_TYPE,
     WEIGHT, SYSTEM, CHAT_TEMPLATE, N_GPU_LAYERS, N_THREADS, REPACK, MMAP,
     HOST, PORT, MAX_BODY_SIZE, HEADER_TIMEOUT, BODY_TIMEOUT, WRITE_TIMEOUT,
 )

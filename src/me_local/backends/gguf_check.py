@@ -67,6 +67,8 @@ GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
 
 # GGUF value types -> struct format of fixed-size scalars
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_UNSIGNED = (0, 2, 4, 10)
+"""The unsigned integer types (a context length is one of them)."""
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4
 
@@ -84,6 +86,8 @@ class GgufHeader:
     file_size: int
     chat_template: str | None = None
     """``tokenizer.chat_template`` (None: the file has none)."""
+    context_length: int | None = None
+    """``<architecture>.context_length``: the context the model was trained with (None: not given)."""
 
 
 class _Truncated(Exception):
@@ -187,6 +191,7 @@ def _read(path: Path, r: _Reader) -> GgufHeader:
         architecture: str | None = None
         alignment = DEFAULT_ALIGNMENT
         chat_template: str | None = None
+        lengths: dict[bytes, int] = {}
         for _ in range(n_kv):
             key = r.string()
             vtype = r.u32()
@@ -196,6 +201,8 @@ def _read(path: Path, r: _Reader) -> GgufHeader:
                 alignment = r.u32()
             elif key == b"tokenizer.chat_template" and vtype == _STRING:
                 chat_template = r.string().decode("utf-8", "replace")
+            elif key.endswith(b".context_length") and vtype in _UNSIGNED:
+                lengths[key] = int(r.unpack(_SCALARS[vtype]))
             else:
                 _skip_value(path, r, vtype, key)
         if alignment <= 0 or alignment & (alignment - 1):
@@ -225,8 +232,9 @@ def _read(path: Path, r: _Reader) -> GgufHeader:
                 f"has {r.size} bytes; {REFETCH}",
             )
         data_end = max(data_end, end)
+    context_length = lengths.get(f"{architecture}.context_length".encode()) if architecture else None
     return GgufHeader(version, architecture, n_tensors, n_kv, alignment, data_offset, data_end, r.size,
-                      chat_template)
+                      chat_template, context_length)
 
 
 def _skip_value(path: Path, r: _Reader, vtype: int, key: bytes) -> None:

@@ -10,8 +10,8 @@ sampler, cache). The engine needs a little more, and only this:
   a text: :class:`me_local.core.scoring.ScoringMember`, logits at every position in
   chunks, and its word-start and end-of-generation tokens, and constrain its output to a
   grammar: ``make_constraint``), plus its model, its prompts (its own system prompt and chat
-  template) and ``close()``, which frees the context and gives back the member's hold on
-  its model;
+  template), ``resize()`` (a request asked for a larger context) and ``close()``, which frees
+  the context and gives back the member's hold on its model;
 - :class:`MemberFactory`, which makes a member context from a member's configuration.
   The context it returns is owned by the caller: closing it releases everything the
   factory took for it.
@@ -52,6 +52,21 @@ class ModelHandle(Protocol):
 
     @property
     def n_vocab(self) -> int: ...
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context the model was trained with (GGUF ``<arch>.context_length``; 0: unknown)."""
+        ...
+
+    @property
+    def weights_bytes(self) -> int:
+        """The memory its weights take, shared by every context over it."""
+        ...
+
+    @property
+    def offloaded(self) -> float:
+        """The share of its layers (their weights and KV cache) on a GPU: 0 on a CPU build."""
+        ...
 
     @property
     def bos(self) -> int:
@@ -151,6 +166,17 @@ class MemberContext(TextMember, Protocol):
         """A fresh grammar state for ``spec`` over this member's vocabulary (the core's
         :class:`~me_local.core.types.GrammarMember`): a RequestError naming ``spec.param`` when
         the grammar cannot be used (not valid GBNF)."""
+        ...
+
+    @property
+    def memory_bytes(self) -> int:
+        """The memory this member's context takes (its KV cache), besides its model's weights."""
+        ...
+
+    def resize(self, n_ctx: int) -> None:
+        """Give the member a context of ``n_ctx`` tokens (a new one: its cache starts empty).
+        Raises :class:`~me_local.errors.ModelLoadError` when there is not the memory for it; the
+        member then keeps the context it had."""
         ...
 
     def close(self) -> None:

@@ -24,14 +24,18 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def check_fits(prompts: Sequence[Sequence[int]], members: Sequence[Member]) -> None:
-    for prompt, member in zip(prompts, members):
+def check_fits(prompts: Sequence[Sequence[int]], members: Sequence[Member],
+               n_ctx: Sequence[int] | None = None) -> None:
+    """Each prompt is non-empty and leaves room for a token in its member's context (``n_ctx[i]``
+    when given: the request's, at most the member's own)."""
+    for i, (prompt, member) in enumerate(zip(prompts, members)):
+        limit = member.n_ctx if n_ctx is None else n_ctx[i]
         if not prompt:
             raise RequestError("the prompt is empty; give some text to continue", param="prompt")
-        if len(prompt) >= member.n_ctx:
+        if len(prompt) >= limit:
             raise ContextOverflowError(
                 f"the prompt is {len(prompt)} tokens but member {member.name!r} has a context of "
-                f"{member.n_ctx} tokens; shorten the prompt or raise n_ctx in models.yaml"
+                f"{limit} tokens; shorten the prompt or raise n_ctx in models.yaml"
             )
 
 
@@ -49,6 +53,8 @@ class GenerationSetup:
     stats: GenerationStats
     clock: Callable[[], float]
     t0: float
+    n_ctx: list[int]
+    """Each member's context for this generation: its own, or less when the request asks for less."""
 
 
 def prepare(
@@ -60,10 +66,12 @@ def prepare(
     mode: str,
     single: int,
     clock: Callable[[], float] = time.perf_counter,
+    n_ctx: Sequence[int] | None = None,
 ) -> GenerationSetup:
     """Validate a generation, seed it, and trim each active member's cache to the prefix it
     shares with its prompt (keeping at least one prompt token to evaluate, so its logits will
-    exist). Nothing is evaluated here."""
+    exist). Nothing is evaluated here. ``n_ctx[i]`` limits member i's context for this
+    generation (never beyond the member's own ``n_ctx``)."""
     if mode not in MODES:
         raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param="mode")
     if len(members) != len(prompts) or len(members) != len(weights):
@@ -74,7 +82,10 @@ def prepare(
     if mode == "single" and not 0 <= single < len(members):
         raise RequestError("no such member for single mode", param="member")
     active = [single] if mode == "single" else [i for i in range(len(members)) if w[i] > 0]
-    check_fits([prompts[i] for i in active], [members[i] for i in active])
+    if n_ctx is not None and len(n_ctx) != len(members):
+        raise ValueError("n_ctx must give one context size per member")
+    limits = [m.n_ctx if n_ctx is None else min(m.n_ctx, n_ctx[i]) for i, m in enumerate(members)]
+    check_fits([prompts[i] for i in active], [members[i] for i in active], [limits[i] for i in active])
 
     seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     seeds = np.random.SeedSequence(seed).spawn(len(members) + 1)
@@ -93,6 +104,7 @@ def prepare(
         stats=stats,
         clock=clock,
         t0=clock(),
+        n_ctx=limits,
     )
     for i in active:
         keep = min(common_prefix(members[i].cached, prompts[i]), len(prompts[i]) - 1)

@@ -59,6 +59,7 @@ def generate(
     cancel: Callable[[], bool] = _never,
     clock: Callable[[], float] = time.perf_counter,
     grammar: GrammarSpec | None = None,
+    n_ctx: Sequence[int] | None = None,
 ) -> Iterator[Event]:
     """Generate from an ensemble, yielding a TokenEvent per token and one DoneEvent.
 
@@ -66,8 +67,10 @@ def generate(
     system prompts and templates). ``weights`` need not be normalised. At ``token``
     granularity every member must have the same vocabulary; ``word`` granularity
     (``me`` mode only, :mod:`.words`) takes any members that are :class:`WordMember`.
-    In ``single`` mode only ``members[single]`` runs. ``grammar`` constrains the output
-    (docs/grammar.md); the done event then says whether it is complete.
+    In ``single`` mode only ``members[single]`` runs. ``n_ctx[i]``, when given, limits member
+    i's context for this generation (the request's context size; a member's own ``n_ctx`` is
+    what its context holds): the prompt must fit it, and ``length`` ends the text there. ``grammar`` constrains
+    the output (docs/grammar.md); the done event then says whether it is complete.
     """
     if granularity not in GRANULARITIES:
         raise RequestError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}",
@@ -75,7 +78,7 @@ def generate(
     if granularity == "word" and mode == "ce":
         raise RequestError("mode ce needs members that share a vocabulary: it mixes their next-token "
                            "distributions; use mode me, which mixes words, at granularity word", param="granularity")
-    setup = prepare(members, weights, prompts, params, mode=mode, single=single, clock=clock)
+    setup = prepare(members, weights, prompts, params, mode=mode, single=single, clock=clock, n_ctx=n_ctx)
     words = granularity == "word" and mode == "me"
     word_members = [m for m in members if isinstance(m, WordMember)]
     if words and len(word_members) != len(members):
@@ -151,7 +154,7 @@ def _generate_tokens(
             if cancel():
                 finish = "cancelled"
                 break
-            if max(len(prompts[i]) for i in active) + len(generated) > min(members[i].n_ctx for i in active):
+            if any(len(prompts[i]) + len(generated) > setup.n_ctx[i] for i in active):
                 finish = "length"
                 break
             if mode == "ce":

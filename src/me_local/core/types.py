@@ -257,6 +257,10 @@ class MemberStats:
     cached_prompt_tokens: int = 0
     generated_tokens: int | None = None
     """At word granularity: the tokens this member wrote (``selected`` counts its words)."""
+    n_ctx: int | None = None
+    """The member's context for this request, when the request asked for a context size."""
+    dropped_messages: int | None = None
+    """Chat messages left out of this member's prompt to fit its context (None: none)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -277,6 +281,8 @@ class GenerationStats:
     """``word`` for word-level ME (None: token by token, as every same-vocabulary mode)."""
     words: int | None = None
     """At word granularity: the words drawn."""
+    dropped_messages: int | None = None
+    """The most chat messages a member's prompt left out to fit its context (None: none)."""
 
     @property
     def tokens_per_s(self) -> float:

@@ -155,7 +155,7 @@ def generate_words(
             track.synced = end
         prompt = prompts[i]
         want = [*prompt, *track.tokens]
-        if len(want) > member.n_ctx:
+        if len(want) > setup.n_ctx[i]:
             return False
         keep = min(common_prefix(member.cached, want), len(want) - 1)
         member.truncate(keep)
@@ -259,7 +259,7 @@ def generate_words(
                 if len(gen) - word_start >= WORD_MAX_BYTES and _complete_utf8(gen):
                     forced = True
                     break
-                if len(prompts[k]) + len(track.tokens) > member.n_ctx:
+                if len(prompts[k]) + len(track.tokens) > setup.n_ctx[k]:
                     finish = "length"
                     break
                 member.evaluate([token], cancel)  # its own last token: the cache lags by one

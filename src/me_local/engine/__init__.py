@@ -13,7 +13,7 @@ prefix, and runs the pure core's generation loop.
     scoring.py   ScoreRequest (Engine.score: a text's likelihood under the ensemble), plan_score
     ensemble.py  LoadedEnsemble (slots and the line of waiting requests), Slot, Ticket,
                  plan_vocabulary, VocabularyPlan
-    messages.py  ROLES, normalize_messages
+    messages.py  ROLES, normalize_messages, fit_messages (truncation to a context)
     factory.py   the default member factory (llama.cpp), which prepares the runtime first
 
 It talks to members only through the backend seam (:mod:`me_local.backends.types`).
@@ -26,7 +26,7 @@ from .engine import Engine, Plan, Request, Run, SamplingOverrides, collect, samp
 from .ensemble import CANCEL_POLL_S, LoadedEnsemble, Slot, Ticket, VocabularyPlan, plan_vocabulary
 from .factory import LlamaMemberFactory, llama_member_factory
 from .limits import LineLimits
-from .messages import ROLES, Messages, normalize_messages
+from .messages import ROLES, Messages, fit_messages, normalize_messages
 from .scoring import ScorePlan, ScoreRequest, plan_score
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "Ticket",
     "VocabularyPlan",
     "collect",
+    "fit_messages",
     "llama_member_factory",
     "normalize_messages",
     "plan_score",

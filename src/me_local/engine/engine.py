@@ -4,8 +4,10 @@ on a worker thread (``start``), with a cancel flag checked between decode calls.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -13,19 +15,18 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from ..backends.types import MemberContext, MemberFactory
 from ..config import Config, SamplingDefaults
 from ..core import Cancelled, DoneEvent, Event, GenerationStats, GrammarSpec, MemberStats, SamplingParams, generate
-from ..core.ensemble import check_fits
 from ..core.grammar import token_literals
 from ..core.likelihood import TextLikelihood
-from ..errors import ConfigError, MeLocalError, RequestError
+from ..errors import ConfigError, ContextOverflowError, MeLocalError, RequestError
 from ..fim import FimInput, FimPrompt, fim_prompt, lacking_fim
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
-from ..tools import Format, ToolSpec, uses_tools
+from ..tools import Format, ToolPrompt, ToolSpec, uses_tools
 from ..tools import prepare as prepare_tools
 from ..tools.grammar import tool_grammar
-from .ensemble import LoadedEnsemble
+from .ensemble import LoadedEnsemble, Ticket, Unloading
 from .factory import llama_member_factory
 from .limits import LineLimits, apply_limits
-from .messages import normalize_messages
+from .messages import Messages, fit_messages, normalize_messages
 from .scoring import ScoreRequest, plan_score, run_score
 
 if TYPE_CHECKING:
@@ -64,6 +65,15 @@ class Request:
     """Constrain the output to a grammar (docs/grammar.md); an empty ``gbnf`` is no grammar."""
     tools: ToolSpec | None = None
     """The functions the model may call (chat messages only; :mod:`me_local.tools`)."""
+    n_ctx: int | None = None
+    """The context size the request asks for (Ollama's ``num_ctx``): up to the ensemble's
+    ``max_ctx``; each member gets at most its model's trained context. None: the ensemble's n_ctx."""
+    truncate: bool = False
+    """Chat messages that do not fit a member's context: leave out the oldest turns (never a
+    system message or the latest message) until the prompt leaves room for the answer
+    (:func:`fit_messages`). False: such a prompt is refused (ContextOverflowError)."""
+    keep_alive: float | None = None
+    """Seconds the ensemble stays loaded after its last request (0: unloaded once idle); None: for ever."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,10 @@ class Plan:
     """The request's grammar, checked (None: none, or an empty one)."""
     tool_format: Format | None = None
     """How the members write calls, when the request has tools or a conversation with calls."""
+    n_ctx: list[int] = field(default_factory=list)
+    """Each member's context for this request (empty: each member's own)."""
+    dropped: list[int] = field(default_factory=list)
+    """Chat messages each member's prompt left out to fit its context."""
 
 
 class Engine:
@@ -92,14 +106,32 @@ class Engine:
         self._factory: MemberFactory = llama_member_factory() if factory is None else factory
         self._loaded: dict[str, LoadedEnsemble] = {}
         self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        """One lock per ensemble name: it is loaded once, without holding up the others."""
+        self._changed = threading.Condition(self._lock)
+        """Wakes the reaper: an ensemble fell idle, or its keep_alive changed."""
+        self._reaper: threading.Thread | None = None
+        self._closed = False
+        self.on_unload: Callable[[str], None] | None = None
+        """Called (on the unloading thread) once an ensemble was unloaded: the server gives the heap back."""
 
     # -- loading -----------------------------------------------------------------
     def ensemble(self, name: str | None = None) -> LoadedEnsemble:
+        """The loaded ensemble (loaded now if it is not)."""
         cfg = self.config.get(name)
         with self._lock:
             loaded = self._loaded.get(cfg.name)
+            if loaded is not None:
+                return loaded
+            gate = self._loading.setdefault(cfg.name, threading.Lock())
+        with gate:
+            with self._lock:
+                loaded = self._loaded.get(cfg.name)
             if loaded is None:
-                loaded = self._loaded[cfg.name] = LoadedEnsemble(cfg, self._factory)
+                loaded = LoadedEnsemble(cfg, self._factory)
+                loaded.on_idle = self._wake
+                with self._lock:
+                    self._loaded[cfg.name] = loaded
             return loaded
 
     def load_all(self) -> None:
@@ -112,9 +144,97 @@ class Engine:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            self._changed.notify_all()
             for e in self._loaded.values():
                 e.close()
             self._loaded.clear()
+
+    @contextlib.contextmanager
+    def hold(self, name: str | None = None) -> Iterator[LoadedEnsemble]:
+        """The loaded ensemble (loaded now if it is not), kept loaded until the block ends: for
+        work that reads its members outside a request (tokenizing)."""
+        while True:
+            loaded = self.ensemble(name)
+            try:
+                loaded.hold()
+            except Unloading:
+                continue
+            break
+        try:
+            yield loaded
+        finally:
+            loaded.release()
+
+    def _admit(self, name: str | None) -> tuple[LoadedEnsemble, Ticket]:
+        while True:
+            loaded = self.ensemble(name)
+            try:
+                return loaded, loaded.admit()
+            except Unloading:  # it is being unloaded: the next request loads it anew
+                continue
+
+    # -- unloading ---------------------------------------------------------------
+    def unload(self, name: str | None = None) -> bool:
+        """Unload an ensemble: its requests in flight finish first (new ones load it anew), then
+        its contexts close and the models no other loaded ensemble uses are freed. False: it was
+        not loaded."""
+        cfg = self.config.get(name)
+        with self._lock:
+            loaded = self._loaded.pop(cfg.name, None)
+        if loaded is None:
+            return False
+        loaded.retire()
+        self._unloaded(cfg.name, "asked to")
+        return True
+
+    def keep_alive(self, name: str | None, seconds: float | None) -> None:
+        """How long the (loaded) ensemble stays loaded once idle: None for ever, 0 until it is idle."""
+        self.ensemble(name).set_keep_alive(seconds)
+
+    def _unloaded(self, name: str, why: str) -> None:
+        log.info("unloaded ensemble %s (%s)", name, why)
+        if self.on_unload is not None:
+            self.on_unload(name)
+
+    def _wake(self) -> None:
+        """An ensemble fell idle with a keep_alive, or its keep_alive changed: the reaper looks again."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="me-local-keep-alive", daemon=True)
+                self._reaper.start()
+            self._changed.notify_all()
+
+    def _reap(self) -> None:
+        """Unload each ensemble whose keep_alive has run out since its last request."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due: tuple[str, LoadedEnsemble] | None = None
+                wait: float | None = None
+                for name, loaded in self._loaded.items():
+                    deadline = loaded.deadline()
+                    if deadline is None:
+                        continue
+                    if deadline <= now and loaded.expire(now):
+                        due = (name, loaded)
+                        break
+                    if deadline > now:
+                        wait = deadline - now if wait is None else min(wait, deadline - now)
+                if due is None:
+                    self._changed.wait(wait)
+                    continue
+                del self._loaded[due[0]]  # expired: it admits nothing more; the next request loads it anew
+            name, loaded = due
+            try:
+                loaded.close()
+                self._unloaded(name, f"keep_alive {loaded.keep_alive:g} s ran out")
+            except Exception:  # the reaper must go on for the others
+                log.exception("unloading ensemble %s failed", name)
 
     # -- requests ----------------------------------------------------------------
     def plan(self, request: Request) -> tuple[LoadedEnsemble, str, int, list[float], list[list[int]]]:
@@ -185,34 +305,45 @@ class Engine:
                                    for i in active])
             if lacking is not None:
                 raise RequestError(lacking, param=fim.param)
+        # members that do not run keep their own size: growing them would only cost memory
+        n_ctx = [n if i in active else loaded.base_n_ctx[i] for i, n in enumerate(self._contexts(loaded, request))]
         prompts: list[list[int]] = [[] for _ in members]
+        dropped = [0 for _ in members]
         fims: dict[str, FimPrompt] = {}
-        cache: dict[tuple[int, str | None, str | None], list[int]] = {}
-        fim_cache: dict[int, FimPrompt] = {}
+        cache: dict[tuple[int, str | None, str | None, int], tuple[list[int], int]] = {}
+        fim_cache: dict[tuple[int, int], FimPrompt] = {}
         for i in active:
             m = members[i]
             if fim is not None:  # the same for every member of a model: no system prompt or chat template
-                if id(m.model) not in fim_cache:
-                    reserve = min(request.params.max_tokens, m.n_ctx // 4)
-                    fim_cache[id(m.model)] = fim_prompt(m.model, fim, n_ctx=m.n_ctx, reserve=reserve)
-                fims[m.name] = fim_cache[id(m.model)]
+                if (id(m.model), n_ctx[i]) not in fim_cache:
+                    reserve = min(request.params.max_tokens, n_ctx[i] // 4)
+                    fim_cache[id(m.model), n_ctx[i]] = fim_prompt(m.model, fim, n_ctx=n_ctx[i], reserve=reserve)
+                fims[m.name] = fim_cache[id(m.model), n_ctx[i]]
                 prompts[i] = fims[m.name].tokens
                 continue
-            key = (id(m.model), m.system, m.chat_template)  # members differing in either get their own prompt
+            # members differing in model, system prompt, template or context get their own prompt
+            key = (id(m.model), m.system, m.chat_template, n_ctx[i])
             if key not in cache:
-                if chat is not None:
-                    cache[key] = m.chat_prompt(chat.messages, tools=chat.tools, labels=chat.labels)
+                render = _renderer(m, chat)
+                if messages is not None and request.truncate:
+                    room = min(request.params.max_tokens, n_ctx[i] // 4)  # for the answer
+                    cache[key] = fit_messages(Messages(chat.messages) if chat is not None else messages, render,
+                                              max(1, n_ctx[i] - room))
                 elif messages is not None:
-                    cache[key] = m.chat_prompt(messages)
+                    cache[key] = (list(render(Messages(chat.messages) if chat is not None else messages)), 0)
                 elif request.tokens is not None:
-                    cache[key] = prompt_ids(loaded, active, request.tokens)
+                    cache[key] = (prompt_ids(loaded, active, request.tokens), 0)
                 else:
-                    cache[key] = m.raw_prompt(request.prompt or "")
-            prompts[i] = cache[key]
+                    cache[key] = (m.raw_prompt(request.prompt or ""), 0)
+            prompts[i], dropped[i] = cache[key]
         granularity = loaded.vocabulary.check(mode, request.granularity)
         if request.params.logit_bias:
             check_logit_bias(loaded, active, request.params.logit_bias)
-        check_fits([prompts[i] for i in active], [members[i] for i in active])
+        for i in active:
+            if not prompts[i]:
+                raise RequestError("the prompt is empty; give some text to continue", param="prompt")
+            if len(prompts[i]) >= n_ctx[i]:
+                raise ContextOverflowError(_overflow(loaded, i, len(prompts[i]), n_ctx[i], request, dropped[i]))
         grammar = request.grammar if request.grammar is not None and request.grammar.gbnf.strip() else None
         if request.tools is not None and request.tools.active and tool_format is not None:
             if grammar is not None:
@@ -221,12 +352,30 @@ class Engine:
             grammar = self._tool_grammar(request.tools, tool_format)
         if grammar is not None:
             check_grammar(grammar, [members[i] for i in active], granularity)
-        return Plan(mode, single, weights, prompts, granularity, fims, grammar, tool_format)
+        return Plan(mode, single, weights, prompts, granularity, fim=fims, grammar=grammar, tool_format=tool_format,
+                    n_ctx=n_ctx, dropped=dropped)
 
     def _tool_grammar(self, spec: ToolSpec, fmt: Format) -> GrammarSpec:
         """The grammar of the calls ``spec`` allows (lazy where text may come first; tools/grammar.py)."""
         g = tool_grammar(spec, fmt)
         return GrammarSpec(g.gbnf, param="tools", triggers=g.triggers)
+
+    @staticmethod
+    def _contexts(loaded: LoadedEnsemble, request: Request) -> list[int]:
+        """Each member's context for a request: the one it asks for, at most the model's trained
+        context; its own otherwise."""
+        if request.n_ctx is None:
+            return list(loaded.base_n_ctx)
+        cfg = loaded.config
+        if request.n_ctx > cfg.ctx_ceiling:
+            raise RequestError(
+                f"the context asked for ({request.n_ctx} tokens) is more than ensemble {cfg.name!r} allows "
+                f"(max_ctx {cfg.ctx_ceiling}); ask for at most that, or raise max_ctx in models.yaml",
+                param="num_ctx")
+        if request.n_ctx < 1:
+            raise RequestError(f"the context asked for must be at least 1 token, got {request.n_ctx}",
+                               param="num_ctx")
+        return [min(request.n_ctx, train) if train > 0 else request.n_ctx for train in loaded.n_ctx_train]
 
     def generate(
         self,
@@ -234,19 +383,23 @@ class Engine:
         cancel: Callable[[], bool] | None = None,
         *,
         queue_timeout: float | None = None,
+        admitted: Callable[[LoadedEnsemble], None] | None = None,
     ) -> Generator[Event, None, None]:
         """Run one request on the calling thread, yielding core events.
 
         The request counts against the ensemble's queue from here, before its prompt
         is tokenized, so a flood beyond ``parallel + max_queue`` is refused at once
-        (QueueFullError) rather than tokenized."""
-        loaded = self.ensemble(request.ensemble)
-        ticket = loaded.admit()
+        (QueueFullError) rather than tokenized. ``admitted`` hears which loaded ensemble
+        took it (it stays readable after an unload, for the facts its members keep)."""
+        loaded, ticket = self._admit(request.ensemble)
         try:
+            loaded.set_keep_alive(request.keep_alive)
+            if admitted is not None:
+                admitted(loaded)
             plan = self._plan(loaded, request)
             if request.on_plan is not None:
                 request.on_plan(plan)
-            slot = loaded.acquire(ticket, plan.prompts, timeout=queue_timeout, cancel=cancel)
+            slot = loaded.acquire(ticket, plan.prompts, timeout=queue_timeout, cancel=cancel, contexts=plan.n_ctx)
             if slot is None:  # cancelled while queued: nothing was evaluated
                 stats = GenerationStats(mode=plan.mode, seed=request.params.seed or 0,
                                         members=[MemberStats(name=m.name) for m in loaded.members])
@@ -258,6 +411,7 @@ class Engine:
             def stopped() -> bool:
                 return reached.is_set() or (cancel is not None and cancel())
 
+            slot.fit(plan.n_ctx)
             events = generate(
                 slot.members,
                 plan.weights,
@@ -268,8 +422,12 @@ class Engine:
                 granularity=plan.granularity,
                 cancel=stopped if limits is not None else cancel or (lambda: False),
                 grammar=plan.grammar,
+                n_ctx=plan.n_ctx,
             )
-            yield from apply_limits(events, limits, reached) if limits is not None else events
+            for ev in apply_limits(events, limits, reached) if limits is not None else events:
+                if isinstance(ev, DoneEvent):
+                    _report_context(plan, request, ev.stats)
+                yield ev
         finally:
             loaded.leave(ticket)
 
@@ -289,9 +447,9 @@ class Engine:
         :class:`RequestError` naming the field (a :class:`ContextOverflowError` when the context
         and text do not fit a member's ``n_ctx``). ``cancel`` firing while it waits or between
         scoring chunks raises :class:`Cancelled`."""
-        loaded = self.ensemble(request.ensemble)
-        ticket = loaded.admit()
+        loaded, ticket = self._admit(request.ensemble)
         try:
+            loaded.set_keep_alive(None)
             plan = plan_score(loaded, request)
             slot = loaded.acquire(ticket, plan.contexts, timeout=queue_timeout, cancel=cancel)
             if slot is None:  # cancelled while queued: nothing was evaluated
@@ -314,7 +472,7 @@ class Engine:
 
         def work() -> None:
             try:
-                for ev in self.generate(request, cancel=run.cancelled.is_set):
+                for ev in self.generate(request, cancel=run.cancelled.is_set, admitted=run.admitted):
                     on_event(ev)
             except BaseException as exc:  # delivered to the caller, never lost
                 if not isinstance(exc, MeLocalError):
@@ -328,6 +486,19 @@ class Engine:
         run.thread = threading.Thread(target=work, name=name, daemon=True)
         run.thread.start()
         return run
+
+
+def _renderer(m: MemberContext, chat: ToolPrompt | None) -> Callable[[Messages], Sequence[int]]:
+    """How member ``m`` renders chat messages: with a request's tools (and their labels, while the
+    messages are the prepared ones), or plainly."""
+    if chat is None:
+        return m.chat_prompt
+    prepared = chat
+
+    def render(messages: Messages) -> Sequence[int]:
+        whole = len(messages) == len(prepared.messages)
+        return m.chat_prompt(messages, tools=prepared.tools, labels=prepared.labels if whole else None)
+    return render
 
 
 def check_grammar(spec: GrammarSpec, members: Sequence[MemberContext], granularity: str) -> None:
@@ -345,6 +516,37 @@ def check_grammar(spec: GrammarSpec, members: Sequence[MemberContext], granulari
         if id(m.model) not in seen:
             seen.add(id(m.model))
             m.make_constraint(spec).close()
+
+
+def _overflow(loaded: LoadedEnsemble, i: int, n_prompt: int, n_ctx: int, request: Request, dropped: int) -> str:
+    """Why member i's prompt does not fit its context, and what to do about it."""
+    m, cfg = loaded.members[i], loaded.config
+    what = f"the prompt is {n_prompt} tokens" + (f" (leaving out the {dropped} oldest messages)" if dropped else "")
+    if request.n_ctx is None:
+        return (f"{what} but member {m.name!r} has a context of {n_ctx} tokens; shorten the prompt or raise n_ctx "
+                f"in models.yaml (or ask for a larger context: Ollama's num_ctx, up to max_ctx {cfg.ctx_ceiling})")
+    if n_ctx < request.n_ctx:
+        fix = (f"that is its model's trained context, the most it gets; shorten the prompt, or leave the member out "
+               f"(`ensemble.weights` {{{m.name!r}: 0}})")
+    else:
+        fix = f"shorten the prompt or ask for a larger context (num_ctx, up to max_ctx {cfg.ctx_ceiling})"
+    turns = [t for t in request.messages or [] if isinstance(t, dict) and t.get("role") != "system"]
+    if len(turns) > 1 and not request.truncate:
+        fix += ", or let the oldest messages be left out (truncate)"
+    return f"{what} but member {m.name!r} has a context of {n_ctx} tokens for this request; {fix}"
+
+
+def _report_context(plan: Plan, request: Request, stats: GenerationStats) -> None:
+    """The figures a request's context decisions leave in its statistics: each member's context
+    (when the request asked for one) and the messages left out to fit it."""
+    for i, ms in enumerate(stats.members):
+        if i < len(plan.prompts) and plan.prompts[i]:
+            if request.n_ctx is not None:
+                ms.n_ctx = plan.n_ctx[i]
+            if plan.dropped and plan.dropped[i]:
+                ms.dropped_messages = plan.dropped[i]
+    most = max(plan.dropped, default=0)
+    stats.dropped_messages = most or None
 
 
 def prompt_ids(loaded: LoadedEnsemble, active: list[int], tokens: list[int], param: str = "prompt") -> list[int]:
@@ -380,6 +582,11 @@ class Run:
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.thread: threading.Thread | None = None
+        self.loaded: LoadedEnsemble | None = None
+        """The loaded ensemble that admitted the request (set before its first event)."""
+
+    def admitted(self, loaded: LoadedEnsemble) -> None:
+        self.loaded = loaded
 
     def cancel(self) -> None:
         self.cancelled.set()

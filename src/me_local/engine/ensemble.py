@@ -1,5 +1,6 @@
-"""A loaded ensemble: its slots (a member context per member, created on first use),
-the line of requests waiting for one, and its vocabulary plan (shared: token by token;
+"""A loaded ensemble: its slots (a member context per member, created on first use, grown
+when a request asks for a larger context), the line of requests waiting for one, how long it
+stays loaded once idle (``keep_alive``), and its vocabulary plan (shared: token by token;
 different: word by word)."""
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ CANCEL_POLL_S = 0.05
 """How often a request waiting for a slot checks whether it was cancelled."""
 
 
+class Unloading(Exception):
+    """The ensemble is being unloaded: load it again (the engine does) rather than use this one."""
+
+
 class Slot:
     """One lane of an ensemble: a context per member, sharing the weights."""
 
@@ -30,6 +35,21 @@ class Slot:
 
     def cached_prefix(self, prompts: Sequence[Sequence[int]]) -> int:
         return max((common_prefix(m.cached, p) for m, p in zip(self.members, prompts) if p), default=0)
+
+    def fits(self, contexts: Sequence[int] | None) -> bool:
+        """Whether every member's context holds ``contexts[i]`` tokens already (None: any size)."""
+        return contexts is None or all(m.n_ctx >= n for m, n in zip(self.members, contexts))
+
+    def fit(self, contexts: Sequence[int] | None) -> None:
+        """Grow the contexts smaller than ``contexts[i]`` (a new context: that member's cache is lost)."""
+        if contexts is not None:
+            for m, n in zip(self.members, contexts):
+                if m.n_ctx < n:
+                    m.resize(n)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(m.memory_bytes for m in self.members)
 
     def close(self) -> None:
         for m in self.members:
@@ -54,11 +74,25 @@ class LoadedEnsemble:
     tokenized); past ``parallel`` running and ``max_queue`` in line it is refused at
     once. The line is served in arrival order: only its head may take a slot
     (:meth:`acquire`). A request leaves with :meth:`leave`, which frees its slot.
+
+    Its life: it is unloaded (its contexts closed, its models released) ``keep_alive``
+    seconds after it was last in use (None: never); work that is not a request but reads
+    its members (tokenizing) holds it meanwhile (:meth:`hold`). Once it is being unloaded
+    (:meth:`retire`) it admits nothing (:class:`Unloading`): the engine loads it anew, while
+    the requests it admitted before finish here.
     """
 
     def __init__(self, config: EnsembleConfig, factory: MemberFactory) -> None:
         self.config = config
         self._factory = factory
+        self.keep_alive: float | None = None
+        """Seconds it stays loaded once idle (None: for ever); set by each request."""
+        self.on_idle: Callable[[], None] | None = None
+        """Called (outside its lock) when it falls idle with a keep_alive, or its keep_alive changes."""
+        self._idle_since: float | None = None
+        self._users = 0
+        """Holds by work that is not a request (:meth:`hold`)."""
+        self._closing = False
         self._slots: list[Slot] = []
         self._cond = threading.Condition()
         self._line: deque[Ticket] = deque()
@@ -78,6 +112,12 @@ class LoadedEnsemble:
         except BaseException:
             self.close()  # not yet in the engine's table: nobody else would free it
             raise
+        self._members = self._slots[0].members
+        self.base_n_ctx = [m.n_ctx for m in self._members]
+        """Each member's context as loaded: what a request gets unless it asks for another size."""
+        self.n_ctx_train = [m.model.n_ctx_train for m in self._members]
+        """Each member's model's trained context (0: unknown): the most a request may give it."""
+        self._idle_since = time.monotonic()  # loaded: idle from now
 
     def _new_slot(self, index: int) -> Slot:
         members: list[MemberContext] = []
@@ -92,8 +132,110 @@ class LoadedEnsemble:
 
     @property
     def members(self) -> list[MemberContext]:
-        """Slot 0's members (for tokenizing and model facts)."""
-        return self._slots[0].members
+        """Slot 0's members (for tokenizing and model facts; closed once it is unloaded)."""
+        return self._members
+
+    @property
+    def busy(self) -> bool:
+        """Requests are in line or hold a slot, or other work holds it."""
+        return bool(self._holding or self._line or self._opening or self._users)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def context_length(self) -> int:
+        """The largest context a member of it holds now."""
+        return max((m.n_ctx for s in list(self._slots) for m in s.members), default=0)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Its weights (each model once, though other ensembles may share them) and every slot's contexts."""
+        return self._memory(lambda m: 1.0)
+
+    @property
+    def gpu_bytes(self) -> int:
+        """The part of :attr:`memory_bytes` on a GPU (the offloaded layers' share)."""
+        return self._memory(lambda m: m.model.offloaded)
+
+    def _memory(self, share: Callable[[MemberContext], float]) -> int:
+        models = {id(m.model): m.model.weights_bytes * share(m) for m in self._members}
+        contexts = sum(m.memory_bytes * share(m) for s in list(self._slots) for m in s.members)
+        return int(sum(models.values()) + contexts)
+
+    # -- its life ----------------------------------------------------------------
+    def set_keep_alive(self, seconds: float | None) -> None:
+        """How long it stays loaded once idle: None for ever, 0 unloaded as soon as it is idle."""
+        with self._cond:
+            changed = seconds != self.keep_alive
+            self.keep_alive = seconds
+        if changed:
+            self._idle()
+
+    def deadline(self) -> float | None:
+        """When (time.monotonic) it is to be unloaded; None: not now (in use, or kept for ever)."""
+        with self._cond:
+            if self.busy or self._closing or self.keep_alive is None or self._idle_since is None:
+                return None
+            return self._idle_since + self.keep_alive
+
+    def expires_in(self) -> float | None:
+        """Seconds until it is unloaded (in use: its keep_alive, which counts from its last use);
+        None: never."""
+        with self._cond:
+            if self.keep_alive is None:
+                return None
+            if self.busy or self._idle_since is None:
+                return self.keep_alive
+            return max(0.0, self._idle_since + self.keep_alive - time.monotonic())
+
+    def expire(self, now: float) -> bool:
+        """Begin unloading it if it is idle and its time has come (then it admits nothing more)."""
+        with self._cond:
+            if self.busy or self._closing or self.keep_alive is None or self._idle_since is None:
+                return False
+            if self._idle_since + self.keep_alive > now:
+                return False
+            self._closing = True
+            return True
+
+    def retire(self) -> None:
+        """Admit nothing more, wait until the requests it admitted have left (and holds ended),
+        then close it."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self.busy:
+                self._cond.wait()
+        self.close()
+
+    def hold(self) -> None:
+        """Keep it loaded while work that is not a request reads its members (until :meth:`release`)."""
+        with self._cond:
+            if self._closing:
+                raise Unloading
+            self._users += 1
+            self._idle_since = None
+
+    def release(self) -> None:
+        with self._cond:
+            self._users -= 1
+            self._cond.notify_all()
+            idle = self._went_idle()
+        if idle:
+            self._idle()
+
+    def _went_idle(self) -> bool:
+        """Under ``_cond``: note when it fell idle; whether anyone should hear of it."""
+        if self.busy:
+            return False
+        self._idle_since = time.monotonic()
+        return self.keep_alive is not None
+
+    def _idle(self) -> None:
+        if self.on_idle is not None:
+            self.on_idle()
 
     @property
     def busy_slots(self) -> int:
@@ -109,6 +251,8 @@ class LoadedEnsemble:
         when ``parallel`` requests run and ``max_queue`` wait already."""
         limit = self.config.max_queue if max_queue is None else max_queue
         with self._cond:
+            if self._closing:
+                raise Unloading
             if self._holding + len(self._line) >= self.config.parallel + limit:
                 raise QueueFullError(
                     f"ensemble {self.config.name!r} is busy ({self.config.parallel} slots, "
@@ -116,21 +260,24 @@ class LoadedEnsemble:
                 )
             ticket = Ticket()
             self._line.append(ticket)
+            self._idle_since = None
             return ticket
 
     def acquire(self, ticket: Ticket, prompts: Sequence[Sequence[int]], timeout: float | None = None,
-                cancel: Callable[[], bool] | None = None) -> Slot | None:
+                cancel: Callable[[], bool] | None = None, contexts: Sequence[int] | None = None) -> Slot | None:
         """Wait for a slot, first come, first served: only the head of the line takes a
-        free slot, the one sharing the longest prefix with its prompts (a new one, up to
-        ``parallel``, when none shares a prefix). Returns None when ``cancel`` fires
-        while waiting (the client left); raises QueueFullError when ``timeout`` passes.
-        A request that leaves the line wakes the ones behind it."""
+        free slot, the one sharing the longest prefix with its prompts among those whose
+        contexts hold ``contexts[i]`` tokens already (a new one, up to ``parallel``, when
+        none shares a prefix). Returns None when ``cancel`` fires while waiting (the client
+        left); raises QueueFullError when ``timeout`` passes. A request that leaves the line
+        wakes the ones behind it. The slot's contexts may still be smaller than ``contexts``:
+        :meth:`Slot.fit` grows them."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             try:
                 while True:
                     if self._line[0] is ticket:
-                        slot = self._free_slot(prompts)
+                        slot = self._free_slot(prompts, contexts)
                         if slot is not None:
                             self._line.popleft()
                             self._cond.notify_all()  # the next in line may find a free slot too
@@ -163,15 +310,20 @@ class LoadedEnsemble:
             self._line.remove(ticket)
             self._cond.notify_all()
 
-    def _free_slot(self, prompts: Sequence[Sequence[int]]) -> Slot | None:
-        """The free slot with the longest cached prefix; None when there is none, or
+    def _free_slot(self, prompts: Sequence[Sequence[int]], contexts: Sequence[int] | None = None) -> Slot | None:
+        """The free slot with the longest cached prefix, among those large enough for
+        ``contexts`` first (growing a context loses its cache); None when there is none, or
         when none shares a prefix and a new slot may still be opened (an empty slot is
         as good and keeps the warm caches for others)."""
         free = [s for s in self._slots if not s.busy]
         if not free:
             return None
-        best = max(free, key=lambda s: s.cached_prefix(prompts))
-        if best.cached_prefix(prompts) > 0 or len(self._slots) + self._opening >= self.config.parallel:
+
+        def reuse(s: Slot) -> int:
+            return s.cached_prefix(prompts) if s.fits(contexts) else 0
+
+        best = max(free, key=lambda s: (reuse(s), s.fits(contexts)))
+        if reuse(best) > 0 or len(self._slots) + self._opening >= self.config.parallel:
             return best
         return None
 
@@ -206,8 +358,13 @@ class LoadedEnsemble:
                 ticket.slot = None
                 self._holding -= 1
             self._cond.notify_all()
+            idle = self._went_idle()
+        if idle:
+            self._idle()
 
     def close(self) -> None:
+        """Close every slot's contexts (giving back their models). Its members stay readable for
+        the facts that live in Python (pieces, vocabulary texts); tokenizing with them fails."""
         for s in self._slots:
             s.close()
         self._slots.clear()

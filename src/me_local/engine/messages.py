@@ -12,6 +12,7 @@ A normalised message is ``{role, content}`` with text content, and:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import RequestError
@@ -116,3 +117,36 @@ def _name_results(messages: list[dict[str, Any]]) -> None:
             position += 1
         else:
             last, position = [], 0
+
+
+def fit_messages(messages: Messages, render: Callable[[Messages], Sequence[int]], budget: int
+                 ) -> tuple[list[int], int]:
+    """The prompt ``render`` makes of ``messages``, made to fit ``budget`` tokens by leaving out
+    the oldest turns, as Ollama truncates a conversation: system messages and the latest
+    message always stay; a turn (a user message and the replies after it) goes whole, the
+    oldest first, as few as will do. Returns the prompt and how many messages were left out;
+    when even the fewest messages left (the system messages and the latest one) do not fit
+    ``budget``, that shortest prompt (the caller checks it against the context)."""
+    full = list(render(messages))
+    if len(full) <= budget:
+        return full, 0
+    rest = [j for j, m in enumerate(messages) if m["role"] != "system"]
+    # a cut at c leaves out rest[:c]: before a user message, or all but the latest message
+    cuts = [c for c in range(1, len(rest)) if messages[rest[c]]["role"] == "user" or c == len(rest) - 1]
+    if not cuts:
+        return full, 0
+
+    def prompt(k: int) -> list[int]:
+        gone = set(rest[:cuts[k]])
+        return list(render(Messages(m for j, m in enumerate(messages) if j not in gone)))
+
+    tried: dict[int, list[int]] = {}
+    lo, hi, best = 0, len(cuts) - 1, len(cuts) - 1
+    while lo <= hi:  # the prompt shortens as more is left out: the fewest cuts that fit
+        mid = (lo + hi) // 2
+        tried[mid] = prompt(mid)
+        if len(tried[mid]) <= budget:
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    return (tried[best] if best in tried else prompt(best)), cuts[best]

@@ -137,10 +137,11 @@ def plan_score(loaded: LoadedEnsemble, request: ScoreRequest) -> ScorePlan:
             toks = text_ids if text_ids is not None else m.tokenize_text(str(request.text))
             by_model[key] = (list(ctx), list(toks))
         ctx, toks = by_model[key]
-        if len(ctx) + len(toks) > m.n_ctx:
+        if len(ctx) + len(toks) > loaded.base_n_ctx[i]:
             raise ContextOverflowError(
                 f"the context and text are {len(ctx)} + {len(toks)} tokens but member {m.name!r} has a context of "
-                f"{m.n_ctx} tokens; score shorter texts (split a long document) or raise n_ctx in models.yaml",
+                f"{loaded.base_n_ctx[i]} tokens; score shorter texts (split a long document) or raise n_ctx in "
+                "models.yaml",
                 param="text")
         contexts[i] = ctx
         tokens.append(toks)

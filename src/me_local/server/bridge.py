@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from ..core import DoneEvent, Event, TokenEvent
-from ..engine import Engine, Request, Run
+from ..engine import Engine, LoadedEnsemble, Request, Run
 
 log = logging.getLogger("me_local.server")
 
@@ -56,6 +56,12 @@ class EventStream:
         self._on_token_gap = on_token_gap
         self._last_token_at: float | None = None
         self.run: Run | None = None
+
+    @property
+    def loaded(self) -> LoadedEnsemble:
+        """The loaded ensemble that admitted the request (known once its first event came)."""
+        loaded = self.run.loaded if self.run is not None else None
+        return loaded if loaded is not None else self.engine.ensemble(self.ensemble)
 
     def start(self) -> EventStream:
         self.run = self.engine.start(self.request, self._post, on_finish=lambda: self._post(_FINISHED),

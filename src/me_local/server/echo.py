@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Engine, ScoreRequest
+from ..engine import Engine, LoadedEnsemble, ScoreRequest
 from ..errors import RequestError
 from . import wire
 from .errors import bad_request
@@ -173,8 +173,14 @@ def _entries(pieces: list[bytes]) -> tuple[list[str], list[int]]:
 
 
 def echo_prompt(engine: Engine, spec: EchoSpec, prompt: Prompt, cancel: Callable[[], bool]) -> Echo:
-    """Score one prompt for ``echo`` (on a worker thread: it may wait for a slot)."""
-    loaded = engine.ensemble(spec.ensemble)
+    """Score one prompt for ``echo`` (on a worker thread: it may wait for a slot), the ensemble held
+    loaded while its members tokenize."""
+    with engine.hold(spec.ensemble) as loaded:
+        return _echo_prompt(engine, loaded, spec, prompt, cancel)
+
+
+def _echo_prompt(engine: Engine, loaded: LoadedEnsemble, spec: EchoSpec, prompt: Prompt,
+                 cancel: Callable[[], bool]) -> Echo:
     names = loaded.config.member_names
     m = loaded.members[names.index(spec.member) if spec.member is not None else 0]
     if spec.granularity == "word":

@@ -193,8 +193,9 @@ OLLAMA_OPTIONS_ROWS = [
     H("seed", "negative: a random seed"),
     H("num_predict", f"-1 or -2: until the context is full; {_DEFAULT_MAX}"),
     H("stop", "a string or up to 16"),
-    H("num_ctx", "at most the ensemble's `n_ctx` (models.yaml), which is the context every request "
-      "gets (a prompt longer than `num_ctx` is used whole, not cut); larger: 400 naming the fix"),
+    H("num_ctx", "the request's context, up to the ensemble's `max_ctx` (models.yaml; larger: 400 naming it); "
+      "each member gets at most its model's trained context (`me_local.members[].n_ctx` in the answer); a "
+      "slot's contexts grow to it on demand and stay until the ensemble is unloaded; default: `n_ctx`"),
     H("repeat_penalty", "0.01..100: divides a repeated token's logit (multiplies a negative one); 1 turns it off. "
       "The default is the ensemble's `sampling.repeat_penalty` (1 unless models.yaml says otherwise; Ollama's is "
       "1.1)"),
@@ -211,8 +212,8 @@ OLLAMA_OPTIONS_ROWS = [
     R("mirostat", f"(Mirostat sampling) {NOT_YET}", (0,)),
     N("mirostat_tau", "a setting of Mirostat, which is refused"),
     N("mirostat_eta", "a setting of Mirostat, which is refused"),
-    N("num_keep", "the tokens kept when Ollama shifts the context; me-local never shifts it (a prompt "
-      "that does not fit is a 400)"),
+    N("num_keep", "the tokens kept when Ollama shifts the context; me-local never shifts it (a conversation "
+      "that does not fit leaves out its oldest turns: `truncate`)"),
     *[N(name, f"how the models are loaded and run (speed, memory), not what they answer; models.yaml's "
       f"{setting} sets it for the daemon")
       for name, setting in [("num_batch", "`n_batch`"), ("num_gpu", "`n_gpu_layers`"),
@@ -235,11 +236,15 @@ OLLAMA_SHARED = [
     H("top_logprobs", "0..20; needs `logprobs: true`"),
     ENSEMBLE,
     H("format", "`\"json\"` (a JSON object) or a JSON Schema (see Structured output)"),
-    N("keep_alive", "how long Ollama keeps the model loaded; me-local keeps every model loaded while it runs "
-      "(with empty `messages`/`prompt`, 0 answers `done_reason: \"unload\"`)"),
+    H("keep_alive", "how long the ensemble stays loaded after this request: a duration (`\"5m\"`, "
+      "`\"1h30m\"`) or seconds; 0: unloaded once its requests are done (with empty `messages`/`prompt`: "
+      "at once, `done_reason: \"unload\"`); negative: for ever; default: for ever (me-local keeps its models "
+      "loaded). The next request loads it again"),
     R("think", "(thinking) is not supported by me-local's models"),
-    R("truncate", "(cutting the history to fit the context) is not supported: a prompt that does not fit "
-      "is a 400 (Ollama's default is `true`; me-local's, `false`)", (False,)),
+    H("truncate", "`true` (the default, as Ollama's): chat messages that do not fit a member's context "
+      "(`num_ctx`) leave out the oldest turns, keeping system messages and the latest message, until the "
+      "prompt leaves room for the answer (`num_predict`, at most a quarter of the context); the answer's "
+      "`me_local.dropped_messages` says how many; `false`: such a prompt is a 400"),
     R("shift", "(shifting the context) is not supported: generation stops with `length` at the end of "
       "the context (Ollama's default is `true`; me-local's, `false`)", (False,)),
     R("_debug_render_only", "(returning the rendered prompt) is not supported"),

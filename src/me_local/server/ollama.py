@@ -1,13 +1,17 @@
 """The Ollama-compatible routes, so editor plugins that speak Ollama work unchanged:
 ``GET /``, ``GET /api/version``, ``GET /api/tags``, ``POST /api/show``,
-``GET /api/ps``, ``POST /api/chat``, ``POST /api/generate``.
+``GET /api/ps``, ``POST /api/chat``, ``POST /api/generate``; ``/api/pull`` and the other
+model-management routes answer what me-local does instead (its models come from models.yaml).
 
 Answers stream as NDJSON by default (``"stream": false`` gives one object).
 ``options`` maps temperature, top_p, top_k, min_p, seed, num_predict, stop,
-num_ctx (up to the ensemble's n_ctx), the penalties (repeat_penalty, repeat_last_n,
-presence_penalty, frequency_penalty) and me-local's logit_bias; what the other fields and options get is in
-:mod:`.fields` (a 400 for any that would change the answer). Model names
-may carry Ollama's ``:latest`` tag. The ``ensemble`` extension works here too.
+num_ctx (the request's context, up to the ensemble's max_ctx), the penalties (repeat_penalty,
+repeat_last_n, presence_penalty, frequency_penalty) and me-local's logit_bias; ``truncate``
+leaves out a conversation's oldest turns that do not fit the context; ``keep_alive`` says how
+long the ensemble stays loaded; ``format`` constrains the answer to JSON, ``tools`` lets it call
+functions. What the other fields and options get is in :mod:`.fields` (a 400 for any that would
+change the answer). Models are listed as ``NAME:latest``, as Ollama lists them; names with or
+without the tag are accepted. The ``ensemble`` extension works here too.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import math
+import re
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -24,7 +30,7 @@ from aiohttp import web
 
 from .. import __version__, chat_templates
 from .. import settings as S
-from ..backends.gguf_check import read_gguf_header
+from ..backends.gguf_check import GgufHeader, read_gguf_header
 from ..config import EnsembleConfig, MemberConfig
 from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, FimInput, Request
@@ -55,13 +61,57 @@ OLLAMA_API_VERSION = "0.9.0"
 """The Ollama API version reported by /api/version (clients gate features on it)."""
 
 
+LATEST = ":latest"
+"""The tag Ollama gives a model named without one; /api/tags and /api/ps list names with it."""
+
+FOREVER_S = 292 * 365 * 86400
+"""How far ahead /api/ps puts ``expires_at`` for a model kept for ever, as Ollama does (Go's longest duration)."""
+
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive(body: dict[str, Any]) -> float | None:
+    """``keep_alive`` in seconds: a duration as Go writes one (``"5m"``, ``"1h30m"``, ``"0"``) or a
+    number of seconds; None (absent, or negative): for ever, me-local's default."""
+    value = body.get("keep_alive")
+    if value is None or value == "":
+        return None
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        digits = text[1:] if text.startswith(("-", "+")) else text
+        try:
+            seconds = sign * float(digits)  # seconds, as Ollama takes a number
+        except ValueError:
+            parts = _DURATION_PART.findall(digits)
+            if parts and "".join(n + u for n, u in parts) == digits:
+                seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds is None or not math.isfinite(seconds):
+        raise bad_request(f"`keep_alive` must be a duration such as \"5m\", \"1h30m\" or \"0\", or a number of "
+                          f"seconds (negative: keep the model loaded for ever), got {value!r}", "keep_alive")
+    return None if seconds < 0 or seconds >= FOREVER_S else seconds
+
+
+def num_ctx(opts: dict[str, Any], ens: EnsembleConfig) -> int | None:
+    """``options.num_ctx``: the request's context, at least n_ctx's lower bound and at most the
+    ensemble's ``max_ctx``."""
+    n_ctx: int | None = opt_number(opts, "num_ctx", S.N_CTX.lo, integer=True, param="options.num_ctx")
+    if n_ctx is not None and n_ctx > ens.ctx_ceiling:
+        raise bad_request(f"`options.num_ctx` is {n_ctx} but ensemble {ens.name!r} allows contexts of at most "
+                          f"{ens.ctx_ceiling} tokens (`max_ctx` in models.yaml); send at most that, or raise "
+                          "`max_ctx`", "options.num_ctx")
+    return n_ctx
+
+
 def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, Any]:
+    """The sampling overrides of ``options``, and its ``n_ctx`` (``num_ctx``; the caller takes it out)."""
     opts = opt_object(body, "options")
     fields.check(opts, fields.OLLAMA_OPTIONS)
-    n_ctx = opt_number(opts, "num_ctx", 1, integer=True, param="options.num_ctx")
-    if n_ctx is not None and n_ctx > ens.n_ctx:
-        raise bad_request(f"`options.num_ctx` is {n_ctx} but {ens.name!r} has a context of {ens.n_ctx} tokens; "
-                          "send at most that, or raise `n_ctx` in models.yaml", "options.num_ctx")
+    n_ctx = num_ctx(opts, ens)
     # a negative seed means a random one; num_predict -1 or -2 means until the context is full
     assert S.SEED.hi is not None
     seed = opt_number(opts, "seed", -S.SEED.hi, S.SEED.hi, integer=True, param="options.seed")
@@ -75,8 +125,9 @@ def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, An
     return {
         **sampling_fields(opts, "ollama"),
         "seed": None if seed is None or seed < 0 else seed,
-        "max_tokens": ens.n_ctx if n is not None and n < 0 else n,
+        "max_tokens": (n_ctx or ens.n_ctx) if n is not None and n < 0 else n,
         "stop": stop_strings(opts.get("stop"), "options.stop"),
+        "n_ctx": n_ctx,
     }
 
 
@@ -88,7 +139,19 @@ def _request(ref: ModelRef, body: dict[str, Any], **kw: Any) -> Request:
         raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
     overrides = dict(options_overrides(body, ref.ensemble), logprobs=logprobs or None,
                      top_logprobs=top if logprobs else None)
-    return engine_request(ref, choice, overrides, grammar=grammar, **kw)
+    n_ctx = overrides.pop("n_ctx")
+    truncate = opt_bool(body, "truncate", default=True)  # Ollama's default
+    return engine_request(ref, choice, overrides, grammar=grammar, n_ctx=n_ctx, truncate=truncate,
+                          keep_alive=keep_alive(body), **kw)
+
+
+def _check_load(ref: ModelRef, body: dict[str, Any]) -> None:
+    """A request without messages or prompt loads (or unloads) the model: its fields are checked all the same."""
+    ensemble_extension(body, ref)
+    options_overrides(body, ref.ensemble)
+    opt_bool(body, "truncate")
+    keep_alive(body)
+    ollama_format(body.get("format"))
 
 
 def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
@@ -97,9 +160,7 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request 
     ref = resolve_model(engine.config, body.get("model"), ollama=True)
     raw = body.get("messages")
     if raw is None or raw == []:
-        ensemble_extension(body, ref)
-        options_overrides(body, ref.ensemble)
-        ollama_format(body.get("format"))
+        _check_load(ref, body)
         return ref, None  # "load the model"
     messages = chat_messages(tools.engine_messages(raw, "ollama"))
     spec = tools.ollama_spec(body)
@@ -128,9 +189,7 @@ def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Requ
         raise bad_request("`system` does not apply with `raw: true` (the prompt is taken as written; Ollama "
                           "refuses it too); drop `system`, or write it into the raw prompt", "system")
     if not prompt:
-        ensemble_extension(body, ref)
-        options_overrides(body, ref.ensemble)
-        ollama_format(body.get("format"))
+        _check_load(ref, body)
         return ref, None
     if raw:
         return ref, _request(ref, body, prompt=prompt)
@@ -169,8 +228,14 @@ async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request |
     state = request.app[STATE]
     stream_wanted = opt_bool(body, "stream", default=True)
     created_at = wire.now_rfc3339()
-    if req is None:
-        reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
+    if req is None:  # load the ensemble, or with keep_alive 0 unload it (once its requests in flight are done)
+        seconds, engine = keep_alive(body), state.require_engine()
+        loop = asyncio.get_running_loop()
+        if seconds == 0:
+            await loop.run_in_executor(None, engine.unload, ref.ensemble.name)
+        else:
+            await loop.run_in_executor(None, engine.keep_alive, ref.ensemble.name, seconds)
+        reason = "unload" if seconds == 0 else "load"
         return web.json_response(wire.ollama_load_reply(kind, ref.name, created_at, reason), dumps=wire.dumps)
     note = request[NOTE]
     note.model = ref.name
@@ -178,7 +243,7 @@ async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request |
     try:
         first = await state.first_event(stream)
         logprobs = req.params.logprobs
-        tb = token_bytes(stream.engine, ref.ensemble.name) if logprobs else None
+        tb = token_bytes(stream) if logprobs else None
 
         def lp(tokens: Iterable[TokenEvent]) -> list[dict[str, Any]] | None:
             return [wire.ollama_logprob(t, tb) for t in tokens] if tb is not None else None
@@ -248,9 +313,33 @@ def _digest(ens: EnsembleConfig, member: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
+def _file_header(path: str, size: int, mtime_ns: int) -> GgufHeader:
+    """A GGUF file's header (cached while the file is unchanged)."""
+    return read_gguf_header(Path(path))
+
+
 def _file_chat_template(path: str, size: int, mtime_ns: int) -> str | None:
-    """A GGUF file's own chat template, read from its header (cached while the file is unchanged)."""
-    return read_gguf_header(Path(path)).chat_template
+    """A GGUF file's own chat template, read from its header."""
+    return _file_header(path, size, mtime_ns).chat_template
+
+
+def _trained_contexts(members: Iterable[MemberConfig]) -> dict[str, int | None]:
+    """Each member's model's trained context (its GGUF's ``<arch>.context_length``; None: unknown)."""
+    out: dict[str, int | None] = {}
+    for m in members:
+        try:
+            path = m.resolve_path()
+            st = path.stat()
+            out[m.name] = _file_header(str(path), st.st_size, st.st_mtime_ns).context_length
+        except (MeLocalError, OSError):
+            out[m.name] = None
+    return out
+
+
+def _context_length(ens: EnsembleConfig, members: Iterable[MemberConfig], trained: dict[str, int | None]) -> int:
+    """The largest context a request gets whole on every member: ``max_ctx``, or a member's trained
+    context where that is smaller (a member never gets more). What clients size their prompts to."""
+    return min([ens.ctx_ceiling] + [n for m in members if (n := trained.get(m.name))])
 
 
 def _chat_templates(members: Iterable[MemberConfig]) -> dict[str, dict[str, str]]:
@@ -301,10 +390,12 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def tags(request: web.Request) -> web.Response:
+    """Every ensemble and member model, named ``NAME:latest`` as Ollama lists models (clients such as
+    langchain-ollama match a name against this list)."""
     engine = request.app[STATE].require_engine()
     modified = _modified_at(engine)
     models = [
-        {"name": name, "model": name, "modified_at": modified, "size": _size(ens, member),
+        {"name": name + LATEST, "model": name + LATEST, "modified_at": modified, "size": _size(ens, member),
          "digest": _digest(ens, member), "details": _details(ens, member)}
         for name, ens, member in _entries(engine)
     ]
@@ -312,14 +403,21 @@ async def tags(request: web.Request) -> web.Response:
 
 
 async def ps(request: web.Request) -> web.Response:
+    """The ensembles loaded now (a member model is loaded with its ensemble): the memory they take
+    (weights, each model once, and every slot's KV caches; ``size_vram`` the part on a GPU), their
+    largest context, and when their keep_alive unloads them."""
     engine = request.app[STATE].require_engine()
-    loaded = engine.loaded
-    expires = wire.rfc3339(datetime.now(timezone.utc) + timedelta(days=3650))
-    models = [
-        {"name": name, "model": name, "size": _size(ens, member), "digest": _digest(ens, member),
-         "details": _details(ens, member), "expires_at": expires, "size_vram": 0, "context_length": ens.n_ctx}
-        for name, ens, member in _entries(engine) if ens.name in loaded
-    ]
+    now = datetime.now(timezone.utc)
+    models = []
+    for name, loaded in engine.loaded.items():
+        if loaded.closing:
+            continue
+        ens, expires_in = loaded.config, loaded.expires_in()
+        expires = now + timedelta(seconds=FOREVER_S if expires_in is None else expires_in)
+        models.append({"name": name + LATEST, "model": name + LATEST, "size": loaded.memory_bytes,
+                       "digest": _digest(ens, None), "details": _details(ens, None),
+                       "expires_at": wire.rfc3339(expires), "size_vram": loaded.gpu_bytes,
+                       "context_length": loaded.context_length})
     return web.json_response({"models": models})
 
 
@@ -340,6 +438,7 @@ async def show(request: web.Request) -> web.Response:
     capabilities = ["completion"]
     if await loop.run_in_executor(None, _carries_tools, engine, ref):
         capabilities.append("tools")
+    trained = await loop.run_in_executor(None, _trained_contexts, members)
     modelfile = "\n".join([f"# me-local {'member' if ref.member else 'ensemble'} {ref.name} "
                            f"(mode {'single' if ref.member else ens.mode})"]
                           + [f"# member {m.name} weight {m.weight} path {m.path} "
@@ -349,7 +448,10 @@ async def show(request: web.Request) -> web.Response:
         "parameters": parameters,
         "template": fim_template or "",
         "details": _details(ens, ref.member),
-        "model_info": {"general.architecture": "me-local", "me-local.context_length": ens.n_ctx,
+        "model_info": {"general.architecture": "me-local",
+                       "me-local.context_length": _context_length(ens, members, trained),
+                       "me-local.n_ctx": ens.n_ctx, "me-local.max_ctx": ens.ctx_ceiling,
+                       "me-local.trained_context_lengths": trained,
                        "me-local.mode": "single" if ref.member else ens.mode,
                        "me-local.members": [m.name for m in members],
                        "me-local.chat_templates": templates,
@@ -407,6 +509,40 @@ def _granularity(engine: Engine, name: str, member: str | None) -> dict[str, Any
             "me-local.shared_vocabulary": plan.shared}
 
 
+# --------------------------------------------------------------------------- model management
+
+_FROM_YAML = "me-local's models come from models.yaml"
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """Nothing to download: a model me-local serves answers success (as Ollama does for a model that is
+    up to date); any other name, a 400 saying where models come from."""
+    engine = request.app[STATE].require_engine()
+    body = await read_json(request)
+    name = body.get("model", body.get("name"))
+    try:
+        resolve_model(engine.config, name, ollama=True) if name else None
+    except ApiError:
+        name = None
+    if not name:
+        shown = ", ".join(n + LATEST for n, _, _ in _entries(engine))
+        raise bad_request(f"me-local does not download models: {body.get('model', body.get('name'))!r} is not one of "
+                          f"its models ({shown}); {_FROM_YAML}: put the GGUF file in an ensemble of "
+                          f"{engine.config.path} and reload the daemon (SIGHUP)", "model", code="pull_not_supported")
+    if opt_bool(body, "stream", default=True):
+        return web.Response(body=wire.ndjson({"status": "success"}), content_type=wire.NDJSON_CONTENT_TYPE)
+    return web.json_response({"status": "success"})
+
+
+def _unsupported(what: str, fix: str) -> Any:
+    async def route(request: web.Request) -> web.Response:
+        engine = request.app[STATE].require_engine()
+        raise bad_request(f"me-local does not {what}: {_FROM_YAML} ({engine.config.path}); {fix}",
+                          code="not_supported")
+
+    return route
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/", root)
     app.router.add_get("/api/version", version)
@@ -415,3 +551,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/show", show)
     app.router.add_post("/api/chat", chat)
     app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/pull", pull)
+    app.router.add_post("/api/push", _unsupported("push models", "copy the GGUF files and models.yaml instead"))
+    app.router.add_post("/api/create", _unsupported("create models", "add an ensemble to models.yaml and reload "
+                                                    "the daemon (SIGHUP)"))
+    app.router.add_post("/api/copy", _unsupported("copy models", "add an ensemble to models.yaml under the new "
+                                                  "name and reload the daemon (SIGHUP)"))
+    app.router.add_delete("/api/delete", _unsupported("delete models", "remove the ensemble from models.yaml and "
+                                                      "reload the daemon (SIGHUP)"))

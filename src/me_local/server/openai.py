@@ -21,6 +21,7 @@ from ..core import DoneEvent, TokenEvent
 from ..engine import Engine, FimInput, Request
 from ..tools import ToolParser
 from . import fields, tools, wire
+from .bridge import EventStream
 from .echo import (
     Echo,
     EchoSpec,
@@ -255,9 +256,9 @@ async def _run_choices(request: web.Request, state: ServerState, call: Completio
                 tokens, done = await collect(stream, first)
             finally:
                 stream.cancel("client_disconnect")  # a no-op once the generation has ended
-            tb = token_bytes(stream.engine, call.ref.ensemble.name) if call.logprobs else _no_bytes
+            tb = token_bytes(stream) if call.logprobs else _no_bytes
             if spec is not None and done.end is not None:  # the end token follows, as OpenAI lists it
-                tokens = [*tokens, _end_token(stream.engine, call.ref.ensemble.name, done.end)]
+                tokens = [*tokens, _end_token(stream, done.end)]
             gen_lp = wire.completion_logprobs(tokens, tb, len(text), call.top_logprobs > 0) if call.logprobs else None
             text += joined_text(tokens, done)
             logprobs = join_logprobs(logprobs, gen_lp)
@@ -281,9 +282,9 @@ async def _run_choices(request: web.Request, state: ServerState, call: Completio
     return web.json_response(body, dumps=wire.dumps)
 
 
-def _end_token(engine: Engine, ensemble: str, end: TokenEvent) -> TokenEvent:
+def _end_token(stream: EventStream, end: TokenEvent) -> TokenEvent:
     """The end-of-generation token as an entry: its control text (``<|im_end|>``), no output text."""
-    members = engine.ensemble(ensemble).members
+    members = stream.loaded.members
     member = next((m for m in members if m.name == end.member), members[0])
     return replace(end, piece=display_bytes(member, end.id), text="")
 
@@ -298,7 +299,7 @@ async def _run(request: web.Request, state: ServerState, call: Call, *, chat: bo
     stream = state.open_stream(call.request, call.ref.ensemble.name, note)
     try:
         first = await state.first_event(stream)
-        tb = token_bytes(stream.engine, call.ref.ensemble.name) if call.logprobs else _no_bytes
+        tb = token_bytes(stream) if call.logprobs else _no_bytes
         cid, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now_unix()
         if not call.stream:
             tokens, done = await collect(stream, first)

@@ -19,9 +19,10 @@ from aiohttp import web
 
 from .. import settings as S
 from ..config import Config, EnsembleConfig
-from ..engine import Engine, Messages, Request, normalize_messages, sampling_params
+from ..engine import Messages, Request, normalize_messages, sampling_params
 from ..settings import Setting
 from . import wire
+from .bridge import EventStream
 from .errors import ApiError, bad_request
 from .state import STATE
 
@@ -232,10 +233,11 @@ def chat_messages(value: Any) -> Messages:
     return normalize_messages(value)
 
 
-def token_bytes(engine: Engine, ensemble: str) -> wire.TokenBytes:
+def token_bytes(stream: EventStream) -> wire.TokenBytes:
     """A token's bytes, for logprobs, where an event does not carry them (:func:`wire.top_alternatives`):
-    the first member's (token granularity: the members share one vocabulary)."""
-    tb: wire.TokenBytes = engine.ensemble(ensemble).members[0].token_bytes
+    the first member's (token granularity: the members share one vocabulary), of the loaded ensemble
+    that ran the stream (its pieces stay readable after a keep_alive unloaded it)."""
+    tb: wire.TokenBytes = stream.loaded.members[0].token_bytes
     return tb
 
 

@@ -128,6 +128,7 @@ class ServerState:
             await asyncio.get_running_loop().run_in_executor(None, engine.close)
         else:
             self.engine = engine
+            engine.on_unload = _unloaded
             self.status = "ready"
             log.info("models loaded: %s", ", ".join(engine.config.ensembles))
         self.loaded.set()
@@ -138,6 +139,7 @@ class ServerState:
     def swap_engine(self, engine: Engine) -> Engine | None:
         """Serve new requests from ``engine``; the old one finishes its streams, then closes."""
         old, self.engine = self.engine, engine
+        engine.on_unload = _unloaded
         if self.status == "loading":
             self.status = "ready"
             self.loaded.set()
@@ -300,6 +302,12 @@ class ServerState:
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _unloaded(name: str) -> None:
+    """An ensemble was unloaded (keep_alive): hand the freed heap back to the system, so that the
+    resident size drops by what it took."""
+    trim_heap()
 
 
 def _close_retired(engine: Engine) -> None:

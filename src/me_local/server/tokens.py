@@ -18,12 +18,14 @@ that is not one of these is refused, never ignored."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from ..backends.types import MemberContext
-from ..engine import Engine
+from ..engine import Engine, LoadedEnsemble
 from . import wire
 from .echo import display_bytes
 from .errors import bad_request
@@ -41,10 +43,21 @@ def _unknown(body: dict[str, Any], known: tuple[str, ...], route: str) -> None:
         raise bad_request(f"`{extra[0]}` is not a field of {route}; use {', '.join(known)}", extra[0])
 
 
-def tokenizer_member(engine: Engine, ref: ModelRef) -> MemberContext:
+@contextlib.asynccontextmanager
+async def held(engine: Engine, ref: ModelRef) -> AsyncIterator[LoadedEnsemble]:
+    """The ensemble loaded (off the loop, when a keep_alive unloaded it) and kept loaded meanwhile."""
+    hold = engine.hold(ref.ensemble.name)
+    loaded = await asyncio.get_running_loop().run_in_executor(None, hold.__enter__)
+    try:
+        yield loaded
+    finally:
+        hold.__exit__(None, None, None)
+
+
+def tokenizer_member(engine: Engine, ref: ModelRef, loaded: LoadedEnsemble | None = None) -> MemberContext:
     """The member whose tokenizer speaks for ``ref``: the member itself, or an ensemble's first
     member when the members share one vocabulary (a 400 naming ``model`` otherwise)."""
-    loaded = engine.ensemble(ref.ensemble.name)
+    loaded = loaded or engine.ensemble(ref.ensemble.name)
     if ref.member is not None:
         return loaded.members[loaded.config.member_names.index(ref.member)]
     if not loaded.vocabulary.shared:
@@ -81,10 +94,11 @@ async def tokenize(request: web.Request) -> web.Response:
     parse_special = opt_bool(body, "parse_special", True)
     with_pieces = opt_bool(body, "with_pieces")
     token_strs = opt_bool(body, "return_token_strs")
-    member = tokenizer_member(engine, ref)
     text = content if content is not None else prompt or ""
-    ids = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: member.model.tokenize(text, add_special=add_special, parse_special=parse_special))
+    async with held(engine, ref) as loaded:  # not unloaded (keep_alive) while its tokenizer works
+        member = tokenizer_member(engine, ref, loaded)
+        ids = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: member.model.tokenize(text, add_special=add_special, parse_special=parse_special))
     tokens: list[Any] = [{"id": t, "piece": _piece(display_bytes(member, t))} for t in ids] if with_pieces \
         else list(ids)
     out: dict[str, Any] = {"tokens": tokens, "count": len(ids), "max_model_len": member.n_ctx}

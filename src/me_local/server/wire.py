@@ -353,13 +353,18 @@ def ollama_final(
     logprobs: list[dict[str, Any]] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The last object of an answer (or the only one when not streaming); with a grammar,
-    me-local's ``me_local`` extension says whether the answer completed it."""
+    """The last object of an answer (or the only one when not streaming). Under ``me_local`` (as
+    OpenAI's ``usage.me_local``): with a grammar, whether the answer completed it; when the request
+    asked for a context size, or messages were left out to fit one, the engine's figures (each
+    member's ``n_ctx`` and ``dropped_messages``)."""
     obj = ollama_part(kind, model, created_at, text, logprobs, tool_calls)
     obj["done"] = True
     obj["done_reason"] = done.finish_reason
     obj.update(ollama_durations(done.stats))
     ext = grammar_extension(done.grammar)
+    stats = done.stats
+    if stats.dropped_messages or any(m.n_ctx is not None for m in stats.members):
+        ext = {**stats.to_dict(), **ext}
     if ext:
         obj["me_local"] = ext
     return obj

@@ -216,6 +216,23 @@ pages of the compute graph's logits: about 2 MiB of resident memory a row for Ge
 faster in larger batches), SmolLM2 271 and 279 with 341 and 512 (docs/performance.md)."""
 
 KV_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
+KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+"""Bytes per KV cache element of each ``kv_cache_type`` (q8_0 and q4_0 pack 32 values in 34 and 18 bytes)."""
+CELL_PAD = 256
+"""llama.cpp rounds a context's cells up to a multiple of this."""
+
+
+def available_memory() -> int | None:
+    """The memory the system can give without swapping (Linux's MemAvailable), in bytes; None
+    where it cannot say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -261,9 +278,16 @@ class LlamaMember:
         self.chat_template = chat_template
         """models.yaml's ``chat_template`` (a built-in's name or Jinja text); None: the file's."""
         self._store = store
+        self._settings = settings
+        self._ctx: L.llama_context_p | None = None
+        self._create(settings.n_ctx)
+
+    def _create(self, n_ctx: int) -> None:
+        """A llama context of ``n_ctx`` tokens (the cache starts empty)."""
+        settings, model, name = self._settings, self.model, self.name
         n_threads = settings.threads()
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = settings.n_ctx
+        cparams.n_ctx = n_ctx
         cparams.n_batch = settings.n_batch
         cparams.n_ubatch = settings.n_ubatch
         cparams.n_seq_max = 1
@@ -282,19 +306,52 @@ class LlamaMember:
         ctx = L.llama_init_from_model(model.ptr, cparams) if model.ptr else None
         if not ctx:
             raise ModelLoadError(
-                f"llama.cpp could not create a context of {settings.n_ctx} tokens for member {name!r}; "
-                "lower n_ctx in models.yaml or free some memory"
+                f"llama.cpp could not create a context of {n_ctx} tokens for member {name!r}; "
+                "lower n_ctx in models.yaml (or the context the request asks for) or free some memory"
             )
-        self._ctx: L.llama_context_p | None = ctx
+        self._ctx = ctx
         self._n_threads = n_threads
         self._threads_now = n_threads
         self._mem = L.llama_get_memory(ctx)
+        self._cells = int(L.llama_n_ctx(ctx))
         # llama.cpp may pad the context (to 256 cells); the configured n_ctx is the limit users asked for
-        self._n_ctx = min(settings.n_ctx, int(L.llama_n_ctx(ctx)))
+        self._n_ctx = min(n_ctx, self._cells)
         self._n_batch = max(1, min(settings.n_batch, int(L.llama_n_batch(ctx))))
         self._batch = L.llama_batch_init(self._n_batch, 0, 1)
         self._cached: list[int] = []
         self._has_logits = False
+
+    def _free(self) -> None:
+        if self._ctx:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self._ctx)
+            self._ctx = None
+
+    @property
+    def memory_bytes(self) -> int:
+        """The KV cache's bytes (every cell of every layer; llama.cpp allocates it whole)."""
+        return self.model.kv_bytes(self._cells, KV_BYTES[self._settings.kv_cache_type]) if self._ctx else 0
+
+    def resize(self, n_ctx: int) -> None:
+        """A new context of ``n_ctx`` tokens in place of this one (the cache starts empty), if the
+        system has the memory for its KV cache; otherwise a ModelLoadError, and the old one stays."""
+        if self._ctx is None:
+            raise BackendError(f"member {self.name!r} is closed")
+        cells = -(-n_ctx // CELL_PAD) * CELL_PAD
+        need = self.model.kv_bytes(cells, KV_BYTES[self._settings.kv_cache_type]) - self.memory_bytes
+        free = available_memory()
+        if free is not None and need > free:
+            raise ModelLoadError(
+                f"a context of {n_ctx} tokens for member {self.name!r} needs {need >> 20} MiB more memory for its "
+                f"KV cache, and the system has {free >> 20} MiB available; ask for a smaller context (num_ctx), "
+                "lower max_ctx in models.yaml, or free some memory")
+        old = self._n_ctx
+        self._free()
+        try:
+            self._create(n_ctx)
+        except ModelLoadError:
+            self._create(old)  # keep serving at the size it had
+            raise
 
     def _context(self) -> L.llama_context_p:
         if self._ctx is None:
@@ -469,10 +526,7 @@ class LlamaMember:
 
     def close(self) -> None:
         """Free the context, then give the model back to the store it came from (if any)."""
-        if self._ctx:
-            L.llama_batch_free(self._batch)
-            L.llama_free(self._ctx)
-            self._ctx = None
+        self._free()
         store, self._store = self._store, None
         if store is not None:
             store.release(self.model)

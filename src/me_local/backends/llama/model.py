@@ -19,7 +19,7 @@ from llama_cpp import llama_cpp as L
 from ... import chat_templates
 from ...chat_templates import ChatTemplate
 from ...core.types import GrammarSpec
-from ...errors import RequestError
+from ...errors import ModelLoadError, RequestError
 from ...fim import FIM_NAMES, FimTokens
 from ..cpu import cpu_flags, decide_repack
 from ..gguf_check import read_gguf_header
@@ -46,6 +46,14 @@ def _meta_str(model: L.llama_model_p, key: str) -> str | None:
         buf = ctypes.create_string_buffer(n + 1)
         L.llama_model_meta_val_str(model, key.encode(), buf, ctypes.sizeof(buf))
     return buf.value.decode("utf-8", "replace")
+
+
+def _meta_int(model: L.llama_model_p, key: str) -> int | None:
+    text = _meta_str(model, key)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,19 @@ class LoadedModel:
         # layer shapes are not read in a vocabulary-only load (llama.cpp aborts if asked)
         self.n_embd = 0 if vocab_only else int(L.llama_model_n_embd(ptr))
         self.n_head = 0 if vocab_only else int(L.llama_model_n_head(ptr))
+        self.n_layer = 0 if vocab_only else int(L.llama_model_n_layer(ptr))
+        self.n_head_kv = 0 if vocab_only else int(L.llama_model_n_head_kv(ptr))
+        head = self.n_embd // max(1, self.n_head)
+        arch = header.architecture or ""
+        self._k_len = _meta_int(ptr, f"{arch}.attention.key_length") or head
+        self._v_len = _meta_int(ptr, f"{arch}.attention.value_length") or head
         self.size_bytes = path.stat().st_size
+        self.weights_bytes = 0 if vocab_only else int(L.llama_model_size(ptr))
+        """The weights' bytes in memory (the tensors as loaded)."""
+        ngl = load.n_gpu_layers
+        self.offloaded = 0.0 if vocab_only or not ngl or not L.llama_supports_gpu_offload() else \
+            1.0 if ngl < 0 else min(1.0, ngl / max(1, self.n_layer))
+        """The share of its layers (their weights and KV cache) on a GPU: 0 on a CPU build."""
         self.chat_template = _meta_str(ptr, "tokenizer.chat_template")
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
@@ -144,6 +164,11 @@ class LoadedModel:
         self.cpu: CpuShare | None = None
         """Set by the ModelStore that shares this model: the CPU threads its contexts share."""
 
+    def kv_bytes(self, cells: int, element_bytes: float) -> int:
+        """The bytes of a KV cache of ``cells`` cells whose elements take ``element_bytes``: K and V
+        of every layer (sliding-window layers too: llama.cpp sizes their cache in full by default)."""
+        return int(cells * self.n_layer * self.n_head_kv * (self._k_len + self._v_len) * element_bytes)
+
     def _piece(self, token: int, *, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
@@ -161,6 +186,8 @@ class LoadedModel:
         return self._eog
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        if not self.ptr:  # its ensemble was unloaded (keep_alive) while a request still held it
+            raise ModelLoadError(f"{self.path.name} was unloaded; send the request again to load it")
         data = text.encode("utf-8")
         n_max = len(data) + 8
         arr = (L.llama_token * n_max)()
