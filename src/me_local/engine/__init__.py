@@ -9,6 +9,8 @@ requests in arrival order, gives each the free slot with the longest cached
 prefix, and runs the pure core's generation loop.
 
     engine.py    Engine, Request, Run, collect, sampling_params
+    embedding.py EmbedRequest, EmbedResult (Engine.embed: vectors of texts, in embedding contexts of
+                 their own), embedding_members
     scoring.py   ScoreRequest (Engine.score: a text's likelihood under the ensemble), plan_score
     ensemble.py  LoadedEnsemble (slots and the line of waiting requests), Slot, Ticket,
                  plan_vocabulary, VocabularyPlan
@@ -20,6 +22,7 @@ It talks to members only through the backend seam (:mod:`me_local.backends.types
 
 from ..backends.types import MemberContext, MemberFactory
 from ..errors import QueueFullError
+from .embedding import EmbedRequest, EmbedResult, embedding_members
 from .engine import Engine, Plan, Request, Run, SamplingOverrides, collect, sampling_params
 from .ensemble import CANCEL_POLL_S, LoadedEnsemble, Slot, Ticket, VocabularyPlan, plan_vocabulary
 from .factory import LlamaMemberFactory, llama_member_factory
@@ -29,6 +32,8 @@ from .scoring import ScorePlan, ScoreRequest, plan_score
 __all__ = [
     "CANCEL_POLL_S",
     "ROLES",
+    "EmbedRequest",
+    "EmbedResult",
     "Engine",
     "LlamaMemberFactory",
     "LoadedEnsemble",
@@ -46,6 +51,7 @@ __all__ = [
     "Ticket",
     "VocabularyPlan",
     "collect",
+    "embedding_members",
     "llama_member_factory",
     "normalize_messages",
     "plan_score",

@@ -1,0 +1,196 @@
+"""A member's embedding context (:class:`LlamaEmbedder`): a llama context of its own over the
+member's shared model, with embeddings on, apart from every generation slot.
+
+llama.cpp computes a language model's output layer for every token an embeddings context
+outputs, and with embeddings on it outputs every token; its own pooling then needs a whole
+sequence in one micro-batch, so the output buffer would grow with the longest input (a
+2,048-token input to Gemma 3, 262,144 logits a row, would take 2 GiB). So the context pools
+nothing itself (``LLAMA_POOLING_TYPE_NONE``): inputs are decoded a bounded chunk of tokens at
+a time (the chunk scoring uses, :data:`~.context.SCORE_CHUNK_BYTES` of logit rows at most),
+several short inputs in one decode as sequences of their own, and the token vectors are pooled
+in numpy (:mod:`me_local.core.embedding`) as the model file declares (``{arch}.pooling_type``:
+mean, cls or last; a language model that declares none gets :data:`DEFAULT_POOLING`).
+A causal model's token vectors do not depend on how its text is cut into decodes (beyond the
+float noise of batching), which is what makes the chunks exact; a non-causal model (BERT-style
+embedding models) is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+from llama_cpp import llama_cpp as L
+
+from ...core.embedding import DEFAULT_POOLING, Pooler, pack
+from ...core.types import Cancelled
+from ...errors import BackendError, ModelLoadError, RequestError
+from .context import SCORE_CHUNK_BYTES
+from .model import LoadedModel, _meta_str
+from .threads import default_threads
+
+if TYPE_CHECKING:
+    from .store import ModelStore
+
+POOLING_NAMES = {L.LLAMA_POOLING_TYPE_MEAN: "mean", L.LLAMA_POOLING_TYPE_CLS: "cls",
+                 L.LLAMA_POOLING_TYPE_LAST: "last"}
+MAX_SEQS = 32
+"""Inputs decoded together at most (sequences of one embedding context)."""
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    n_ctx: int
+    """The longest input, in tokens (the ensemble's n_ctx)."""
+    n_batch: int = 512
+    """Tokens per decode at most (the ensemble's n_batch; fewer where the logit rows would pass
+    :data:`SCORE_CHUNK_BYTES`)."""
+    n_threads: int | None = None
+
+
+def declared_pooling(model: LoadedModel) -> tuple[str, str]:
+    """The pooling ``model`` declares (its GGUF's ``{arch}.pooling_type``), or
+    :data:`DEFAULT_POOLING` when it declares none, and where that came from."""
+    assert model.ptr is not None
+    arch = _meta_str(model.ptr, "general.architecture") or ""
+    causal = _meta_str(model.ptr, f"{arch}.attention.causal")
+    if causal is not None and causal.strip().lower() in ("false", "0"):
+        raise RequestError(
+            f"{model.path.name} ({arch}) is not a causal language model (its attention is bidirectional); "
+            "me-local embeds with its members' language models only", param="model")
+    raw = _meta_str(model.ptr, f"{arch}.pooling_type")
+    value = int(raw) if raw is not None and raw.strip().lstrip("-").isdigit() else L.LLAMA_POOLING_TYPE_NONE
+    if value == L.LLAMA_POOLING_TYPE_RANK:
+        raise RequestError(f"{model.path.name} is a reranking model (pooling type rank): it scores pairs of texts "
+                           "and makes no embeddings", param="model")
+    if value in POOLING_NAMES:
+        return POOLING_NAMES[value], f"declared by the file ({arch}.pooling_type {value})"
+    return DEFAULT_POOLING, "me-local's default: the file declares no pooling"
+
+
+class LlamaEmbedder:
+    """A member's embedding context. Given the ``store`` its model came from, :meth:`close`
+    gives the model back to it. One caller at a time (the engine holds :attr:`lock`)."""
+
+    def __init__(self, name: str, model: LoadedModel, settings: EmbedSettings,
+                 gate: threading.BoundedSemaphore | None = None, *, store: ModelStore | None = None) -> None:
+        self.name = name
+        self.model = model
+        self.lock = threading.Lock()
+        self._gate = gate
+        self._store = store
+        self.pooling, self.pooling_source = declared_pooling(model)
+        assert model.ptr is not None
+        self.n_embd = int(L.llama_model_n_embd_out(model.ptr)) or model.n_embd
+        rows = max(1, SCORE_CHUNK_BYTES // (4 * (model.n_vocab + self.n_embd)))
+        self._n_ctx = settings.n_ctx
+        self.capacity = max(1, min(settings.n_batch, settings.n_ctx, rows))
+        """Tokens per decode."""
+        n_threads = settings.n_threads or default_threads()
+        self._n_threads = self._threads_now = n_threads
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = settings.n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.capacity
+        self.max_seqs = min(MAX_SEQS, self.capacity)
+        cparams.n_seq_max = self.max_seqs
+        cparams.kv_unified = True  # the sequences of a decode share the context's cells
+        cparams.embeddings = True
+        cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # pooled here, a chunk at a time
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        ctx = L.llama_init_from_model(model.ptr, cparams)
+        if not ctx:
+            raise ModelLoadError(f"llama.cpp could not create an embedding context of {settings.n_ctx} tokens for "
+                                 f"member {name!r}; lower n_ctx in models.yaml or free some memory")
+        self._ctx: L.llama_context_p | None = ctx
+        self._mem = L.llama_get_memory(ctx)
+        self._batch = L.llama_batch_init(self.capacity, 0, self.max_seqs)
+        self.adds_eos = bool(L.llama_vocab_get_add_eos(model.vocab))
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    def tokenize(self, text: str) -> list[int]:
+        """An input's tokens: the text as text (markup is not parsed), with the BOS and EOS the
+        model adds to a text."""
+        return self.model.tokenize(text, add_special=True, parse_special=False)
+
+    def embed(self, inputs: Sequence[Sequence[int]], cancel: Callable[[], bool] | None = None
+              ) -> npt.NDArray[np.float64]:
+        """Each input's pooled vector (not normalised), one row per input."""
+        for i, toks in enumerate(inputs):
+            if not toks or len(toks) > self._n_ctx:
+                raise BackendError(f"input {i} of member {self.name!r} has {len(toks)} tokens; its embedding context "
+                                   f"takes 1 to {self._n_ctx}")
+        poolers = [Pooler(self.pooling, self.n_embd) for _ in inputs]
+        ctx = self._context()
+        try:
+            for step in pack([len(t) for t in inputs], self.capacity, self.max_seqs):
+                if cancel is not None and cancel():
+                    raise Cancelled
+                rows = self._decode(ctx, [(p.seq, inputs[p.index][p.start:p.end], p.start) for p in step])
+                at = 0
+                for p in step:
+                    poolers[p.index].add(rows[at:at + p.end - p.start])
+                    at += p.end - p.start
+                if step[-1].end == len(inputs[step[-1].index]):  # every sequence of this decode has ended
+                    L.llama_memory_clear(self._mem, True)
+        finally:
+            L.llama_memory_clear(self._mem, True)
+        return np.stack([p.result() for p in poolers]) if poolers else np.zeros((0, self.n_embd))
+
+    def _decode(self, ctx: L.llama_context_p, pieces: Sequence[tuple[int, Sequence[int], int]]
+                ) -> npt.NDArray[np.float32]:
+        """One decode of (sequence, tokens, position of the first) pieces; every token's vector."""
+        batch = self._batch
+        n = 0
+        for seq, tokens, start in pieces:
+            for j, tok in enumerate(tokens):
+                batch.token[n] = tok
+                batch.pos[n] = start + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = 1
+                n += 1
+        batch.n_tokens = n
+        cpu = self.model.cpu
+        if cpu is not None:
+            threads = cpu.threads_for(self._n_threads)
+            if threads != self._threads_now:
+                L.llama_set_n_threads(ctx, threads, threads)
+                self._threads_now = threads
+        if self._gate is not None:
+            with self._gate:
+                rc = L.llama_decode(ctx, batch)
+        else:
+            rc = L.llama_decode(ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama.cpp failed to evaluate {n} tokens for the embeddings of {self.name!r} "
+                               f"(code {rc})")
+        ptr = L.llama_get_embeddings(ctx)
+        if not ptr:
+            raise BackendError(f"llama.cpp returned no embeddings for {self.name!r}")
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_embd))
+
+    def _context(self) -> L.llama_context_p:
+        if self._ctx is None:
+            raise BackendError(f"the embedding context of {self.name!r} is closed")
+        return self._ctx
+
+    def close(self) -> None:
+        """Free the context, then give the model back to the store it came from (if any)."""
+        if self._ctx:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self._ctx)
+            self._ctx = None
+        store, self._store = self._store, None
+        if store is not None:
+            store.release(self.model)
