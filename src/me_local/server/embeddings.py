@@ -49,18 +49,18 @@ async def _embed(request: web.Request, ref: ModelRef, req: EmbedRequest, shown: 
 
 def openai_inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None, list[str]]:
     """OpenAI's ``input``: texts or token-id lists, and how errors name each."""
-    def bad(why: str) -> NoReturn:
-        raise bad_request(f"`input` {why}; send a string, a list of strings, a list of token ids or a list of "
+    def bad(what: str, why: str) -> NoReturn:
+        raise bad_request(f"`{what}` {why}; send a string, a list of strings, a list of token ids or a list of "
                           "token-id lists", "input")
 
     if value is None:
-        bad("is required")
+        bad("input", "is required")
     if isinstance(value, str):
         if not value:
-            bad("is an empty string")
+            bad("input", "is an empty string")
         return [value], None, ["input"]
     if not isinstance(value, list) or not value:
-        bad("is empty" if value == [] else "has the wrong type")
+        bad("input", "is empty" if value == [] else "has the wrong type")
     if len(value) > MAX_INPUTS:
         raise bad_request(f"`input` has {len(value)} inputs; at most {MAX_INPUTS} are allowed per request", "input")
     if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
@@ -69,16 +69,16 @@ def openai_inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None,
     if all(isinstance(v, str) for v in value):
         for i, v in enumerate(value):
             if not v:
-                bad(f"[{i}] is an empty string")
+                bad(f"input[{i}]", "is an empty string")
         return list(value), None, labels
     if all(isinstance(v, list) for v in value):
         for i, ids in enumerate(value):
             if not ids:
-                bad(f"[{i}] is an empty list")
+                bad(f"input[{i}]", "is an empty list")
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                bad(f"[{i}] is not a list of token ids (integers)")
+                bad(f"input[{i}]", "is not a list of token ids (integers)")
         return None, [list(v) for v in value], labels
-    bad("mixes strings, token ids and lists")
+    bad("input", "mixes strings, token ids and lists")
 
 
 async def openai_embeddings(request: web.Request) -> web.Response:

@@ -29,7 +29,6 @@ from llama_cpp import llama_cpp as L
 from ...core.embedding import DEFAULT_POOLING, Pooler, pack
 from ...core.types import Cancelled
 from ...errors import BackendError, ModelLoadError, RequestError
-from .context import SCORE_CHUNK_BYTES
 from .model import LoadedModel, _meta_str
 from .threads import default_threads
 
@@ -38,6 +37,9 @@ if TYPE_CHECKING:
 
 POOLING_NAMES = {L.LLAMA_POOLING_TYPE_MEAN: "mean", L.LLAMA_POOLING_TYPE_CLS: "cls",
                  L.LLAMA_POOLING_TYPE_LAST: "last"}
+EMBED_CHUNK_BYTES = 128 << 20
+"""Logit rows per embedding decode: at most this many bytes of float32 rows (llama.cpp computes and
+keeps a language model's logits for every token an embeddings context outputs)."""
 MAX_SEQS = 32
 """Inputs decoded together at most (sequences of one embedding context)."""
 
@@ -86,7 +88,7 @@ class LlamaEmbedder:
         self.pooling, self.pooling_source = declared_pooling(model)
         assert model.ptr is not None
         self.n_embd = int(L.llama_model_n_embd_out(model.ptr)) or model.n_embd
-        rows = max(1, SCORE_CHUNK_BYTES // (4 * (model.n_vocab + self.n_embd)))
+        rows = max(1, EMBED_CHUNK_BYTES // (4 * (model.n_vocab + self.n_embd)))
         self._n_ctx = settings.n_ctx
         self.capacity = max(1, min(settings.n_batch, settings.n_ctx, rows))
         """Tokens per decode."""
@@ -99,12 +101,19 @@ class LlamaEmbedder:
         cparams.n_seq_max = self.max_seqs
         cparams.kv_unified = True  # the sequences of a decode share the context's cells
         cparams.embeddings = True
-        cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # pooled here, a chunk at a time
+        # pooled here, a chunk at a time: none in llama.cpp (which a file that declares no pooling
+        # gets by default; naming NONE for it would log a warning at every start)
+        declares = self.pooling_source.startswith("declared")
+        cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE if declares else L.LLAMA_POOLING_TYPE_UNSPECIFIED
         cparams.n_threads = cparams.n_threads_batch = n_threads
         ctx = L.llama_init_from_model(model.ptr, cparams)
         if not ctx:
             raise ModelLoadError(f"llama.cpp could not create an embedding context of {settings.n_ctx} tokens for "
                                  f"member {name!r}; lower n_ctx in models.yaml or free some memory")
+        if L.llama_pooling_type(ctx) != L.LLAMA_POOLING_TYPE_NONE:
+            L.llama_free(ctx)
+            raise BackendError(f"llama.cpp pools the embeddings of {model.path.name} itself; me-local cannot read "
+                               "its token vectors")
         self._ctx: L.llama_context_p | None = ctx
         self._mem = L.llama_get_memory(ctx)
         self._batch = L.llama_batch_init(self.capacity, 0, self.max_seqs)
