@@ -1,6 +1,6 @@
 """Embeddings, the pure part: pooling a sequence's per-token hidden states into one vector,
-packing several inputs into the decodes of one embedding context, fitting an input to a
-context, and an ensemble's vector made of its members' (docs/server.md, "Embeddings").
+fitting an input to a context, and an ensemble's vector made of its members' (docs/server.md,
+"Embeddings").
 
 The backend decodes and hands over rows of hidden states (one per token, in order, a chunk at
 a time); everything here is numpy.
@@ -9,7 +9,6 @@ a time); everything here is numpy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -50,46 +49,6 @@ class Pooler:
         if self.n == 0:
             raise ValueError("no token was pooled")
         return self._acc / self.n if self.pooling == "mean" else self._acc.copy()
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Tokens ``start:end`` of input ``index``, as sequence ``seq`` of one decode."""
-
-    index: int
-    start: int
-    end: int
-    seq: int
-
-
-def pack(lengths: Sequence[int], capacity: int, max_seqs: int) -> list[list[Piece]]:
-    """The decodes that embed inputs of these lengths (each at least 1 token), in order: short
-    inputs share a decode (up to ``capacity`` tokens and ``max_seqs`` sequences); one longer than
-    ``capacity`` fills decodes of its own, as sequence 0, until it ends. An input never shares a
-    decode with another unless it fits whole, so a decode's sequences all end in it, except a long
-    one's, which goes on in the next decode alone (the context must keep only its cache)."""
-    if capacity < 1 or max_seqs < 1:
-        raise ValueError("capacity and max_seqs must be positive")
-    steps: list[list[Piece]] = []
-    current: list[Piece] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if n < 1:
-            raise ValueError(f"input {i} has no tokens")
-        if n > capacity:
-            if current:
-                steps.append(current)
-                current, used = [], 0
-            steps += [[Piece(i, s, min(s + capacity, n), 0)] for s in range(0, n, capacity)]
-            continue
-        if current and (used + n > capacity or len(current) >= max_seqs):
-            steps.append(current)
-            current, used = [], 0
-        current.append(Piece(i, 0, n, len(current)))
-        used += n
-    if current:
-        steps.append(current)
-    return steps
 
 
 def fit(tokens: Sequence[int], limit: int, *, ends_with_eos: bool) -> list[int]:

@@ -1,18 +1,23 @@
 """A member's embedding context (:class:`LlamaEmbedder`): a llama context of its own over the
 member's shared model, with embeddings on, apart from every generation slot.
 
-llama.cpp computes a language model's output layer for every token an embeddings context
-outputs, and with embeddings on it outputs every token; its own pooling then needs a whole
-sequence in one micro-batch, so the output buffer would grow with the longest input (a
-2,048-token input to Gemma 3, 262,144 logits a row, would take 2 GiB). So the context pools
-nothing itself (``LLAMA_POOLING_TYPE_NONE``): inputs are decoded a bounded chunk of tokens at
-a time (the chunk scoring uses, :data:`~.context.SCORE_CHUNK_BYTES` of logit rows at most),
-several short inputs in one decode as sequences of their own, and the token vectors are pooled
-in numpy (:mod:`me_local.core.embedding`) as the model file declares (``{arch}.pooling_type``:
-mean, cls or last; a language model that declares none gets :data:`DEFAULT_POOLING`).
-A causal model's token vectors do not depend on how its text is cut into decodes (beyond the
-float noise of batching), which is what makes the chunks exact; a non-causal model (BERT-style
-embedding models) is refused.
+llama.cpp outputs every token of a decode while embeddings are on, and computes a language
+model's output layer (its logits) for each; its own pooling also needs a whole input in one
+micro-batch, so a 2,048-token input to Gemma 3 (262,144 logits a row) would hold 2 GiB. So the
+context pools nothing itself (pooling type none), and the vectors are pooled in numpy
+(:mod:`me_local.core.embedding`) as the model file declares (``{arch}.pooling_type``), which for a
+causal model needs only:
+
+* last (and :data:`DEFAULT_POOLING`, for a file that declares none): the input but its last token
+  decoded with embeddings off and no output, as a prompt is (no logits), then the last token alone,
+  with its vector: one row of logits per input;
+* cls: the first token alone (it has read nothing after it);
+* mean: every token's vector, a bounded chunk at a time (:data:`EMBED_CHUNK_BYTES` of logit rows).
+
+Each input is decoded on its own: llama.cpp's results for a token depend slightly on what else is in
+its decode (measured: putting several inputs' sequences in one decode moved SmolLM2's vectors by up
+to 6e-4 in cosine, Gemma 3's by 4e-3), and a text's vector should not depend on the request it came
+in. A non-causal model (BERT-style encoders) and a reranker are refused.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp as L
 
-from ...core.embedding import DEFAULT_POOLING, Pooler, pack
+from ...core.embedding import DEFAULT_POOLING, Pooler
 from ...core.types import Cancelled
 from ...errors import BackendError, ModelLoadError, RequestError
 from .model import LoadedModel, _meta_str
@@ -40,8 +45,6 @@ POOLING_NAMES = {L.LLAMA_POOLING_TYPE_MEAN: "mean", L.LLAMA_POOLING_TYPE_CLS: "c
 EMBED_CHUNK_BYTES = 128 << 20
 """Logit rows per embedding decode: at most this many bytes of float32 rows (llama.cpp computes and
 keeps a language model's logits for every token an embeddings context outputs)."""
-MAX_SEQS = 32
-"""Inputs decoded together at most (sequences of one embedding context)."""
 
 
 @dataclass(frozen=True)
@@ -89,17 +92,17 @@ class LlamaEmbedder:
         assert model.ptr is not None
         self.n_embd = int(L.llama_model_n_embd_out(model.ptr)) or model.n_embd
         rows = max(1, EMBED_CHUNK_BYTES // (4 * (model.n_vocab + self.n_embd)))
+        """Token vectors per decode at most (each costs a row of logits too)."""
         self._n_ctx = settings.n_ctx
-        self.capacity = max(1, min(settings.n_batch, settings.n_ctx, rows))
-        """Tokens per decode."""
+        every = self.pooling == "mean"
+        self.capacity = max(1, min(settings.n_batch, settings.n_ctx, rows if every else settings.n_batch))
+        """Tokens per decode (for last and cls pooling, only one token of an input has an output)."""
         n_threads = settings.n_threads or default_threads()
         self._n_threads = self._threads_now = n_threads
         cparams = L.llama_context_default_params()
         cparams.n_ctx = settings.n_ctx
         cparams.n_batch = cparams.n_ubatch = self.capacity
-        self.max_seqs = min(MAX_SEQS, self.capacity)
-        cparams.n_seq_max = self.max_seqs
-        cparams.kv_unified = True  # the sequences of a decode share the context's cells
+        cparams.n_seq_max = 1
         cparams.embeddings = True
         # pooled here, a chunk at a time: none in llama.cpp (which a file that declares no pooling
         # gets by default; naming NONE for it would log a warning at every start)
@@ -116,7 +119,7 @@ class LlamaEmbedder:
                                "its token vectors")
         self._ctx: L.llama_context_p | None = ctx
         self._mem = L.llama_get_memory(ctx)
-        self._batch = L.llama_batch_init(self.capacity, 0, self.max_seqs)
+        self._batch = L.llama_batch_init(self.capacity, 0, 1)
         self.adds_eos = bool(L.llama_vocab_get_add_eos(model.vocab))
 
     @property
@@ -134,42 +137,64 @@ class LlamaEmbedder:
 
     def embed(self, inputs: Sequence[Sequence[int]], cancel: Callable[[], bool] | None = None
               ) -> npt.NDArray[np.float64]:
-        """Each input's pooled vector (not normalised), one row per input."""
+        """Each input's pooled vector (not normalised), one row per input. Each input is decoded on its
+        own, so its vector does not depend on what else is asked with it."""
         for i, toks in enumerate(inputs):
             if not toks or len(toks) > self._n_ctx:
                 raise BackendError(f"input {i} of member {self.name!r} has {len(toks)} tokens; its embedding context "
                                    f"takes 1 to {self._n_ctx}")
-        poolers = [Pooler(self.pooling, self.n_embd) for _ in inputs]
+        out = np.zeros((len(inputs), self.n_embd))
         ctx = self._context()
         try:
-            for step in pack([len(t) for t in inputs], self.capacity, self.max_seqs):
-                if cancel is not None and cancel():
-                    raise Cancelled
-                rows = self._decode(ctx, [(p.seq, inputs[p.index][p.start:p.end], p.start) for p in step])
-                at = 0
-                for p in step:
-                    poolers[p.index].add(rows[at:at + p.end - p.start])
-                    at += p.end - p.start
-                if step[-1].end == len(inputs[step[-1].index]):  # every sequence of this decode has ended
-                    L.llama_memory_clear(self._mem, True)
+            for i, toks in enumerate(inputs):
+                out[i] = self._every_token(ctx, toks, cancel) if self.pooling == "mean" else \
+                    self._one_token(ctx, toks, cancel)
+                L.llama_memory_clear(self._mem, True)
         finally:
             L.llama_memory_clear(self._mem, True)
-        return np.stack([p.result() for p in poolers]) if poolers else np.zeros((0, self.n_embd))
+        return out
 
-    def _decode(self, ctx: L.llama_context_p, pieces: Sequence[tuple[int, Sequence[int], int]]
+    def _every_token(self, ctx: L.llama_context_p, tokens: Sequence[int], cancel: Callable[[], bool] | None
+                     ) -> npt.NDArray[np.float64]:
+        """Mean pooling: every token's vector, a bounded chunk of rows at a time."""
+        pooler = Pooler(self.pooling, self.n_embd)
+        for start in range(0, len(tokens), self.capacity):
+            if cancel is not None and cancel():
+                raise Cancelled
+            pooler.add(self._decode(ctx, tokens[start:start + self.capacity], start, outputs=True))
+        return pooler.result()
+
+    def _one_token(self, ctx: L.llama_context_p, tokens: Sequence[int], cancel: Callable[[], bool] | None
+                   ) -> npt.NDArray[np.float32]:
+        """Last-token pooling: the tokens before the last go in as a prompt does, with no output (no
+        logits, no vectors), then the last one alone with its vector. For cls pooling, the first token
+        alone: a causal model's first token has read nothing after it."""
+        if self.pooling == "cls":
+            tokens = tokens[:1]
+        for start in range(0, len(tokens) - 1, self.capacity):
+            if cancel is not None and cancel():
+                raise Cancelled
+            self._decode(ctx, tokens[start:min(start + self.capacity, len(tokens) - 1)], start, outputs=False)
+        if cancel is not None and cancel():
+            raise Cancelled
+        row: npt.NDArray[np.float32] = self._decode(ctx, tokens[-1:], len(tokens) - 1, outputs=True)[0]
+        return row
+
+    def _decode(self, ctx: L.llama_context_p, tokens: Sequence[int], start: int, *, outputs: bool
                 ) -> npt.NDArray[np.float32]:
-        """One decode of (sequence, tokens, position of the first) pieces; every token's vector."""
+        """One decode of ``tokens`` (positions from ``start``); with ``outputs``, every token's vector
+        (without, none: the tokens only fill the cache)."""
         batch = self._batch
         n = 0
-        for seq, tokens, start in pieces:
-            for j, tok in enumerate(tokens):
-                batch.token[n] = tok
-                batch.pos[n] = start + j
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq
-                batch.logits[n] = 1
-                n += 1
+        for j, tok in enumerate(tokens):
+            batch.token[n] = tok
+            batch.pos[n] = start + j
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = 0
+            batch.logits[n] = 1 if outputs else 0
+            n += 1
         batch.n_tokens = n
+        L.llama_set_embeddings(ctx, outputs)
         cpu = self.model.cpu
         if cpu is not None:
             threads = cpu.threads_for(self._n_threads)
@@ -184,6 +209,8 @@ class LlamaEmbedder:
         if rc != 0:
             raise BackendError(f"llama.cpp failed to evaluate {n} tokens for the embeddings of {self.name!r} "
                                f"(code {rc})")
+        if not outputs:
+            return np.zeros((0, self.n_embd), dtype=np.float32)
         ptr = L.llama_get_embeddings(ctx)
         if not ptr:
             raise BackendError(f"llama.cpp returned no embeddings for {self.name!r}")
