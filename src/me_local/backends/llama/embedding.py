@@ -52,8 +52,8 @@ class EmbedSettings:
     n_ctx: int
     """The longest input, in tokens (the ensemble's n_ctx)."""
     n_batch: int = 512
-    """Tokens per decode at most (the ensemble's n_batch; fewer where the logit rows would pass
-    :data:`SCORE_CHUNK_BYTES`)."""
+    """Tokens per decode at most (the ensemble's n_batch; for mean pooling, fewer where the logit rows
+    would pass :data:`EMBED_CHUNK_BYTES`)."""
     n_threads: int | None = None
 
 
@@ -79,20 +79,18 @@ def declared_pooling(model: LoadedModel) -> tuple[str, str]:
 
 class LlamaEmbedder:
     """A member's embedding context. Given the ``store`` its model came from, :meth:`close`
-    gives the model back to it. One caller at a time (the engine holds :attr:`lock`)."""
+    gives the model back to it. One caller at a time (the engine's ``LoadedEnsemble.using_embedder``)."""
 
     def __init__(self, name: str, model: LoadedModel, settings: EmbedSettings,
                  gate: threading.BoundedSemaphore | None = None, *, store: ModelStore | None = None) -> None:
         self.name = name
         self.model = model
-        self.lock = threading.Lock()
         self._gate = gate
         self._store = store
         self.pooling, self.pooling_source = declared_pooling(model)
         assert model.ptr is not None
         self.n_embd = int(L.llama_model_n_embd_out(model.ptr)) or model.n_embd
-        rows = max(1, EMBED_CHUNK_BYTES // (4 * (model.n_vocab + self.n_embd)))
-        """Token vectors per decode at most (each costs a row of logits too)."""
+        rows = max(1, EMBED_CHUNK_BYTES // (4 * (model.n_vocab + self.n_embd)))  # each output costs a logit row
         self._n_ctx = settings.n_ctx
         every = self.pooling == "mean"
         self.capacity = max(1, min(settings.n_batch, settings.n_ctx, rows if every else settings.n_batch))
