@@ -34,12 +34,22 @@ SentencePiece layout (vocab ``s``, like Gemma 3: ``add_bos_token`` true,
   text split before whitespace tokenizes as the whole text does. ``▁`` reads as a space
   in ``llama_token_to_piece``: word-initial pieces start with whitespace.
 
+Fill-in-the-middle variants (``fim=True``, files ``tiny-{vocab}-fim-{seed}.gguf``; the tokens
+above are unchanged, FIM tokens are added as CONTROL tokens after the last id, so these are
+vocabularies of their own):
+
+* ``a``/``b``: Qwen2.5-Coder's six, ``<|fim_prefix|>``, ``<|fim_middle|>``, ``<|fim_suffix|>``,
+  ``<|fim_pad|>``, ``<|repo_name|>``, ``<|file_sep|>`` (GGUF keys
+  ``tokenizer.ggml.fim_{pre,mid,suf,pad,rep,sep}_token_id``), so llama-server's repository-level
+  pattern applies;
+* ``s``: CodeLlama's three, ``<PRE>``, ``<SUF>``, ``<MID>`` (no repository or file tokens).
+
 The output rows of the special tokens are zero, so their logits are 0 while the
 ordinary tokens' logits spread over several units: greedy decoding runs on
 instead of stopping at once (use a logit bias to force an end of generation).
 
-CLI: ``python scripts/make_tiny_models.py OUTDIR [--seeds 1 2 3] [--vocab a]``
-writes ``OUTDIR/tiny-{vocab}-{seed}.gguf`` (``--vocab`` a, b or s).
+CLI: ``python scripts/make_tiny_models.py OUTDIR [--seeds 1 2 3] [--vocab a] [--fim]``
+writes ``OUTDIR/tiny-{vocab}-{seed}.gguf`` (``--vocab`` a, b or s; ``--fim``: ``tiny-{vocab}-fim-{seed}.gguf``).
 """
 
 from __future__ import annotations
@@ -78,6 +88,14 @@ SPM_NEWLINES = ("\n", "\n\n")
 """Vocabulary ``s``'s ids 6, 7: USER_DEFINED whitespace pieces, as in Gemma 3."""
 SPM_SPACE = "\u2581"
 """SentencePiece's word marker "▁", a space in the token texts."""
+
+FIM_TOKENS = {
+    "bpe": {"pre": "<|fim_prefix|>", "mid": "<|fim_middle|>", "suf": "<|fim_suffix|>", "pad": "<|fim_pad|>",
+            "rep": "<|repo_name|>", "sep": "<|file_sep|>"},
+    "spm": {"pre": "<PRE>", "suf": "<SUF>", "mid": "<MID>"},
+}
+"""The FIM tokens of ``fim=True`` per vocabulary family, by llama.cpp's name for each (the GGUF key
+``tokenizer.ggml.fim_{name}_token_id``), in the order they are appended."""
 
 N_EMBD, N_LAYER, N_HEAD, N_HEAD_KV, N_FF = 64, 2, 4, 2, 128
 OUTPUT_STD = 0.3  # logits std ~ OUTPUT_STD * sqrt(N_EMBD) ~ 2.4: peaked, not one-hot
@@ -247,7 +265,8 @@ def _row_scale(pieces: list[bytes], byte_ids: range, word: float, byte: float) -
     return scale
 
 
-def _weights(seed: int, n_vocab: int, special: slice, row_scale: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _weights(seed: int, n_vocab: int, special: slice | list[int],
+             row_scale: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Random llama weights; numpy shapes are (out_features, in_features). The output
     rows of the ``special`` ids are zero; ``row_scale`` scales each token's output row."""
     rng = np.random.default_rng(seed)
@@ -302,6 +321,7 @@ def build_tiny_model(
     byte_row_scale: float | None = None,
     add_eos: bool = False,
     pooling_type: int | None = None,
+    fim: bool = False,
 ) -> Path:
     """Write a tiny random-weight llama GGUF model to ``path`` and return it.
 
@@ -317,7 +337,8 @@ def build_tiny_model(
     with whitespace) and of the single-byte tokens (default: :data:`ROW_SCALES`); above 1,
     more of those tokens are sampled. ``add_eos=True`` makes tokenizing append the EOS (as some
     embedding models do); ``pooling_type`` writes ``{arch}.pooling_type`` (llama.cpp's numbers:
-    1 mean, 2 cls, 3 last, 4 rank), the pooling an embedding model declares.
+    1 mean, 2 cls, 3 last, 4 rank), the pooling an embedding model declares. ``fim`` adds the
+    family's :data:`FIM_TOKENS` after the last id (CONTROL tokens, zero output rows) and their GGUF keys.
     The file is written under a temporary name and renamed into place.
     """
     path = Path(path)
@@ -346,14 +367,25 @@ def build_tiny_model(
         pieces = [bytes(decode[ch] for ch in t) if ty == int(gguf.TokenType.NORMAL) else b""
                   for t, ty in zip(tokens, types, strict=True)]
         word, byte = ROW_SCALES["bpe"]
+    special_ids = list(range(len(tokens)))[special]
+    fim_ids: dict[str, int] = {}
+    if fim:
+        for name, text in FIM_TOKENS["spm" if spm else "bpe"].items():
+            fim_ids[name] = len(tokens)
+            special_ids.append(len(tokens))
+            tokens.append(text)
+            types.append(int(gguf.TokenType.CONTROL))
+            if spm:
+                scores.append(0.0)
+            pieces.append(text.encode() if spm else b"")
     word = word if word_row_scale is None else word_row_scale
     byte = byte if byte_row_scale is None else byte_row_scale
     row_scale = None if word == byte == 1.0 else _row_scale(pieces, byte_ids, word, byte)
-    weights = _weights(seed, len(tokens), special, row_scale)
+    weights = _weights(seed, len(tokens), special_ids if fim else special, row_scale)
 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
-    writer.add_name(f"tiny-{vocab}-{seed}")
+    writer.add_name(f"tiny-{vocab}{'-fim' if fim else ''}-{seed}")
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
     writer.add_context_length(n_ctx_train)
     writer.add_embedding_length(N_EMBD)
@@ -390,6 +422,8 @@ def build_tiny_model(
         writer.add_pooling_type(gguf.PoolingType(pooling_type))
     if template is not None:
         writer.add_chat_template(template)
+    for name, token in fim_ids.items():
+        writer.add_uint32(f"tokenizer.ggml.fim_{name}_token_id", token)
 
     for name, tensor in weights.items():
         writer.add_tensor(name, tensor)
@@ -423,6 +457,20 @@ def build_default_set(outdir: str | os.PathLike[str]) -> dict[str, Path]:
     return models
 
 
+def build_fim_set(outdir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Build the fill-in-the-middle models into ``outdir`` (the standard set is not touched):
+
+    * ``"afim1"``, ``"afim2"``: ``tiny-a-fim-{1,2}.gguf``, vocab ``a`` with Qwen-style FIM tokens
+      (repository and file tokens too), seeds 1-2 (one vocabulary);
+    * ``"sfim1"``: ``tiny-s-fim-1.gguf``, vocab ``s`` with CodeLlama-style ``<PRE>``/``<SUF>``/``<MID>``.
+    """
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = {f"afim{s}": build_tiny_model(out / f"tiny-a-fim-{s}.gguf", s, fim=True) for s in (1, 2)}
+    models["sfim1"] = build_tiny_model(out / "tiny-s-fim-1.gguf", 1, vocab="s", fim=True)
+    return models
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -431,15 +479,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", choices=sorted(_VOCABS | _SPM_VOCABS), default="a")
     parser.add_argument("--n-ctx-train", type=int, default=2048)
     parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument("--fim", action="store_true", help="add fill-in-the-middle tokens")
     args = parser.parse_args(argv)
     args.outdir.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         path = build_tiny_model(
-            args.outdir / f"tiny-{args.vocab}-{seed}.gguf",
+            args.outdir / f"tiny-{args.vocab}{'-fim' if args.fim else ''}-{seed}.gguf",
             seed,
             vocab=args.vocab,
             n_ctx_train=args.n_ctx_train,
             chat_template=None if args.no_chat_template else VOCAB_DEFAULT,
+            fim=args.fim,
         )
         print(path)
 

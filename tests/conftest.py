@@ -36,6 +36,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_fim_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models with fill-in-the-middle tokens (the standard set is not touched): afim1, afim2: vocabulary
+    ``a`` plus Qwen2.5-Coder's six FIM tokens (repository and file tokens too), two seeds; sfim1: vocabulary
+    ``s`` plus CodeLlama's ``<PRE>``/``<SUF>``/``<MID>``."""
+    maker = _load_script("make_tiny_models")
+    return maker.build_fim_set(tmp_path_factory.mktemp("tiny-fim-models"))
+
+
+@pytest.fixture(scope="session")
 def smollm_path() -> Path:
     from me_local.config import resolve_model_path
 

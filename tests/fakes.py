@@ -13,8 +13,113 @@ from typing import Any
 
 import numpy as np
 
-from me_local.core import Cancelled, SamplingParams
+from me_local import chat_templates
+from me_local.core import Cancelled, GrammarSpec, SamplingParams
 from me_local.core.sampling import NumpySampler
+from me_local.core.types import GrammarRejected
+from me_local.errors import RequestError
+from me_local.fim import FimTokens
+
+
+class Dfa:
+    """A deterministic automaton over bytes: a tiny stand-in for a GBNF grammar."""
+
+    def __init__(self, start: int, edges: dict[int, dict[bytes, int]], accepting: set[int]) -> None:
+        self.start = start
+        self.edges = {s: {b[0]: t for chars, t in row.items() for b in (bytes([c]) for c in chars)}
+                      for s, row in edges.items()}
+        self.accepting = accepting
+
+    def walk(self, state: int | None, data: bytes) -> int | None:
+        """The state after ``data`` (None: rejected)."""
+        for b in data:
+            if state is None:
+                return None
+            state = self.edges.get(state, {}).get(b)
+        return state
+
+    def matches(self, data: bytes, *, whole: bool = False) -> bool:
+        """Whether ``data`` is a prefix of the language (``whole``: in it)."""
+        end = self.walk(self.start, data)
+        return end is not None and (not whole or end in self.accepting)
+
+
+_BODY = {1: {b"b ": 1, b"a": 2, b"c": 3, b"}": 4}, 2: {b"b ": 1, b"c": 3, b"}": 4}, 3: {b"b": 1}}
+LETTERS = b"abc"
+FAKE_GRAMMARS: dict[str, Dfa] = {
+    # "{" then a, b, c and spaces with no "aa", every "c" followed by "b", then "}"
+    "braces": Dfa(0, {0: {b"{": 1}, **_BODY}, {4}),
+    # the same without the "{"
+    "body": Dfa(1, _BODY, {4}),
+    # words of a, b, c separated by single spaces
+    "words": Dfa(0, {0: {LETTERS: 1}, 1: {LETTERS: 1, b" ": 2}, 2: {LETTERS: 1}}, {1}),
+    # lines of a, b, c, each ending with a newline
+    "lines": Dfa(0, {0: {LETTERS: 1}, 1: {LETTERS: 1, b"\n": 2}, 2: {LETTERS: 1}}, {2}),
+    # "c", then a and b
+    "c-then-ab": Dfa(0, {0: {b"c": 1}, 1: {b"ab": 1}}, {1}),
+    # FakeMember's default pieces with an even number: "<0>", "<2>", ... "<10>"
+    "even": Dfa(0, {0: {b"<": 1}, 1: {b"02468": 2, b"1": 3}, 3: {b"0": 2}, 2: {b">": 0}}, {0}),
+    # a byte no fake piece has
+    "impossible": Dfa(0, {0: {b"Z": 1}}, {1}),
+}
+"""The grammars fake members understand, by GrammarSpec.gbnf."""
+ANY_TEXT = Dfa(0, {0: {bytes(range(256)): 0}}, {0})
+"""Every text: what fake members make of the grammar of tool calls."""
+
+
+class FakeConstraint:
+    """The core's Constraint over a fake member's pieces, from a :class:`Dfa`: a token is
+    allowed when its piece is non-empty and the automaton can read it; the end token when the
+    state is accepting. It records what it accepted (``accepted``: bytes) and how often the
+    whole-vocabulary mask was asked for (``masks``)."""
+
+    def __init__(self, dfa: Dfa, pieces: Sequence[bytes], eog: int | None) -> None:
+        self.dfa = dfa
+        self.pieces = pieces
+        self.eog = eog
+        self.state = dfa.start
+        self.accepted = b""
+        self.masks = 0
+        self.checked = 0
+        self.closed = False
+
+    def _ok(self, t: int) -> bool:
+        if t == self.eog:
+            return self.state in self.dfa.accepting
+        return bool(self.pieces[t]) and self.dfa.walk(self.state, self.pieces[t]) is not None
+
+    def allowed(self, ids):
+        assert not self.closed
+        self.checked += len(ids)
+        return np.array([self._ok(int(t)) for t in ids], dtype=bool)
+
+    def mask(self):
+        assert not self.closed
+        self.masks += 1
+        return np.array([self._ok(t) for t in range(len(self.pieces))], dtype=bool)
+
+    def accept(self, token: int) -> None:
+        assert not self.closed
+        if token == self.eog or not self._ok(token):
+            raise GrammarRejected(f"token {token} ({self.pieces[token]!r}) rejected after {self.accepted!r}")
+        self.accept_bytes(self.pieces[token])
+
+    def accept_bytes(self, data: bytes) -> None:
+        assert not self.closed
+        state = self.dfa.walk(self.state, data)
+        if state is None:
+            raise GrammarRejected(f"{data!r} rejected after {self.accepted!r}")
+        self.state = state
+        self.accepted += data
+
+    def complete(self) -> bool:
+        return self.state in self.dfa.accepting
+
+    def only_end(self) -> bool:
+        return self.complete() and not any(self._ok(t) for t in range(len(self.pieces)) if t != self.eog)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class FakeMember:
@@ -111,6 +216,21 @@ class FakeMember:
     def make_sampler(self, params: SamplingParams, seed: int) -> NumpySampler:
         return NumpySampler(self.logits, params, seed)
 
+    constraints: list[FakeConstraint]
+
+    def make_constraint(self, spec: GrammarSpec) -> FakeConstraint:
+        """A :class:`FakeConstraint` for one of :data:`FAKE_GRAMMARS` (named by ``spec.gbnf``)."""
+        dfa = FAKE_GRAMMARS.get(spec.gbnf)
+        if dfa is None and spec.param == "tools":
+            # fakes cannot read GBNF: a tool call's grammar lets them write anything (the grammar itself
+            # is tested on real models, tests/test_tools_models.py)
+            dfa = ANY_TEXT
+        if dfa is None:
+            raise RequestError(f"the grammar in {spec.param} is not one the fakes know", param=spec.param)
+        c = FakeConstraint(dfa, self.pieces, self.eog_id)
+        self.__dict__.setdefault("constraints", []).append(c)
+        return c
+
     def is_eog(self, token: int) -> bool:
         return token == self.eog_id
 
@@ -127,13 +247,18 @@ def scripted(name: str, pieces: Sequence[bytes], script: Sequence[int], prompt_l
 class EngineMember(FakeMember):
     """A FakeMember with what the engine needs besides the core protocol: a model
     fingerprint, prompts (each byte of the text is a token, modulo the vocabulary)
-    and close(). Tokenizing goes through the factory, which may hold it."""
+    and close(). Tokenizing goes through the factory, which may hold it. With the
+    factory's ``fim``, its model has FIM tokens (the last three ids: prefix, suffix, middle)."""
 
-    def __init__(self, name: str, factory: FakeFactory, **kw: Any) -> None:
+    def __init__(self, name: str, factory: FakeFactory, chat_template: str | None = None, **kw: Any) -> None:
         super().__init__(name, 0, **kw)
-        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1)
+        n = self.n_vocab
+        fim = FimTokens(pre=n - 3, suf=n - 2, mid=n - 1) if factory.fim else FimTokens()
+        self.model = SimpleNamespace(fingerprint="fake", path=Path(f"{name}.gguf"), bos=-1, eos=-1, add_bos=False,
+                                     fim=fim, token_texts=self.pieces, tokenize=self._model_tokenize,
+                                     template=lambda configured=None: chat_templates.choose(configured, None))
         self.system: str | None = None
-        self.chat_template: str | None = None
+        self.chat_template: str | None = chat_template
         self._factory = factory
         self.closed = False
 
@@ -141,11 +266,17 @@ class EngineMember(FakeMember):
         self._factory.tokenizing(text)
         return [b % self.n_vocab for b in text.encode()]
 
-    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], *, tools: Any = None, labels: Any = None) -> list[int]:
+        """Each message's content, one after another (``prompts`` records what it was given)."""
+        self._factory.prompts.append((list(messages), tools))
         return self.raw_prompt("".join(m["content"] for m in messages))
 
     def tokenize_text(self, text: str) -> list[int]:
         """A continuation's tokens: each byte (as :meth:`raw_prompt`, not held by the gate)."""
+        return [b % self.n_vocab for b in text.encode()]
+
+    def _model_tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        """The model's tokenizer (FIM prompts): each byte, as :meth:`raw_prompt`, not held by the gate."""
         return [b % self.n_vocab for b in text.encode()]
 
     def close(self) -> None:
@@ -159,15 +290,18 @@ class FakeFactory:
     tokenized so far; while ``gate`` is set to an unset Event, tokenizing waits for it (only
     for the texts in ``held``, when that is set)."""
 
-    def __init__(self, n_ctx: int | None = 256) -> None:
+    def __init__(self, n_ctx: int | None = 256, *, fim: bool = False) -> None:
         self.n_ctx = n_ctx
+        self.fim = fim
         self.gate: threading.Event | None = None
         self.held: set[str] | None = None
         self.tokenized: list[str] = []
+        self.prompts: list[tuple[list[dict[str, Any]], Any]] = []
+        """Each chat prompt's messages and tools, in order."""
         self._lock = threading.Lock()
 
     def __call__(self, mc: Any, ens: Any) -> EngineMember:
-        return EngineMember(mc.name, self, n_ctx=self.n_ctx or ens.n_ctx)
+        return EngineMember(mc.name, self, chat_template=mc.chat_template, n_ctx=self.n_ctx or ens.n_ctx)
 
     def embedder(self, mc: Any, ens: Any) -> FakeEmbedder:
         return FakeEmbedder(mc.name, n_ctx=self.n_ctx or ens.n_ctx)

@@ -69,10 +69,11 @@ def write_tiny_config(directory: Path, models: dict[str, Path], *, max_queue: in
     return path
 
 
-def fake_engine_loader(config: Path) -> Callable[[], Engine]:
+def fake_engine_loader(config: Path, *, fim: bool = False) -> Callable[[], Engine]:
     """An engine whose members are fakes (tests/fakes.py) with each ensemble's n_ctx: the HTTP
-    layer's parsing, framing and errors without llama.cpp, in milliseconds."""
-    return engine_loader(config, FakeFactory(n_ctx=None))
+    layer's parsing, framing and errors without llama.cpp, in milliseconds. ``fim``: the fakes have
+    fill-in-the-middle tokens."""
+    return engine_loader(config, FakeFactory(n_ctx=None, fim=fim))
 
 
 # --------------------------------------------------------------------------- held-back members

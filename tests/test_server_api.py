@@ -383,7 +383,7 @@ def test_done_event_text_is_flushed_into_the_answer():
     from me_local.server.openai import ChatFrames
 
     class C:
-        model, include_usage, logprobs = "m", False, False
+        model, include_usage, logprobs, tools = "m", False, False, None
 
     frames = ChatFrames(C(), "id", 1, lambda t: b"")  # type: ignore[arg-type]
     from me_local.core import GenerationStats

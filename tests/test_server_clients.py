@@ -167,10 +167,22 @@ scalars = st.none() | st.booleans() | ints | st.floats(allow_nan=False, allow_in
 anything = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
                                                                                        max_size=3), max_leaves=8)
 small = st.integers(min_value=-3, max_value=8)
+params = st.just({"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}}) | anything
+function = st.fixed_dictionaries({"name": st.sampled_from(["f", "g", "a b", ""]) | anything},
+                                 optional={"parameters": params, "description": st.text(max_size=8) | anything})
+tool = st.fixed_dictionaries({"type": st.sampled_from(["function", "custom"]) | anything,
+                              "function": function | anything}) | anything
+call = st.fixed_dictionaries({"function": st.fixed_dictionaries(
+    {"name": st.sampled_from(["f", "g"]) | anything},
+    optional={"arguments": st.sampled_from(['{"a": "x"}', "{oops", "[]"]) | st.just({"a": 1}) | anything})},
+    optional={"id": st.text(max_size=6) | anything, "type": st.just("function") | anything}) | anything
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system", "tool", "developer", "robot"]) | anything},
     optional={"content": st.text(max_size=40) | anything,
-              "images": anything},
+              "images": anything,
+              "tool_calls": st.lists(call, max_size=2) | anything,
+              "tool_call_id": st.text(max_size=6) | anything,
+              "tool_name": st.sampled_from(["f", "g"]) | anything},
 )
 FIELDS = {
     "model": st.sampled_from(["tiny", "pair", "pair/one", "short", "solo:latest", "nope", ""]) | anything,
@@ -206,6 +218,11 @@ FIELDS = {
     "encoding_format": st.sampled_from(["float", "base64", "x"]) | anything,
     "dimensions": small | anything,
     "truncate": st.booleans() | anything,
+    "tools": st.lists(tool, max_size=2) | anything,
+    "tool_choice": st.sampled_from(["auto", "none", "required", "sometimes"]) | st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "allowed_tools", "custom"]) | anything,
+         "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "zz"]) | anything})}) | anything,
+    "parallel_tool_calls": st.booleans() | anything,
 }
 VALID = {
     "/v1/chat/completions": {"model": "tiny", "messages": HELLO, "max_tokens": 3},

@@ -217,7 +217,9 @@ def test_readme_models_yaml_block_has_every_key_with_the_tables_defaults_and_bou
     assert {k for m in data["members"] for k in m} == S.yaml_keys("member") | {"name", "path"}
     for s in S.SAMPLING_DEFAULTS:  # the block shows the sampling defaults as its values
         value = data["sampling"][s.name]
-        assert (tuple(value) if isinstance(value, list) else value) == s.default, s.name
+        if isinstance(value, (list, dict)):  # stop: a list; logit_bias: a mapping, held as sorted pairs
+            value = tuple(value) if isinstance(value, list) else tuple(sorted(value.items()))
+        assert value == s.default, s.name
     by_name = {s.name: s for s in S.SETTINGS if s.yaml}
     checked = set()
     for line in block.splitlines():
@@ -236,12 +238,13 @@ def test_readme_models_yaml_block_has_every_key_with_the_tables_defaults_and_bou
         if (c := re.match(r"\s*(\w+(?: \| \w+)+)", comment)) is not None:
             assert tuple(c.group(1).split(" | ")) == s.choices, line
             checked.add(s.name)
-    assert {"mode", "n_ctx", "kv_cache_type", "temperature", "weight", "repack", "mmap"} <= checked
+    assert {"mode", "n_ctx", "kv_cache_type", "temperature", "weight", "repack", "mmap", "repeat_penalty",
+            "frequency_penalty", "logit_bias"} <= checked
 
 
 def test_docs_give_the_tables_api_bounds_and_set_names():
     server_md = (ROOT / "docs" / "server.md").read_text(encoding="utf-8")
-    for s in (S.TEMPERATURE, S.TOP_P, S.TOP_K, S.MIN_P):
+    for s in (S.TEMPERATURE, S.TOP_P, S.TOP_K, S.MIN_P, *S.PENALTIES):
         assert f"`{s.name}` {S.show_number(s.lo)}..{S.show_number(s.hi)}" in server_md, s.name
     assert f"`seed` | {S.show_number(S.SEED.lo)} .. {S.show_number(S.SEED.hi)};" in server_md
     assert f"up to {S.STOP.hi} strings" in server_md

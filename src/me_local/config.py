@@ -51,6 +51,12 @@ class SamplingDefaults:
     stop: tuple[str, ...] = S.STOP.default
     """Stop strings every request of the ensemble has, beside its own (a base model that never
     ends its turn needs one, such as ``"\nUser:"``)."""
+    repeat_penalty: float = S.REPEAT_PENALTY.default
+    repeat_last_n: int = S.REPEAT_LAST_N.default
+    frequency_penalty: float = S.FREQUENCY_PENALTY.default
+    presence_penalty: float = S.PRESENCE_PENALTY.default
+    logit_bias: tuple[tuple[int, float], ...] = S.LOGIT_BIAS.default
+    """(token id, bias) pairs, sorted: every request of the ensemble has them, under its own."""
 
 
 @dataclass(frozen=True)
@@ -331,6 +337,23 @@ def _stop_strings(value: Any, *, file: str, key: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _logit_bias(value: Any, *, file: str, key: str) -> tuple[tuple[int, float], ...]:
+    """A mapping of token ids to biases (``{13: -100}``), as (id, bias) pairs sorted by id."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ConfigError(f"must be a mapping of token ids to biases, such as {{13: -100}}, got {value!r}",
+                          file=file, key=key)
+    pairs = {}
+    for token, bias in value.items():
+        try:
+            tid, b = S.logit_bias_entry(token, bias)
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=file, key=key) from None
+        pairs[tid] = b
+    return tuple(sorted(pairs.items()))
+
+
 def _choice(value: Any, s: Setting[str] | Setting[str | None], *, file: str, key: str) -> str:
     if value not in s.choices:
         raise ConfigError(f"must be one of {', '.join(s.choices)}, got {value!r}", file=file, key=f"{key}.{s.name}")
@@ -389,6 +412,11 @@ def _parse_ensemble(name: str, raw: Any, base_dir: Path, fname: str) -> Ensemble
         min_p=_float(sampling_raw, S.MIN_P, file=fname, key=skey),
         max_tokens=_int(sampling_raw, S.MAX_TOKENS, file=fname, key=skey),
         stop=_stop_strings(sampling_raw.get("stop"), file=fname, key=f"{skey}.stop"),
+        repeat_penalty=_float(sampling_raw, S.REPEAT_PENALTY, file=fname, key=skey),
+        repeat_last_n=_int(sampling_raw, S.REPEAT_LAST_N, file=fname, key=skey),
+        frequency_penalty=_float(sampling_raw, S.FREQUENCY_PENALTY, file=fname, key=skey),
+        presence_penalty=_float(sampling_raw, S.PRESENCE_PENALTY, file=fname, key=skey),
+        logit_bias=_logit_bias(sampling_raw.get("logit_bias"), file=fname, key=f"{skey}.logit_bias"),
     )
     kv_cache_type = _choice(raw.get("kv_cache_type", S.KV_CACHE_TYPE.default), S.KV_CACHE_TYPE, file=fname, key=key)
     default_member = raw.get("member", S.MEMBER.default)

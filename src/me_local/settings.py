@@ -39,7 +39,8 @@ class Setting(Generic[T]):
 
     name: str
     type: type
-    """int, float, str, bool, or tuple for a list of strings."""
+    """int, float, str, bool, tuple for a list of strings, or dict for token ids to numbers (``logit_bias``:
+    ``lo``/``hi`` bound the numbers)."""
     default: T
     help: str
     group: Group
@@ -71,6 +72,8 @@ class Setting(Generic[T]):
         """The bounds as the reference shows them: ``0 .. 1``, ``>= 16``, ``me | ce | single``."""
         if self.choices:
             return " | ".join(self.choices)
+        if self.type is dict:
+            return f"token id: {show_number(self.lo or 0)} .. {show_number(self.hi or 0)}"
         if self.type is tuple:
             return f"at most {self.hi} strings" if self.hi is not None else ""
         if self.lo is not None and self.hi is not None:
@@ -129,6 +132,74 @@ TOP_LOGPROBS: Setting[int] = Setting(
     "sampling",
     lo=0, hi=20, openai="top_logprobs", ollama="top_logprobs",
     openai_also=("logprobs",))
+
+REPEAT_PENALTY: Setting[float] = Setting(
+    "repeat_penalty", float, 1.0, "Divides the logit of a token in the last `repeat_last_n` generated tokens "
+    "(multiplies it when negative); 1 turns it off.", "sampling", lo=0.01, hi=100, yaml=True,
+    flag="--repeat-penalty", openai="repeat_penalty", ollama="options.repeat_penalty", chat="repeat_penalty")
+REPEAT_LAST_N: Setting[int] = Setting(
+    "repeat_last_n", int, 64,
+    "The last generated tokens (not the prompt) the three penalties count; 0 turns them off, -1: all.",
+    "sampling", lo=-1, hi=2**31 - 1, yaml=True, flag="--repeat-last-n", openai="repeat_last_n",
+    ollama="options.repeat_last_n", chat="repeat_last_n")
+FREQUENCY_PENALTY: Setting[float] = Setting(
+    "frequency_penalty", float, 0.0, "Subtracted from a token's logit for each time it occurs in the last "
+    "`repeat_last_n` generated tokens.", "sampling", lo=-2, hi=2, yaml=True, flag="--frequency-penalty",
+    openai="frequency_penalty", ollama="options.frequency_penalty", chat="frequency_penalty")
+PRESENCE_PENALTY: Setting[float] = Setting(
+    "presence_penalty", float, 0.0, "Subtracted from a token's logit once if it occurs in the last "
+    "`repeat_last_n` generated tokens.", "sampling", lo=-2, hi=2, yaml=True, flag="--presence-penalty",
+    openai="presence_penalty", ollama="options.presence_penalty", chat="presence_penalty")
+LOGIT_BIAS: Setting[tuple[tuple[int, float], ...]] = Setting(
+    "logit_bias", dict, (), "Added to these token ids' logits (-100 bans a token, 100 forces it); "
+    "models.yaml's apply to every request, under the request's own.", "sampling", lo=-100, hi=100, yaml=True,
+    flag="--logit-bias", openai="logit_bias", ollama="options.logit_bias", chat="logit_bias")
+"""Given as ``{token id: bias}`` (JSON keys are strings of digits; the flag and ``/set`` take
+``ID=BIAS``); held as (id, bias) pairs sorted by id. The ids are one vocabulary's: an ensemble
+whose members have different vocabularies takes it only for one member (``single``)."""
+
+PENALTIES = (REPEAT_PENALTY, REPEAT_LAST_N, FREQUENCY_PENALTY, PRESENCE_PENALTY)
+"""llama.cpp's penalties sampler's settings (plain bounded numbers everywhere)."""
+
+
+def logit_bias_entry(token: object, bias: object) -> tuple[int, float]:
+    """One entry of a logit bias: a token id (an integer >= 0, or a string of its digits, as JSON
+    keys are) and a finite number within :data:`LOGIT_BIAS`'s bounds. ValueError says what is
+    wrong, for each place to word its own error."""
+    if isinstance(token, str) and token.isascii() and token.isdigit():
+        token = int(token)
+    if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+        raise ValueError(f"{token!r} is not a token id (an integer >= 0)")
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or bias != bias or bias in (
+            float("inf"), float("-inf")):
+        raise ValueError(f"the bias of token {token} must be a number, got {bias!r}")
+    assert LOGIT_BIAS.lo is not None and LOGIT_BIAS.hi is not None
+    if not LOGIT_BIAS.lo <= bias <= LOGIT_BIAS.hi:
+        raise ValueError(f"the bias of token {token} must be between {show_number(LOGIT_BIAS.lo)} and "
+                         f"{show_number(LOGIT_BIAS.hi)}, got {bias}")
+    return token, float(bias)
+
+
+def parse_logit_bias(text: str) -> dict[int, float]:
+    """``ID=BIAS[,ID=BIAS...]`` (the flag, chat's ``/set``); ValueError says what is wrong."""
+    out: dict[int, float] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        token, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"cannot read {part!r}; write a token id and its bias as ID=BIAS, e.g. 13=-100")
+        try:
+            bias: object = float(value)
+        except ValueError:
+            bias = value.strip()
+        tid, b = logit_bias_entry(token.strip(), bias)
+        out[tid] = b
+    if not out:
+        raise ValueError(f"cannot read {text!r}; write a token id and its bias as ID=BIAS, e.g. 13=-100")
+    return out
+
 
 # --------------------------------------------------------------------------- ensemble
 
@@ -217,6 +288,7 @@ WRITE_TIMEOUT: Setting[float] = Setting(
 
 SETTINGS: tuple[Setting[Any], ...] = (
     TEMPERATURE, TOP_P, TOP_K, MIN_P, MAX_TOKENS, SEED, STOP, TOP_LOGPROBS,
+    REPEAT_PENALTY, REPEAT_LAST_N, FREQUENCY_PENALTY, PRESENCE_PENALTY, LOGIT_BIAS,
     MODE, GRANULARITY, MEMBER, N_CTX, PARALLEL, MAX_QUEUE, N_BATCH, KV_CACHE_TYPE,
     WEIGHT, SYSTEM, CHAT_TEMPLATE, N_GPU_LAYERS, N_THREADS, REPACK, MMAP,
     HOST, PORT, MAX_BODY_SIZE, HEADER_TIMEOUT, BODY_TIMEOUT, WRITE_TIMEOUT,

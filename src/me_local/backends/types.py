@@ -3,13 +3,15 @@
 The core sees a member through :class:`me_local.core.types.Member` (evaluate, logits,
 sampler, cache). The engine needs a little more, and only this:
 
-- :class:`ModelHandle`, a loaded model file: its vocabulary (size, special tokens, the
-  fingerprint that says whether two files share one), tokenizing and the chat template;
+- :class:`ModelHandle`, a loaded model file: its vocabulary (size, special tokens, its
+  fill-in-the-middle tokens, the fingerprint that says whether two files share one),
+  tokenizing and the chat template;
 - :class:`MemberContext`, one member in one slot: the core's Member (which can also score
   a text: :class:`me_local.core.scoring.ScoringMember`, logits at every position in
-  chunks, and its word-start and end-of-generation tokens), plus its model, its
-  prompts (its own system prompt and chat template) and ``close()``, which frees the
-  context and gives back the member's hold on its model;
+  chunks, and its word-start and end-of-generation tokens, and constrain its output to a
+  grammar: ``make_constraint``), plus its model, its prompts (its own system prompt and chat
+  template) and ``close()``, which frees the context and gives back the member's hold on
+  its model;
 - :class:`MemberFactory`, which makes a member context from a member's configuration.
   The context it returns is owned by the caller: closing it releases everything the
   factory took for it.
@@ -25,20 +27,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from ..chat_templates import ChatTemplate
 from ..core.likelihood import TextMember
+from ..core.types import Constraint, GrammarSpec
+from ..fim import FimTokens
 
 if TYPE_CHECKING:
     from ..config import EnsembleConfig, MemberConfig
 
-ChatMessage = Mapping[str, str]
-"""One chat message as the backends render it: ``role`` and ``content`` (already
-validated by :func:`me_local.engine.normalize_messages`)."""
+ChatMessage = Mapping[str, Any]
+"""One chat message as the backends render it: ``role`` and ``content``, and an assistant's
+``tool_calls`` or a tool result's ``tool_call_id`` and ``name`` (already validated by
+:func:`me_local.engine.normalize_messages`)."""
+
+ToolDefinitions = Sequence[Mapping[str, Any]]
+"""The ``tools`` a chat template receives: OpenAI's list, ``{"type": "function", "function": {name,
+description, parameters}}`` each (as llama.cpp and Ollama pass them)."""
 
 
 class ModelHandle(Protocol):
@@ -58,6 +67,16 @@ class ModelHandle(Protocol):
     @property
     def eos(self) -> int:
         """The end-of-sequence token (-1: none)."""
+        ...
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether tokenizing a prompt puts BOS before it (the vocabulary's ``add_bos_token``)."""
+        ...
+
+    @property
+    def fim(self) -> FimTokens:
+        """The fill-in-the-middle tokens (``llama_vocab_fim_pre/suf/mid/pad/rep/sep``; -1 where none)."""
         ...
 
     @property
@@ -96,9 +115,11 @@ class ModelHandle(Protocol):
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
     def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None,
-                    template: ChatTemplate | None = None) -> list[int]:
-        """The prompt ``template`` (default: :meth:`template`) makes of ``messages``, with message
-        content tokenized as text (never as control tokens). ``labels`` name the messages in errors."""
+                    template: ChatTemplate | None = None, tools: ToolDefinitions | None = None) -> list[int]:
+        """The prompt ``template`` (default: :meth:`template`) makes of ``messages`` (and ``tools``,
+        which the template receives), with message content tokenized as text (never as control
+        tokens); text the template renders as markup (tool definitions, calls) that holds
+        control-token text is refused. ``labels`` name the messages in errors."""
         ...
 
 
@@ -121,12 +142,21 @@ class MemberContext(TextMember, Protocol):
         instead of its file's; None: the file's own (or the default when it has none)."""
         ...
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The prompt for chat messages: this member's system prompt first, its own template."""
+    def chat_prompt(self, messages: Sequence[ChatMessage], *, tools: ToolDefinitions | None = None,
+                    labels: Sequence[str] | None = None) -> list[int]:
+        """The prompt for chat messages: this member's system prompt first, its own template
+        (which receives ``tools`` when given). ``labels`` name the messages in errors
+        (default ``messages[i]``)."""
         ...
 
     def raw_prompt(self, text: str) -> list[int]:
         """The prompt for a raw text, tokenized as written (markup included)."""
+        ...
+
+    def make_constraint(self, spec: GrammarSpec) -> Constraint:
+        """A fresh grammar state for ``spec`` over this member's vocabulary (the core's
+        :class:`~me_local.core.types.GrammarMember`): a RequestError naming ``spec.param`` when
+        the grammar cannot be used (not valid GBNF)."""
         ...
 
     def close(self) -> None:

@@ -33,7 +33,8 @@ SAMPLING = [name for name, s in S.CHAT_SETTINGS.items() if s.group == "sampling"
 
 HELP = f"""Commands:
   /set {'|'.join(S.CHAT_SETTINGS)} VALUE
-                     change a setting for the next answers (seed none: random again)
+                     change a setting for the next answers (seed none: random again;
+                     logit_bias ID=BIAS,ID=BIAS, or none)
   /stats             figures of the last answer and each member's share
   /clear             forget the conversation
   /help              this text
@@ -226,6 +227,14 @@ class ChatSession:
             raise RequestError(f"cannot set {key!r}; settable: {', '.join(S.CHAT_SETTINGS)}")
         if setting is S.SEED and value.lower() in ("none", "random", "off"):
             self.settings.pop(key, None)
+        elif setting is S.LOGIT_BIAS:
+            if value.lower() in ("none", "off"):
+                self.settings.pop(key, None)
+            else:
+                try:
+                    self.settings[key] = S.parse_logit_bias(value)
+                except ValueError as exc:
+                    raise RequestError(f"{key}: {exc}") from None
         elif setting is S.WEIGHT:
             weights = parse_weights(value)
             names = self.backend.member_names()

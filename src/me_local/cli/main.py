@@ -79,6 +79,8 @@ def cli(log_level: str) -> None:
 SAMPLING_FLAGS = (S.MAX_TOKENS, S.TEMPERATURE, S.TOP_K, S.TOP_P, S.MIN_P, S.SEED)
 """The sampling settings generate and chat take as flags, in the order --help lists them
 (their flag, type, bounds and help come from :mod:`me_local.settings`)."""
+PENALTY_FLAGS = (*S.PENALTIES, S.LOGIT_BIAS)
+"""The penalties' and the logit bias's flags, after those; the commands take them as ``**penalties``."""
 
 
 def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,6 +96,7 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         setting_option(S.MEMBER),
         setting_option(S.WEIGHT, dest="weights", type=click.STRING, help="Override weights: name=0.7,name=0.3."),
         *(setting_option(s) for s in SAMPLING_FLAGS),
+        *(setting_option(s) for s in PENALTY_FLAGS),
     ]
     for option in reversed(options):
         f = option(f)
@@ -117,7 +120,8 @@ def _engine(config_path: str | None) -> Engine:
 def generate(prompt: str, config_path: str | None, ensemble: str | None, mode: str | None,
              granularity: str | None, member: str | None, weights: str | None, max_tokens: int | None,
              temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None, seed: int | None,
-             stop: tuple[str, ...], raw: bool, show_members: bool, show_stats: bool, as_json: bool) -> None:
+             stop: tuple[str, ...], raw: bool, show_members: bool, show_stats: bool, as_json: bool,
+             **penalties: Any) -> None:
     """Generate a reply to PROMPT (or continue it, with --raw) and stream it to stdout."""
     from ..core import DoneEvent
     from ..engine import Request, sampling_params
@@ -126,7 +130,7 @@ def generate(prompt: str, config_path: str | None, ensemble: str | None, mode: s
     cfg = engine.config.get(ensemble)
     params = sampling_params(cfg.sampling, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, min_p=min_p, seed=seed, stop=tuple(stop) or None,
-                             logprobs=True if as_json else None)
+                             logprobs=True if as_json else None, **penalties)
     request = Request(
         ensemble=cfg.name,
         messages=None if raw else [{"role": "user", "content": prompt}],
@@ -179,13 +183,14 @@ def generate(prompt: str, config_path: str | None, ensemble: str | None, mode: s
 def chat(config_path: str | None, ensemble: str | None, mode: str | None, granularity: str | None,
          member: str | None,
          weights: str | None, max_tokens: int | None, temperature: float | None, top_k: int | None,
-         top_p: float | None, min_p: float | None, seed: int | None, url: str | None, api_key: str | None) -> None:
+         top_p: float | None, min_p: float | None, seed: int | None, url: str | None, api_key: str | None,
+         **penalties: Any) -> None:
     """Chat with an ensemble. /help inside lists the commands."""
     from .chat import ChatSession, InProcess
 
     overrides = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      min_p=min_p, seed=seed, mode=mode, member=member, granularity=granularity,
-                     weights=parse_weights(weights) if weights else None)
+                     weights=parse_weights(weights) if weights else None, **penalties)
     if url:
         from .remote import Remote
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..settings import Setting
+from ..settings import Setting, parse_logit_bias
 
 
 class FiniteFloat(click.FloatRange):
@@ -46,6 +46,17 @@ def _at_most(setting: Setting[Any]) -> Callable[[click.Context, click.Parameter,
     return check
 
 
+def _logit_bias(ctx: click.Context, param: click.Parameter, value: Any) -> dict[int, float] | None:
+    """Repeated ``--logit-bias ID=BIAS`` (or ``ID=BIAS,ID=BIAS``) as one mapping; None when not given."""
+    out: dict[int, float] = {}
+    for text in value:
+        try:
+            out.update(parse_logit_bias(text))
+        except ValueError as exc:
+            raise click.BadParameter(f"{exc}.", ctx, param) from None
+    return out or None
+
+
 def setting_option(setting: Setting[Any], *, dest: str | None = None, **overrides: Any) -> Callable[[Any], Any]:
     """``click.option`` for a setting's flag. The parameter is named after the setting (or
     ``dest``) and defaults to None (the ensemble's or the program's default applies) unless
@@ -56,6 +67,9 @@ def setting_option(setting: Setting[Any], *, dest: str | None = None, **override
     kwargs: dict[str, Any] = {"type": click_type(setting), "default": None, "help": setting.help}
     if setting.type is tuple:
         kwargs.update(type=click.STRING, multiple=True, callback=_at_most(setting))
+        del kwargs["default"]
+    elif setting.type is dict:  # --logit-bias ID=BIAS, repeatable
+        kwargs.update(type=click.STRING, multiple=True, callback=_logit_bias, metavar="ID=BIAS")
         del kwargs["default"]
     kwargs.update(overrides)
     return click.option(*decls, **kwargs)

@@ -6,8 +6,10 @@ from .ensemble import Event, common_prefix, generate
 from .text import TextAssembler
 from .types import (
     Cancelled,
+    Constraint,
     DoneEvent,
     GenerationStats,
+    GrammarSpec,
     Member,
     MemberStats,
     SamplingParams,
@@ -17,9 +19,11 @@ from .types import (
 
 __all__ = [
     "Cancelled",
+    "Constraint",
     "DoneEvent",
     "Event",
     "GenerationStats",
+    "GrammarSpec",
     "Member",
     "MemberStats",
     "SamplingParams",

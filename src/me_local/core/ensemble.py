@@ -18,14 +18,17 @@ import numpy as np
 from ..errors import RequestError
 from . import sampling
 from .draw import GenerationSetup, check_fits, common_prefix, draw_member, prepare
+from .grammar import GrammarTrack
 from .text import TextAssembler
 from .types import (
     GRANULARITIES,
     Cancelled,
     DoneEvent,
     Event,
+    GrammarSpec,
     Logits,
     Member,
+    NoTokenAllowed,
     Probs,
     SamplingParams,
     TokenEvent,
@@ -55,6 +58,7 @@ def generate(
     granularity: str = "token",
     cancel: Callable[[], bool] = _never,
     clock: Callable[[], float] = time.perf_counter,
+    grammar: GrammarSpec | None = None,
 ) -> Iterator[Event]:
     """Generate from an ensemble, yielding a TokenEvent per token and one DoneEvent.
 
@@ -62,7 +66,8 @@ def generate(
     system prompts and templates). ``weights`` need not be normalised. At ``token``
     granularity every member must have the same vocabulary; ``word`` granularity
     (``me`` mode only, :mod:`.words`) takes any members that are :class:`WordMember`.
-    In ``single`` mode only ``members[single]`` runs.
+    In ``single`` mode only ``members[single]`` runs. ``grammar`` constrains the output
+    (docs/grammar.md); the done event then says whether it is complete.
     """
     if granularity not in GRANULARITIES:
         raise RequestError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}",
@@ -71,14 +76,24 @@ def generate(
         raise RequestError("mode ce needs members that share a vocabulary: it mixes their next-token "
                            "distributions; use mode me, which mixes words, at granularity word", param="granularity")
     setup = prepare(members, weights, prompts, params, mode=mode, single=single, clock=clock)
-    if granularity == "word" and mode == "me":
-        word_members = [m for m in members if isinstance(m, WordMember)]
-        if len(word_members) != len(members):
-            raise RequestError("granularity word needs members that tokenize text word by word; "
-                               "these cannot", param="granularity")
-        yield from generate_words(setup, word_members, prompts, params, cancel=cancel)
-    else:
-        yield from _generate_tokens(setup, members, prompts, params, mode=mode, single=single, cancel=cancel)
+    words = granularity == "word" and mode == "me"
+    word_members = [m for m in members if isinstance(m, WordMember)]
+    if words and len(word_members) != len(members):
+        raise RequestError("granularity word needs members that tokenize text word by word; "
+                           "these cannot", param="granularity")
+    track = None
+    if grammar is not None and grammar.gbnf.strip():
+        # ce mixes one distribution over the shared vocabulary: one constraint masks it
+        track = GrammarTrack(grammar, members, setup.active[:1] if mode == "ce" else setup.active, by_bytes=words)
+    try:
+        if words:
+            yield from generate_words(setup, word_members, prompts, params, cancel=cancel, grammar=track)
+        else:
+            yield from _generate_tokens(setup, members, prompts, params, mode=mode, single=single, cancel=cancel,
+                                        grammar=track)
+    finally:
+        if track is not None:
+            track.close()
 
 
 def _generate_tokens(
@@ -90,11 +105,14 @@ def _generate_tokens(
     mode: str,
     single: int,
     cancel: Callable[[], bool],
+    grammar: GrammarTrack | None = None,
 ) -> Iterator[Event]:
     active, rng, stats, w = setup.active, setup.rng, setup.stats, setup.weights
     member_seeds, clock, t0 = setup.member_seeds, setup.clock, setup.t0
     generated: list[int] = []
     samplers: dict[int, TokenSampler] = {}
+    seen: dict[int, int] = {}
+    """How many of the generated tokens each member's sampler has counted (penalties)."""
     assembler = TextAssembler(params.stop)
     first_drawn: int | None = None
 
@@ -122,7 +140,7 @@ def _generate_tokens(
             lp = np.log(np.maximum(mix, 1e-300))
         else:
             assert logits_row is not None
-            lp = sampling.log_softmax(logits_row)
+            lp = sampling.log_softmax(sampling.shaped_logits(logits_row, generated, params))
         tops = sampling.top_logprobs(lp, params.top_logprobs) if params.top_logprobs else None
         return float(lp[token]), tops
 
@@ -141,9 +159,20 @@ def _generate_tokens(
                     catch_up(i)
                     stats.members[i].selected += 1
                 rows = [members[i].logits() for i in active]
-                probs, mix = sampling.ce_distribution(rows, [w[i] for i in active], params, want_raw=params.logprobs)
-                token = sampling.draw(probs, rng)
                 k = active[0]
+                constraint = grammar.ready(k) if grammar is not None else None
+                if constraint is None:
+                    probs, mix = sampling.ce_distribution(rows, [w[i] for i in active], params,
+                                                          want_raw=params.logprobs, history=generated)
+                    token = sampling.draw(probs, rng)
+                else:
+                    assert grammar is not None
+                    tempered, mix = sampling.ce_mixture(rows, [w[i] for i in active], params,
+                                                        want_raw=params.logprobs, history=generated)
+                    try:
+                        token = sampling.constrained_draw(tempered, params, constraint, rng)
+                    except NoTokenAllowed:
+                        raise grammar.no_token("ce") from None
                 name = None
                 logprob, tops = logprob_info(None, mix, token)
             else:
@@ -153,7 +182,18 @@ def _generate_tokens(
                 sampler = samplers.get(k)
                 if sampler is None:
                     sampler = samplers[k] = members[k].make_sampler(params, member_seeds[k])
-                token = sampler.sample()
+                if params.penalized:  # the tokens the others wrote since k last sampled: the penalties count them
+                    start = seen.get(k, 0)
+                    if params.repeat_last_n > 0:
+                        start = max(start, len(generated) - params.repeat_last_n)
+                    if start < len(generated):
+                        sampler.observe(generated[start:])
+                constraint = grammar.ready(k) if grammar is not None else None
+                try:
+                    token = sampler.sample(constraint)
+                except NoTokenAllowed:
+                    assert grammar is not None
+                    raise grammar.no_token(members[k].name) from None
                 name = members[k].name
                 logprob, tops = logprob_info(members[k].logits() if params.logprobs else None, None, token)
             if first_drawn is None:
@@ -165,7 +205,10 @@ def _generate_tokens(
                 end = TokenEvent(len(generated), token, "", name, logprob, tops, b"", _pieces(members[k], tops))
                 break
             generated.append(token)
+            seen[k] = len(generated)  # its sampler counted the token it drew
             piece = members[k].token_bytes(token)
+            if grammar is not None:
+                grammar.wrote(k, token, piece)
             text = assembler.feed(piece)
             stats.generated_tokens = len(generated)
             if assembler.stopped:
@@ -175,9 +218,13 @@ def _generate_tokens(
                 finish = "stop"
                 break
             yield TokenEvent(len(generated) - 1, token, text, name, logprob, tops, piece, _pieces(members[k], tops))
+            if grammar is not None and grammar.on and grammar.only_end(k):  # nothing may follow but the end
+                finish = "stop"
+                break
     except Cancelled:
         finish = "cancelled"
     if first_drawn is not None:
         stats.cached_prompt_tokens = stats.members[first_drawn].cached_prompt_tokens
     stats.total_s = clock() - t0
-    yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "", end)
+    yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "", end,
+                    grammar.state() if grammar is not None else None)

@@ -31,6 +31,7 @@ there is not where the members' pre-tokenizers split.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
@@ -40,8 +41,11 @@ import numpy.typing as npt
 
 from . import sampling
 from .draw import GenerationSetup, common_prefix, draw_member
+from .grammar import GrammarTrack
 from .text import TextAssembler
-from .types import Cancelled, DoneEvent, Event, Member, SamplingParams, TokenEvent, TokenSampler
+from .types import Cancelled, DoneEvent, Event, Member, NoTokenAllowed, SamplingParams, TokenEvent, TokenSampler
+
+log = logging.getLogger("me_local.core")
 
 WORD_MAX_BYTES = 32
 """A word longer than this (bytes, without a whitespace boundary) is cut at the next
@@ -103,9 +107,13 @@ def generate_words(
     params: SamplingParams,
     *,
     cancel: Callable[[], bool],
+    grammar: GrammarTrack | None = None,
 ) -> Iterator[Event]:
     """Word-level ``me`` over ``members`` (any vocabularies); the events as in token mode,
-    one TokenEvent per emitted token of the member that wrote it."""
+    one TokenEvent per emitted token of the member that wrote it. With ``grammar`` (tracking
+    bytes) each member samples under its own constraint, which accepts the text the others
+    wrote before it samples, and its own tokens as they are committed: a kept boundary token
+    reaches the grammar only when its member is drawn again and writes it."""
     stats = setup.stats
     stats.granularity = "word"
     stats.words = 0
@@ -113,6 +121,8 @@ def generate_words(
         ms.generated_tokens = 0
     tracks = [_Track() for _ in members]
     samplers: dict[tuple[int, bool], TokenSampler] = {}
+    counted: dict[tuple[int, bool], list[int]] = {}
+    """The tokens each sampler's penalties have counted, in order (its member's tokens of the text)."""
     assembler = TextAssembler(params.stop)
     gen = bytearray()
     starts = [0]
@@ -156,16 +166,36 @@ def generate_words(
         ms.catchup_tokens += len(todo) - from_prompt
         return True
 
-    def sample(i: int, restricted: bool) -> tuple[int, float | None, list[tuple[int, float]] | None]:
+    def sampler_of(i: int, restricted: bool) -> TokenSampler:
         sampler = samplers.get((i, restricted))
         if sampler is None:
             seed = setup.member_seeds[i] ^ (0x5EED if restricted else 0)
             sampler = samplers[i, restricted] = (members[i].make_word_start_sampler(params, seed) if restricted
                                                  else members[i].make_sampler(params, seed))
-        token = sampler.sample()
+        return sampler
+
+    def sample(i: int, restricted: bool) -> tuple[int, float | None, list[tuple[int, float]] | None]:
+        constraint = grammar.ready(i) if grammar is not None else None
+        sampler = sampler_of(i, restricted)
+        own = tracks[i].tokens
+        if params.penalized:
+            _show(sampler, counted.setdefault((i, restricted), []), own, params)
+        try:
+            token = sampler.sample(constraint)
+        except NoTokenAllowed:
+            assert grammar is not None
+            if not restricted:
+                raise grammar.no_token(members[i].name) from None
+            # no word-start token is allowed here: the word goes on unrestricted, as after a
+            # forced boundary (docs/grammar.md)
+            log.debug("member %r: the grammar allows none of its word-start tokens here; its first token "
+                      "is unrestricted", members[i].name)
+            return sample(i, restricted=False)
+        if params.penalized:
+            counted[i, restricted].append(token)
         if not params.logprobs:
             return token, None, None
-        lp = sampling.log_softmax(members[i].logits())
+        lp = sampling.log_softmax(sampling.shaped_logits(members[i].logits(), own, params))
         tops = sampling.top_logprobs(lp, params.top_logprobs) if params.top_logprobs else None
         return token, float(lp[token]), tops
 
@@ -208,6 +238,8 @@ def generate_words(
                 piece = member.token_bytes(token)
                 gen.extend(piece)
                 track.push(token, len(gen))
+                if grammar is not None:
+                    grammar.wrote(k, token, piece)
                 ms.generated_tokens = (ms.generated_tokens or 0) + 1
                 n_out += 1
                 stats.generated_tokens = n_out
@@ -216,6 +248,9 @@ def generate_words(
                 if text or not assembler.stopped:
                     yield TokenEvent(n_out - 1, token, text, member.name, logprob, tops, piece, pieces)
                 if assembler.stopped:
+                    finish = "stop"
+                    break
+                if grammar is not None and grammar.on and grammar.only_end(k):  # nothing may follow but the end
                     finish = "stop"
                     break
                 if n_out >= params.max_tokens or cancel():
@@ -239,7 +274,27 @@ def generate_words(
     if first_drawn is not None:
         stats.cached_prompt_tokens = stats.members[first_drawn].cached_prompt_tokens
     stats.total_s = setup.clock() - setup.t0
-    yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "", end)
+    yield DoneEvent(finish, stats, assembler.flush() if finish != "cancelled" else "", end,
+                    grammar.state() if grammar is not None else None)
+
+
+def _show(sampler: TokenSampler, counted: list[int], tokens: list[int], params: SamplingParams) -> None:
+    """Bring what ``sampler``'s penalties count (``counted``) to ``tokens``, its member's tokens of
+    the text: observe the new ones; when a token it counted is not the text's any more (a boundary
+    token it sampled was dropped, or the text was tokenized again), forget and observe the window."""
+    n = len(counted)
+    if n <= len(tokens) and tokens[:n] == counted:
+        new = tokens[n:]
+        if params.repeat_last_n > 0:
+            new = new[-params.repeat_last_n:]
+        if new:
+            sampler.observe(new)
+    else:
+        sampler.forget()
+        window = list(params.penalty_window(tokens))
+        if window:
+            sampler.observe(window)
+    counted[:] = tokens
 
 
 def _holds(ends: list[int], offset: int) -> bool:

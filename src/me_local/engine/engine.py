@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from ..backends.types import MemberFactory
+from ..backends.types import MemberContext, MemberFactory
 from ..config import Config, SamplingDefaults
-from ..core import Cancelled, DoneEvent, Event, GenerationStats, MemberStats, SamplingParams, generate
+from ..core import Cancelled, DoneEvent, Event, GenerationStats, GrammarSpec, MemberStats, SamplingParams, generate
 from ..core.ensemble import check_fits
+from ..core.grammar import token_literals
 from ..core.likelihood import TextLikelihood
 from ..errors import ConfigError, MeLocalError, RequestError
+from ..fim import FimInput, FimPrompt, fim_prompt, lacking_fim
 from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
+from ..tools import Format, ToolSpec, uses_tools
+from ..tools import prepare as prepare_tools
+from ..tools.grammar import tool_grammar
 from .embedding import EmbedRequest, EmbedResult, run_embed
 from .ensemble import LoadedEnsemble
 from .factory import llama_member_factory
+from .limits import LineLimits, apply_limits
 from .messages import normalize_messages
 from .scoring import ScoreRequest, plan_score, run_score
 
@@ -31,8 +37,9 @@ log = logging.getLogger("me_local.engine")
 
 @dataclass
 class Request:
-    """One generation. Exactly one of ``messages`` (chat), ``prompt`` (raw text) and ``tokens``
-    (a raw prompt as token ids, for members that share one vocabulary) is set."""
+    """One generation. Exactly one of ``messages`` (chat), ``prompt`` (raw text), ``tokens``
+    (a raw prompt as token ids, for members that share one vocabulary) and ``fim`` (a
+    fill-in-the-middle prompt, which every member builds from its own FIM tokens) is set."""
 
     ensemble: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -46,6 +53,18 @@ class Request:
     """token | word (None: the ensemble's)."""
     tokens: list[int] | None = None
     """A raw prompt as token ids, taken as they are (no BOS added)."""
+    fim: FimInput | None = None
+    """Fill in the middle: each active member's prompt is :func:`me_local.fim.fim_prompt` of its own model
+    (a member without FIM tokens is a RequestError naming it)."""
+    limits: LineLimits | None = None
+    """llama-server's ``n_indent`` and ``t_max_predict_ms`` (:mod:`.limits`)."""
+    on_plan: Callable[[Plan], None] | None = field(default=None, compare=False, repr=False)
+    """Called (on the generating thread) with the plan once the request is planned, before it waits for a
+    slot: what each member's prompt became (a FIM prompt's cuts, for the answer to report)."""
+    grammar: GrammarSpec | None = None
+    """Constrain the output to a grammar (docs/grammar.md); an empty ``gbnf`` is no grammar."""
+    tools: ToolSpec | None = None
+    """The functions the model may call (chat messages only; :mod:`me_local.tools`)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,12 @@ class Plan:
     """Each member's own prompt tokens (empty for a member that does not run)."""
     granularity: str
     """token | word."""
+    fim: dict[str, FimPrompt] = field(default_factory=dict)
+    """A FIM request's prompt per active member (by name): what each kept and dropped."""
+    grammar: GrammarSpec | None = None
+    """The request's grammar, checked (None: none, or an empty one)."""
+    tool_format: Format | None = None
+    """How the members write calls, when the request has tools or a conversation with calls."""
 
 
 class Engine:
@@ -104,7 +129,8 @@ class Engine:
         loaded = self.ensemble(request.ensemble)
         return loaded, self._plan(loaded, request)
 
-    def _plan(self, loaded: LoadedEnsemble, request: Request) -> Plan:
+    def _active(self, loaded: LoadedEnsemble, request: Request) -> tuple[str, int, list[float], list[int]]:
+        """A request's mode, single member, weights and the members that run."""
         cfg = loaded.config
         if request.weights:
             try:
@@ -114,9 +140,6 @@ class Engine:
         mode = request.mode or cfg.mode
         if mode not in MODES:
             raise RequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param="mode")
-        if request.granularity is not None and request.granularity not in GRANULARITIES:
-            raise RequestError(f"unknown granularity {request.granularity!r}; choose one of "
-                               f"{', '.join(GRANULARITIES)}", param="granularity")
         single = 0
         if request.member is not None or mode == "single":
             name = request.member or cfg.member or cfg.members[0].name
@@ -125,17 +148,62 @@ class Engine:
                 mode = "single"
         weights = [m.weight for m in cfg.members]
         active = [single] if mode == "single" else [i for i, w in enumerate(weights) if w > 0]
-        if sum(x is not None for x in (request.messages, request.prompt, request.tokens)) != 1:
+        return mode, single, weights, active
+
+    def tool_support(self, request: Request) -> tuple[Format, str | None]:
+        """The format the members a request runs write calls in, and why they cannot carry tools
+        (None: they can). See :mod:`me_local.engine.tools`."""
+        loaded = self.ensemble(request.ensemble)
+        active = self._active(loaded, request)[3]
+        return loaded.tools.format(active), loaded.tools.problem(active)
+
+    def _plan(self, loaded: LoadedEnsemble, request: Request) -> Plan:
+        mode, single, weights, active = self._active(loaded, request)
+        if request.granularity is not None and request.granularity not in GRANULARITIES:
+            raise RequestError(f"unknown granularity {request.granularity!r}; choose one of "
+                               f"{', '.join(GRANULARITIES)}", param="granularity")
+        if sum(x is not None for x in (request.messages, request.prompt, request.tokens, request.fim)) != 1:
             raise RequestError("give either chat messages or a raw prompt", param="messages")
+        if request.tools is not None and request.messages is None:
+            raise RequestError("tools need chat messages, not a raw prompt", param="tools")
         messages = normalize_messages(request.messages) if request.messages is not None else None
+        tool_format = None
+        chat = None
+        if messages is not None and (request.tools is not None or uses_tools(messages)):
+            tool_format = loaded.tools.format(active)
+            if request.tools is not None and request.tools.active:
+                problem = loaded.tools.problem(active)
+                if problem is not None:
+                    raise RequestError(f"{loaded.config.name} does not support tools: {problem}", param="tools")
+            chat = prepare_tools(messages, request.tools, tool_format)
         members = loaded.members
+        if request.params.infill and mode == "ce":
+            raise RequestError("the infill sampler works on one member's distribution, and mode ce samples their "
+                               "mixture; use mode me or single, or leave `infill` out of `samplers`", param="samplers")
+        fim = request.fim
+        if fim is not None:
+            lacking = lacking_fim([(members[i].name, members[i].model.path.name, members[i].model.fim)
+                                   for i in active])
+            if lacking is not None:
+                raise RequestError(lacking, param=fim.param)
         prompts: list[list[int]] = [[] for _ in members]
+        fims: dict[str, FimPrompt] = {}
         cache: dict[tuple[int, str | None, str | None], list[int]] = {}
+        fim_cache: dict[int, FimPrompt] = {}
         for i in active:
             m = members[i]
+            if fim is not None:  # the same for every member of a model: no system prompt or chat template
+                if id(m.model) not in fim_cache:
+                    reserve = min(request.params.max_tokens, m.n_ctx // 4)
+                    fim_cache[id(m.model)] = fim_prompt(m.model, fim, n_ctx=m.n_ctx, reserve=reserve)
+                fims[m.name] = fim_cache[id(m.model)]
+                prompts[i] = fims[m.name].tokens
+                continue
             key = (id(m.model), m.system, m.chat_template)  # members differing in either get their own prompt
             if key not in cache:
-                if messages is not None:
+                if chat is not None:
+                    cache[key] = m.chat_prompt(chat.messages, tools=chat.tools, labels=chat.labels)
+                elif messages is not None:
                     cache[key] = m.chat_prompt(messages)
                 elif request.tokens is not None:
                     cache[key] = prompt_ids(loaded, active, request.tokens)
@@ -143,8 +211,23 @@ class Engine:
                     cache[key] = m.raw_prompt(request.prompt or "")
             prompts[i] = cache[key]
         granularity = loaded.vocabulary.check(mode, request.granularity)
+        if request.params.logit_bias:
+            check_logit_bias(loaded, active, request.params.logit_bias)
         check_fits([prompts[i] for i in active], [members[i] for i in active])
-        return Plan(mode, single, weights, prompts, granularity)
+        grammar = request.grammar if request.grammar is not None and request.grammar.gbnf.strip() else None
+        if request.tools is not None and request.tools.active and tool_format is not None:
+            if grammar is not None:
+                raise RequestError(f"tools and the grammar of {grammar.param} cannot both shape one answer; drop one "
+                                   "of them", param=grammar.param)
+            grammar = self._tool_grammar(request.tools, tool_format)
+        if grammar is not None:
+            check_grammar(grammar, [members[i] for i in active], granularity)
+        return Plan(mode, single, weights, prompts, granularity, fims, grammar, tool_format)
+
+    def _tool_grammar(self, spec: ToolSpec, fmt: Format) -> GrammarSpec:
+        """The grammar of the calls ``spec`` allows (lazy where text may come first; tools/grammar.py)."""
+        g = tool_grammar(spec, fmt)
+        return GrammarSpec(g.gbnf, param="tools", triggers=g.triggers)
 
     def generate(
         self,
@@ -162,13 +245,21 @@ class Engine:
         ticket = loaded.admit()
         try:
             plan = self._plan(loaded, request)
+            if request.on_plan is not None:
+                request.on_plan(plan)
             slot = loaded.acquire(ticket, plan.prompts, timeout=queue_timeout, cancel=cancel)
             if slot is None:  # cancelled while queued: nothing was evaluated
                 stats = GenerationStats(mode=plan.mode, seed=request.params.seed or 0,
                                         members=[MemberStats(name=m.name) for m in loaded.members])
                 yield DoneEvent("cancelled", stats)
                 return
-            yield from generate(
+            limits = request.limits if request.limits is not None and request.limits.active else None
+            reached = threading.Event()  # a limit ends the loop as a cancel does (checked before every token)
+
+            def stopped() -> bool:
+                return reached.is_set() or (cancel is not None and cancel())
+
+            events = generate(
                 slot.members,
                 plan.weights,
                 plan.prompts,
@@ -176,8 +267,10 @@ class Engine:
                 mode=plan.mode,
                 single=plan.single,
                 granularity=plan.granularity,
-                cancel=cancel or (lambda: False),
+                cancel=stopped if limits is not None else cancel or (lambda: False),
+                grammar=plan.grammar,
             )
+            yield from apply_limits(events, limits, reached) if limits is not None else events
         finally:
             loaded.leave(ticket)
 
@@ -245,6 +338,23 @@ class Engine:
         return run
 
 
+def check_grammar(spec: GrammarSpec, members: Sequence[MemberContext], granularity: str) -> None:
+    """Refuse a grammar the members cannot use, before the request waits for a slot: GBNF
+    llama.cpp cannot parse, and token literals across vocabularies (word granularity).
+    Each model's vocabulary parses it once."""
+    if granularity == "word":
+        literals = token_literals(spec.gbnf)
+        if literals:
+            raise RequestError(
+                f"the grammar in {spec.param} names tokens ({', '.join(literals[:3])}), which differ between the "
+                "members' vocabularies (granularity word); write them as text (\"...\") instead", param=spec.param)
+    seen: set[int] = set()
+    for m in members:
+        if id(m.model) not in seen:
+            seen.add(id(m.model))
+            m.make_constraint(spec).close()
+
+
 def prompt_ids(loaded: LoadedEnsemble, active: list[int], tokens: list[int], param: str = "prompt") -> list[int]:
     """A prompt of token ids checked for members ``active`` of ``loaded``: they must share one
     vocabulary, and every id must be in it."""
@@ -257,6 +367,20 @@ def prompt_ids(loaded: LoadedEnsemble, active: list[int], tokens: list[int], par
             raise RequestError(f"{param}[{j}] is {t!r}, not a token id of the vocabulary (0..{n_vocab - 1})",
                                param=param)
     return list(tokens)
+
+
+def check_logit_bias(loaded: LoadedEnsemble, active: list[int], bias: tuple[tuple[int, float], ...]) -> None:
+    """A logit bias names token ids of one vocabulary: the members that run must share one, and
+    every id must be in it."""
+    if len(active) > 1 and not loaded.vocabulary.shared:
+        raise RequestError(f"logit_bias names token ids, which mean different tokens to these members "
+                           f"({loaded.vocabulary.mismatch}); send it for one member (mode single: the model "
+                           "ENSEMBLE/MEMBER in the APIs, --member on the command line) or drop it", param="logit_bias")
+    n_vocab = min(loaded.members[i].n_vocab for i in active)
+    bad = [t for t, _ in bias if t >= n_vocab]
+    if bad:
+        raise RequestError(f"logit_bias names token {bad[0]}, which is not in the vocabulary (0..{n_vocab - 1})",
+                           param="logit_bias")
 
 
 class Run:
@@ -292,13 +416,22 @@ class SamplingOverrides(TypedDict, total=False):
     stop: tuple[str, ...] | None
     logprobs: bool | None
     top_logprobs: int | None
+    repeat_penalty: float | None
+    repeat_last_n: int | None
+    frequency_penalty: float | None
+    presence_penalty: float | None
+    logit_bias: Mapping[int, float] | None
+    infill: bool | None
 
 
 def sampling_params(defaults: SamplingDefaults, **overrides: Unpack[SamplingOverrides]) -> SamplingParams:
     """SamplingParams from an ensemble's defaults and the non-None overrides. The ensemble's
-    stop strings stay in force beside a request's own."""
+    stop strings stay in force beside a request's own, and its logit bias under the request's
+    (a token the request biases takes the request's bias)."""
     base = SamplingParams(**{s.name: getattr(defaults, s.name) for s in SAMPLING_DEFAULTS})
     given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}  # each typed above
     if "stop" in given:
         given["stop"] = tuple(dict.fromkeys((*defaults.stop, *given["stop"])))
+    if "logit_bias" in given:
+        given["logit_bias"] = tuple(sorted({**dict(defaults.logit_bias), **given["logit_bias"]}.items()))
     return replace(base, **given)

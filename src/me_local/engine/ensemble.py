@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from ..backends.types import Embedder, EmbedderFactory, MemberContext, MemberFactory
 from ..config import EnsembleConfig
 from ..core import Cancelled, common_prefix
-from ..errors import BackendError, QueueFullError, RequestError, VocabMismatchError
+from ..errors import BackendError, ConfigError, QueueFullError, RequestError, VocabMismatchError
+from .tools import ToolPlanner
 
 CANCEL_POLL_S = 0.05
 """How often a request waiting for a slot checks whether it was cancelled."""
@@ -77,6 +78,9 @@ class LoadedEnsemble:
         self._slots.append(self._new_slot(0))
         try:
             self.vocabulary = plan_vocabulary(config, self._slots[0].members)
+            check_ensemble_bias(config, self._slots[0].members, self.vocabulary)
+            self.tools = ToolPlanner(self._slots[0].members)
+            """The members' tool-call format and whether they can carry tools (engine/tools.py)."""
         except BaseException:
             self.close()  # not yet in the engine's table: nobody else would free it
             raise
@@ -320,3 +324,20 @@ def plan_vocabulary(config: EnsembleConfig, members: Sequence[MemberContext]) ->
         raise VocabMismatchError(f"{mismatch}; mode ce mixes next-token distributions and needs one shared "
                                  "vocabulary: use mode me, which mixes words", file=config.file, key=f"{key}.mode")
     return VocabularyPlan(False, "word", "word: the members' vocabularies differ", mismatch)
+
+
+def check_ensemble_bias(config: EnsembleConfig, members: Sequence[MemberContext], plan: VocabularyPlan) -> None:
+    """models.yaml's ``sampling.logit_bias`` names token ids of one vocabulary: the members must
+    share it, and every id must be in it."""
+    bias = config.sampling.logit_bias
+    if not bias:
+        return
+    key = f"ensembles.{config.name}.sampling.logit_bias"
+    if not plan.shared:
+        raise VocabMismatchError(f"{plan.mismatch}; logit_bias names token ids, which mean different tokens to "
+                                 "them: remove it", file=config.file, key=key)
+    n_vocab = members[0].n_vocab
+    bad = [t for t, _ in bias if t >= n_vocab]
+    if bad:
+        raise ConfigError(f"names token {bad[0]}, which is not in the vocabulary (0..{n_vocab - 1})",
+                          file=config.file, key=key)

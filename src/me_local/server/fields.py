@@ -1,4 +1,5 @@
-"""Every request field of the OpenAI and Ollama routes, and what me-local does with it.
+"""Every request field of the OpenAI, Ollama and llama-server (``/infill``) routes, and what me-local
+does with it.
 
 One table per object a client sends (a route's body, a chat message, Ollama's ``options``,
 ``stream_options``). Each field is
@@ -9,7 +10,7 @@ One table per object a client sends (a route's body, a chat message, Ollama's ``
   definition (an end-user id, metadata, a caching hint, a load-time setting of the models,
   which models.yaml fixes);
 * **refused**: a 400 naming the field, unless its value asks for nothing (``null``, ``""``,
-  ``[]``, ``{}``, ``false``, or the field's own neutral value such as a penalty of 0): clients
+  ``[]``, ``{}``, ``false``, or the field's own neutral value such as a ``typical_p`` of 1): clients
   send those by default (the ollama client sends ``tools: []``), and they mean "not asked for".
 
 A key that is in no table is a 400 too (``unknown_parameter``), on both APIs: OpenAI refuses
@@ -17,7 +18,7 @@ unrecognised arguments; Ollama ignores them, but a field me-local silently ignor
 that changes the answer.
 
 docs/server.md carries these tables as :func:`render_docs` writes them (a test keeps them equal:
-regenerate with ``python -c "from me_local.server.fields import render_docs; print(render_docs())"``).
+regenerate them with ``python scripts/fields_reference.py --write``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Field:
     """What me-local does with it (honoured, no effect), or what it asks for that me-local does not do
     (refused: the 400's message, after the field's name)."""
     neutral_values: tuple[Any, ...] = ()
-    """Refused fields: the values besides absent ones that ask for nothing (a penalty of 0), accepted."""
+    """Refused fields: the values besides absent ones that ask for nothing (a ``typical_p`` of 1), accepted."""
 
     def neutral(self, value: Any) -> bool:
         """``value`` asks for nothing: absent, or a neutral value (``true`` is not 1 here)."""
@@ -89,9 +90,7 @@ def R(name: str, doc: str, neutral: tuple[Any, ...] = ()) -> Field:
 
 
 NOT_YET = "is not supported yet"
-TOOLS = f"(tool calling) {NOT_YET}"
-STRUCTURED = f"(structured output) {NOT_YET}"
-PENALTY = f"(a repetition penalty) {NOT_YET}"
+_WINDOW = "in the last `repeat_last_n` generated tokens (default 64; -1: all of them, as OpenAI counts)"
 
 ENSEMBLE = H("ensemble", "me-local's extension: `mode`, `granularity`, `weights`, `member` for this request")
 MODEL = H("model", "an ensemble or `ENSEMBLE/MEMBER`; missing: the default ensemble")
@@ -107,11 +106,19 @@ OPENAI_SHARED = [
     H("stop", "a string or up to 16; never part of the output"),
     H("n", "only 1 (400 otherwise)"),
     ENSEMBLE,
-    R("frequency_penalty", PENALTY, (0,)), R("presence_penalty", PENALTY, (0,)),
-    R("logit_bias", f"(token biases) {NOT_YET}"),
+    H("frequency_penalty", f"-2..2: subtracted from a token's logit for each time it occurs {_WINDOW}"),
+    H("presence_penalty", f"-2..2: subtracted once from the logit of each token that occurs {_WINDOW}"),
+    H("repeat_penalty", "me-local's (and llama-server's) extension: 0.01..100, divides a repeated token's "
+      "logit (multiplies a negative one); 1 turns it off"),
+    H("repeat_last_n", "me-local's (and llama-server's) extension: the window of the three penalties; 0 turns "
+      "them off, -1: every generated token"),
+    H("logit_bias", "token ids (strings of digits) to -100..100, added to their logits (-100 bans, 100 forces); "
+      "the ids are the model's: an ensemble of different vocabularies takes it only for one member"),
     N("user", "an end-user id for the provider's abuse monitoring; me-local keeps nothing"),
-    R("grammar", f"(llama-server's grammar-constrained output) {NOT_YET}"),
-    R("json_schema", f"(llama-server's schema-constrained output) {NOT_YET}"),
+    H("grammar", "llama-server's extension: the answer follows this GBNF grammar (see Structured output); "
+      "not with `json_schema` or `response_format`"),
+    H("json_schema", "llama-server's extension: the answer is JSON valid against this JSON Schema (see "
+      "Structured output); not with `grammar` or `response_format`"),
 ]
 
 OPENAI_CHAT = _table("OpenAI `POST /v1/chat/completions`", "a field of /v1/chat/completions", [
@@ -121,10 +128,15 @@ OPENAI_CHAT = _table("OpenAI `POST /v1/chat/completions`", "a field of /v1/chat/
     H("max_completion_tokens", "as `max_tokens`; wins over it"),
     H("logprobs", "true: each token's log-probability (with me-local's `id` and `member`)"),
     H("top_logprobs", "0..20; needs `logprobs: true`"),
-    R("tools", TOOLS), R("tool_choice", TOOLS), R("parallel_tool_calls", TOOLS),
-    R("functions", f"(the deprecated form of `tools`) {NOT_YET}"),
-    R("function_call", f"(the deprecated form of `tool_choice`) {NOT_YET}"),
-    R("response_format", STRUCTURED, ({"type": "text"},)),
+    H("tools", "function tools (custom tools: 400); the answer's calls in `message.tool_calls` "
+      "(see Tool calling)"),
+    H("tool_choice", "`auto`, `none`, `required`, a named function, or `allowed_tools`; `required` and a "
+      "named function constrain the whole answer to calls"),
+    H("parallel_tool_calls", "false: at most one call per answer (default true)"),
+    R("functions", "(the deprecated form of `tools`) is not supported; send `tools`"),
+    R("function_call", "(the deprecated form of `tool_choice`) is not supported; send `tool_choice`"),
+    H("response_format", "`text`, `json_object`, `json_schema` (see Structured output); the messages need not "
+      "mention JSON"),
     R("audio", "(audio output) is not supported by me-local's text models"),
     R("modalities", "(output modalities other than text) are not supported by me-local's text models",
       (["text"],)),
@@ -151,8 +163,10 @@ OPENAI_COMPLETIONS = _table("OpenAI `POST /v1/completions`", "a field of /v1/com
     H("logprobs", "an integer 0..20: each token's log-probability and that many alternatives"),
     H("echo", "the prompt first in the text (and, with `logprobs`, its tokens' log-probabilities)"),
     H("best_of", "only 1 (400 otherwise)"),
-    R("suffix", f"(fill-in-the-middle) {NOT_YET}"),
-    R("response_format", STRUCTURED, ({"type": "text"},)),
+    H("suffix", "fill in the middle: the prompt is the text before the gap, `suffix` the text after it; each "
+      "member builds its prompt from its FIM tokens (`<PRE>prompt<SUF>suffix<MID>`; a model without them: "
+      "400); string prompts only, not with `echo`"),
+    H("response_format", "as on chat (llama-server takes it here too)"),
 ], hints={"top_logprobs": "completions take an integer `logprobs` (the number of alternatives)",
           "messages": "send chat messages to /v1/chat/completions"})
 
@@ -166,8 +180,10 @@ OPENAI_MESSAGE = _table("OpenAI chat message (`messages[i]`)", "a field of a cha
     H("role", "`system`, `developer` (as `system`), `user`, `assistant`, `tool`"),
     H("content", "a string or a list of text parts; other parts are refused"),
     R("name", "(a participant's name) is not passed to the chat templates"),
-    R("tool_calls", TOOLS), R("tool_call_id", TOOLS),
-    R("function_call", f"(the deprecated form of `tool_calls`) {NOT_YET}"),
+    H("tool_calls", "an assistant's calls (`arguments`: a JSON object as text), rendered as its members "
+      "write calls"),
+    H("tool_call_id", "the call a `tool` message answers"),
+    R("function_call", "(the deprecated form of `tool_calls`) is not supported; send `tool_calls`"),
     R("refusal", "(an earlier refusal) is not supported; put the text in `content`"),
     R("audio", "(an earlier audio answer) is not supported by me-local's text models"),
 ], prefix="messages[].")
@@ -179,10 +195,17 @@ OLLAMA_OPTIONS_ROWS = [
     H("stop", "a string or up to 16"),
     H("num_ctx", "at most the ensemble's `n_ctx` (models.yaml), which is the context every request "
       "gets (a prompt longer than `num_ctx` is used whole, not cut); larger: 400 naming the fix"),
-    R("repeat_penalty", PENALTY, (1,)), R("presence_penalty", PENALTY, (0,)),
-    R("frequency_penalty", PENALTY, (0,)),
-    N("repeat_last_n", "the window of the penalties, which are refused"),
-    N("penalize_newline", "a switch of the penalties, which are refused (Ollama no longer reads it)"),
+    H("repeat_penalty", "0.01..100: divides a repeated token's logit (multiplies a negative one); 1 turns it off. "
+      "The default is the ensemble's `sampling.repeat_penalty` (1 unless models.yaml says otherwise; Ollama's is "
+      "1.1)"),
+    H("repeat_last_n", "the generated tokens the penalties count (the prompt is not counted); 0 turns them "
+      "off, -1: every one"),
+    H("presence_penalty", "-2..2: subtracted once from the logit of each token in the window"),
+    H("frequency_penalty", "-2..2: subtracted from a token's logit for each time it occurs in the window"),
+    H("penalize_newline", "`true` only (Ollama's old default): newlines are penalised as any token; `false` "
+      "(sparing them) is a 400, and Ollama no longer reads it"),
+    H("logit_bias", "me-local's extension, as OpenAI's `logit_bias`: token ids (strings of digits) to "
+      "-100..100, added to their logits"),
     R("typical_p", f"(locally typical sampling) {NOT_YET}", (1,)),
     R("tfs_z", "(tail-free sampling) is not supported (Ollama no longer reads it either)", (1,)),
     R("mirostat", f"(Mirostat sampling) {NOT_YET}", (0,)),
@@ -211,7 +234,7 @@ OLLAMA_SHARED = [
     H("logprobs", "true: Ollama's `logprobs` list (with me-local's `id` and `member`)"),
     H("top_logprobs", "0..20; needs `logprobs: true`"),
     ENSEMBLE,
-    R("format", STRUCTURED),
+    H("format", "`\"json\"` (a JSON object) or a JSON Schema (see Structured output)"),
     N("keep_alive", "how long Ollama keeps the model loaded; me-local keeps every model loaded while it runs "
       "(with empty `messages`/`prompt`, 0 answers `done_reason: \"unload\"`)"),
     R("think", "(thinking) is not supported by me-local's models"),
@@ -226,7 +249,7 @@ _OLLAMA_HINTS = {**{name: _OPTION_HINT for name in (f.name for f in OLLAMA_OPTIO
 OLLAMA_CHAT = _table("Ollama `POST /api/chat`", "a field of /api/chat", [
     H("messages", "see the message fields below; empty: the model is loaded (`done_reason: \"load\"`)"),
     *OLLAMA_SHARED,
-    R("tools", TOOLS),
+    H("tools", "function tools; the answer's calls in `message.tool_calls` (see Tool calling)"),
 ], hints=_OLLAMA_HINTS)
 
 OLLAMA_GENERATE = _table("Ollama `POST /api/generate`", "a field of /api/generate", [
@@ -235,7 +258,9 @@ OLLAMA_GENERATE = _table("Ollama `POST /api/generate`", "a field of /api/generat
     H("system", "a system message before the prompt; not with `raw` (400, as Ollama)"),
     H("raw", "the prompt as written, no chat template"),
     *OLLAMA_SHARED,
-    R("suffix", f"(fill-in-the-middle) {NOT_YET}"),
+    H("suffix", "fill in the middle: `prompt` is the text before the gap (may be empty), `suffix` the text after "
+      "it; each member builds its prompt from its FIM tokens (`<PRE>prompt<SUF>suffix<MID>`, no chat template, "
+      "with or without `raw`; a model without them: 400); not with `system`"),
     R("images", "(image input) is not supported by me-local's text models"),
     R("template", "(a prompt template of the request's own) is not supported; send `raw` text instead"),
     R("context", "(the context of an earlier answer) is not supported; send the text, or use /api/chat"),
@@ -248,7 +273,9 @@ OLLAMA_MESSAGE = _table("Ollama chat message (`messages[i]`)", "a field of a cha
     H("content", "text"),
     R("images", "(image input) is not supported by me-local's text models"),
     R("thinking", "(an earlier answer's thinking) is not supported by me-local's models"),
-    R("tool_calls", TOOLS), R("tool_name", TOOLS), R("tool_call_id", TOOLS),
+    H("tool_calls", "an assistant's calls (`arguments`: an object), rendered as its members write calls"),
+    H("tool_name", "the function a `tool` message answers"),
+    H("tool_call_id", "the call a `tool` message answers"),
 ], prefix="messages[].")
 
 _DIMENSIONS = ("only the vectors' own length (400 otherwise, naming it): me-local's models are not trained to "
@@ -294,8 +321,59 @@ OLLAMA_EMBEDDINGS = _table("Ollama `POST /api/embeddings` (the older route)", "a
 ], hints={**{f.name: _OPTION_HINT for f in OLLAMA_OPTIONS_ROWS}, "input": "/api/embeddings takes `prompt`; "
           "/api/embed takes `input`"})
 
+INFILL = _table("llama-server `POST /infill`", "a field of /infill", [
+    H("input_prefix", "the text before the gap (required; `\"\"` for none)"),
+    H("input_suffix", "the text after the gap (required; `\"\"` for none)"),
+    H("input_extra", "other files' text, before the FIM prefix: see `input_extra[]` below"),
+    H("prompt", "more text before the gap (llama.vim sends the cursor line's start), tokenized on its own and "
+      "put after `input_prefix`, before `<SUF>`: where llama-server's code puts it (its README says after "
+      "`<MID>`)"),
+    H("n_predict", f"-1: until the context is full; 0: nothing generated (the prompt is built and counted, not "
+      f"evaluated ahead); {_DEFAULT_MAX}"),
+    H("max_tokens", "as `n_predict`, when that is absent (as llama-server)"),
+    H("t_max_predict_ms", "once this many ms have passed since the first token, stop at the next newline"),
+    H("n_indent", "stop before a line (after the first) indented by fewer spaces or tabs"),
+    H("temperature", "0..100"), H("top_p", "0..1"), TOP_K, MIN_P,
+    H("seed", "negative: a random seed; the same request gives the same text, streaming or not"),
+    H("stop", "a string or up to 16; never part of the output"),
+    H("samplers", "which of `temperature`, `top_k`, `top_p`, `min_p` and `infill` (llama.cpp's infill sampler) "
+      "apply, as a list of names or llama-server's letters (`tkpmi`); unlisted ones are off, and a value sent for "
+      "one is a 400; they run in me-local's order (temperature and top_k, then top_p, min_p, infill): another "
+      "order is a 400; `penalties` is accepted (the penalties apply whenever their settings are sent), and `dry`, "
+      "`typ_p`, `xtc` and `top_n_sigma` are accepted and do nothing (their settings are refused); `infill` needs "
+      "`top_k` (1..1000) and is not for mode `ce`"),
+    H("stream", "server-sent events: llama-server's partial results, then the final one (no `[DONE]`)"),
+    H("response_fields", "the final result's fields to return, `a/b` for a nested one, flattened (llama-server's)"),
+    MODEL, ENSEMBLE,
+    N("cache_prompt", "a cache hint; me-local reuses each slot's cached prefix by itself"),
+    N("t_max_prompt_ms", "a limit on prompt processing that llama-server does not apply either"),
+    N("id_slot", "the slot to run in; me-local gives each request the free slot with the longest cached prefix"),
+    R("n_probs", f"(token probabilities) {NOT_YET} on /infill", (0,)),
+    *(f for f in OPENAI_SHARED if f.name in ("repeat_penalty", "repeat_last_n", "presence_penalty",
+                                             "frequency_penalty", "logit_bias")),
+    R("typical_p", f"(locally typical sampling) {NOT_YET}", (1,)),
+    R("mirostat", f"(Mirostat sampling) {NOT_YET}", (0,)),
+    R("dynatemp_range", f"(dynamic temperature) {NOT_YET}", (0,)),
+    R("xtc_probability", f"(XTC sampling) {NOT_YET}", (0,)),
+    R("dry_multiplier", f"(DRY repetition penalty) {NOT_YET}", (0,)),
+    R("top_n_sigma", f"(top-n-sigma sampling) {NOT_YET}", (-1,)),
+    R("grammar", f"(grammar-constrained output) {NOT_YET}"),
+    R("json_schema", f"(schema-constrained output) {NOT_YET}"),
+    R("ignore_eos", "(generating past the end of generation) is not supported"),
+    R("lora", "(LoRA adapters) are not supported"),
+    R("timings_per_token", "(timings in every partial result) is not supported; the final result has them"),
+    R("return_tokens", "(token ids in the result) is not supported on /infill"),
+    R("post_sampling_probs", f"(token probabilities) {NOT_YET} on /infill"),
+])
+
+INFILL_EXTRA = _table("`/infill` extra context (`input_extra[i]`)", "a field of an `input_extra` chunk", [
+    H("text", "the chunk's text (required)"),
+    H("filename", "its file's name (default `tmp`), after `<FIM_SEP>` when the model has that token"),
+    N("time", "when llama.vim picked the chunk; llama-server does not read it either"),
+], prefix="input_extra[].")
+
 TABLES = (OPENAI_CHAT, OPENAI_COMPLETIONS, STREAM_OPTIONS, OPENAI_MESSAGE,
-          OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_OPTIONS, OLLAMA_MESSAGE,
+          OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_OPTIONS, OLLAMA_MESSAGE, INFILL, INFILL_EXTRA,
           OPENAI_EMBEDDINGS, OLLAMA_EMBED, OLLAMA_EMBEDDINGS, OLLAMA_EMBED_OPTIONS)
 
 
@@ -315,12 +393,13 @@ def check(obj: dict[str, Any], table: Table, at: str | None = None) -> None:
             raise ApiError(400, f"`{path}` {row.doc}; remove it{also}", code="unsupported_parameter", param=path)
 
 
-def check_messages(messages: Any, table: Table) -> None:
-    """:func:`check` on each message that is an object (the rest is the messages' own check)."""
+def check_messages(messages: Any, table: Table, key: str = "messages") -> None:
+    """:func:`check` on each message (or ``key``'s other list items) that is an object (the rest is the
+    list's own check)."""
     if isinstance(messages, list):
         for i, m in enumerate(messages):
             if isinstance(m, dict):
-                check(m, table, f"messages[{i}].")
+                check(m, table, f"{key}[{i}].")
 
 
 def render_docs() -> str:

@@ -3,8 +3,9 @@
 ``GET /api/ps``, ``POST /api/chat``, ``POST /api/generate``.
 
 Answers stream as NDJSON by default (``"stream": false`` gives one object).
-``options`` maps temperature, top_p, top_k, min_p, seed, num_predict, stop and
-num_ctx (up to the ensemble's n_ctx); what the other fields and options get is in
+``options`` maps temperature, top_p, top_k, min_p, seed, num_predict, stop,
+num_ctx (up to the ensemble's n_ctx), the penalties (repeat_penalty, repeat_last_n,
+presence_penalty, frequency_penalty) and me-local's logit_bias; what the other fields and options get is in
 :mod:`.fields` (a 400 for any that would change the answer). Model names
 may carry Ollama's ``:latest`` tag. The ``ensemble`` extension works here too.
 """
@@ -26,9 +27,9 @@ from .. import settings as S
 from ..backends.gguf_check import read_gguf_header
 from ..config import EnsembleConfig, MemberConfig
 from ..core import DoneEvent, TokenEvent
-from ..engine import Engine, Request
+from ..engine import Engine, FimInput, Request
 from ..errors import MeLocalError
-from . import fields, wire
+from . import fields, tools, wire
 from .errors import ApiError, bad_request
 from .params import (
     ModelRef,
@@ -48,6 +49,7 @@ from .params import (
 )
 from .respond import collect, joined_text, stream_response
 from .state import NOTE, STATE
+from .structured import ollama_format
 
 OLLAMA_API_VERSION = "0.9.0"
 """The Ollama API version reported by /api/version (clients gate features on it)."""
@@ -66,6 +68,10 @@ def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, An
     n = opt_number(opts, "num_predict", -2, integer=True, param="options.num_predict")
     if n == 0:
         raise bad_request("`options.num_predict` must be positive (or -1 for no limit)", "options.num_predict")
+    if not opt_bool(opts, "penalize_newline", True, param="options.penalize_newline"):
+        raise bad_request("`options.penalize_newline: false` (sparing newlines from the penalties) is not "
+                          "supported: newlines are penalised as any token (Ollama no longer reads it either); "
+                          "remove it", "options.penalize_newline")
     return {
         **sampling_fields(opts, "ollama"),
         "seed": None if seed is None or seed < 0 else seed,
@@ -76,12 +82,13 @@ def options_overrides(body: dict[str, Any], ens: EnsembleConfig) -> dict[str, An
 
 def _request(ref: ModelRef, body: dict[str, Any], **kw: Any) -> Request:
     choice = ensemble_extension(body, ref)
+    grammar = ollama_format(body.get("format"))
     logprobs, top = logprob_options(body)
     if top and not logprobs:
         raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
     overrides = dict(options_overrides(body, ref.ensemble), logprobs=logprobs or None,
                      top_logprobs=top if logprobs else None)
-    return engine_request(ref, choice, overrides, **kw)
+    return engine_request(ref, choice, overrides, grammar=grammar, **kw)
 
 
 def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
@@ -92,9 +99,17 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request 
     if raw is None or raw == []:
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)
+        ollama_format(body.get("format"))
         return ref, None  # "load the model"
-    messages = chat_messages(raw)
-    return ref, _request(ref, body, messages=messages)
+    messages = chat_messages(tools.engine_messages(raw, "ollama"))
+    spec = tools.ollama_spec(body)
+    if spec is not None and body.get("logprobs"):
+        raise bad_request("`logprobs` is not supported with `tools` (an answer's calls are not tokens of its "
+                          "content); drop one of them", "logprobs")
+    if spec is not None and not fields.absent(body.get("format")):
+        raise bad_request("`format` is not supported with `tools`: the tools' grammar shapes the answer; drop one "
+                          "of them", "format")
+    return ref, _request(ref, body, messages=messages, tools=spec)
 
 
 def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
@@ -103,12 +118,19 @@ def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Requ
     prompt = opt_str(body, "prompt")
     system = opt_str(body, "system")
     raw = opt_bool(body, "raw")
+    suffix = opt_str(body, "suffix")
+    if suffix:  # fill in the middle: the members' FIM tokens make the prompt, never a chat template
+        if system:
+            raise bad_request("`system` has no place in a fill-in-the-middle prompt (`suffix`), which is built from "
+                              "the model's FIM tokens, not its chat template; drop `system`", "system")
+        return ref, _request(ref, body, fim=FimInput(prompt or "", suffix))
     if raw and system:
         raise bad_request("`system` does not apply with `raw: true` (the prompt is taken as written; Ollama "
                           "refuses it too); drop `system`, or write it into the raw prompt", "system")
     if not prompt:
         ensemble_extension(body, ref)
         options_overrides(body, ref.ensemble)
+        ollama_format(body.get("format"))
         return ref, None
     if raw:
         return ref, _request(ref, body, prompt=prompt)
@@ -124,8 +146,15 @@ def _error_frame(err: ApiError) -> bytes:
 async def chat(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
-    ref, req = parse_chat(body, state.require_engine())
-    return await _answer(request, "chat", ref, req, body)
+    engine = state.require_engine()
+    ref, req = parse_chat(body, engine)
+    use = None
+    if req is not None and req.tools is not None:
+        fmt, problem = await asyncio.get_running_loop().run_in_executor(None, engine.tool_support, req)
+        if problem is not None:
+            raise tools.unsupported(ref.name, problem)
+        use = tools.ToolUse(req.tools, fmt)
+    return await _answer(request, "chat", ref, req, body, use)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -136,7 +165,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request | None,
-                  body: dict[str, Any]) -> web.StreamResponse:
+                  body: dict[str, Any], use: tools.ToolUse | None = None) -> web.StreamResponse:
     state = request.app[STATE]
     stream_wanted = opt_bool(body, "stream", default=True)
     created_at = wire.now_rfc3339()
@@ -156,16 +185,39 @@ async def _answer(request: web.Request, kind: str, ref: ModelRef, req: Request |
 
         if not stream_wanted:
             tokens, done = await collect(stream, first)
-            final = wire.ollama_final(kind, ref.name, created_at, done, joined_text(tokens, done), lp(tokens))
+            text = joined_text(tokens, done)
+            if use is None:
+                final = wire.ollama_final(kind, ref.name, created_at, done, text, lp(tokens))
+                return web.json_response(final, dumps=wire.dumps)
+            whole = use.parser()
+            whole.feed(text)
+            whole.finish()
+            calls = [c for c in map(tools.ollama_call, whole.calls) if c is not None]
+            final = wire.ollama_final(kind, ref.name, created_at, done, whole.content, tool_calls=calls)
             return web.json_response(final, dumps=wire.dumps)
 
+        parser = use.parser() if use is not None else None
+
+        def parts(text: str, final: bool = False) -> Iterable[bytes]:
+            if parser is None:
+                if text:
+                    yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), text))
+                return
+            events = parser.feed(text)
+            if final:
+                events += parser.finish()
+            content, calls = tools.ollama_ready(events, parser)
+            if content or calls:  # Ollama sends each call whole, in a chunk of its own
+                yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), content, tool_calls=calls))
+
         def on_token(ev: TokenEvent) -> Iterable[bytes]:
-            if ev.text or tb is not None:
+            if tb is not None:
                 yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), ev.text, lp([ev])))
+            else:
+                yield from parts(ev.text)
 
         def on_done(done: DoneEvent) -> Iterable[bytes]:
-            if done.text:
-                yield wire.ndjson(wire.ollama_part(kind, ref.name, wire.now_rfc3339(), done.text))
+            yield from parts(done.text, final=True)
             yield wire.ndjson(wire.ollama_final(kind, ref.name, wire.now_rfc3339(), done))
 
         return await stream_response(request, stream, first, content_type=wire.NDJSON_CONTENT_TYPE, head=(),
@@ -282,7 +334,12 @@ async def show(request: web.Request) -> web.Response:
     members = [m for m in ens.members if ref.member is None or m.name == ref.member]
     parameters = "\n".join([f"temperature {s.temperature}", f"top_k {s.top_k}", f"top_p {s.top_p}",
                             f"min_p {s.min_p}", f"num_predict {s.max_tokens}", f"num_ctx {ens.n_ctx}"])
-    templates = await asyncio.get_running_loop().run_in_executor(None, _chat_templates, members)
+    loop = asyncio.get_running_loop()
+    templates = await loop.run_in_executor(None, _chat_templates, members)
+    fim_template = await loop.run_in_executor(None, _fim_template, engine, ref)
+    capabilities = ["completion"]
+    if await loop.run_in_executor(None, _carries_tools, engine, ref):
+        capabilities.append("tools")
     modelfile = "\n".join([f"# me-local {'member' if ref.member else 'ensemble'} {ref.name} "
                            f"(mode {'single' if ref.member else ens.mode})"]
                           + [f"# member {m.name} weight {m.weight} path {m.path} "
@@ -290,16 +347,54 @@ async def show(request: web.Request) -> web.Response:
     return web.json_response({
         "modelfile": modelfile,
         "parameters": parameters,
-        "template": "",
+        "template": fim_template or "",
         "details": _details(ens, ref.member),
         "model_info": {"general.architecture": "me-local", "me-local.context_length": ens.n_ctx,
                        "me-local.mode": "single" if ref.member else ens.mode,
                        "me-local.members": [m.name for m in members],
                        "me-local.chat_templates": templates,
                        **_granularity(engine, ens.name, ref.member)},
-        "capabilities": ["completion"],
+        "capabilities": capabilities + (["insert"] if fim_template else []),
         "modified_at": _modified_at(engine),
     })
+
+
+def _fim_template(engine: Engine, ref: ModelRef) -> str | None:
+    """For a model whose members (those that run) all have FIM tokens: a Go template with ``.Suffix``
+    in Ollama's style, which is how Continue tells a model that can fill in the middle (its FIM tokens
+    are the first member's; each member writes its own). None otherwise. Loads the ensemble if it is
+    not loaded yet: off the loop."""
+    ens = ref.ensemble
+    loaded = engine.ensemble(ens.name)
+    if ref.member is not None or ens.mode == "single":
+        name = ref.member or ens.member or ens.members[0].name
+        active = [m for m in loaded.members if m.name == name]
+    else:
+        active = [m for m, cfg in zip(loaded.members, ens.members) if cfg.weight > 0]
+    if not active or not all(m.model.fim.capable for m in active):
+        return None
+    model = active[0].model
+
+    def text(token: int) -> str:
+        return model.token_texts[token].decode("utf-8", "replace")
+
+    fim = model.fim
+    return ("{{- if .Suffix }}" + text(fim.pre) + "{{ .Prompt }}" + text(fim.suf) + "{{ .Suffix }}" + text(fim.mid)
+            + "{{- else }}{{ .Prompt }}{{- end }}"
+            + "{{/* me-local: each member writes its own FIM tokens; chat uses each member's chat template, "
+            + "model_info[\"me-local.chat_templates\"] */}}")
+
+
+def _carries_tools(engine: Engine, ref: ModelRef) -> bool:
+    """Whether the model can carry tools (its members' templates render a call and its result:
+    engine/tools.py); a model that is not loaded cannot be probed, and is said not to."""
+    if ref.ensemble.name not in engine.loaded:
+        return False
+    request = Request(ensemble=ref.ensemble.name, member=ref.member, messages=[])
+    try:
+        return engine.tool_support(request)[1] is None
+    except MeLocalError:
+        return False
 
 
 def _granularity(engine: Engine, name: str, member: str | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ logprobs; the engine's figures in ``usage.me_local``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -17,8 +18,9 @@ from aiohttp import web
 
 from .. import settings as S
 from ..core import DoneEvent, TokenEvent
-from ..engine import Engine, Request
-from . import fields, wire
+from ..engine import Engine, FimInput, Request
+from ..tools import ToolParser
+from . import fields, tools, wire
 from .echo import (
     Echo,
     EchoSpec,
@@ -42,6 +44,7 @@ from .params import (
     opt_number,
     opt_object,
     opt_setting,
+    opt_str,
     read_json,
     resolve_model,
     sampling_fields,
@@ -51,6 +54,7 @@ from .params import (
 )
 from .respond import collect, joined_text, stream_response
 from .state import NOTE, STATE, ServerState
+from .structured import openai_grammar
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Call:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    tools: tools.ToolUse | None = None
+    """Set when the answer is read for tool calls (:func:`resolve_tools`)."""
 
     @property
     def model(self) -> str:
@@ -105,12 +111,35 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> Call:
     fields.check(body, fields.OPENAI_CHAT)
     fields.check_messages(body.get("messages"), fields.OPENAI_MESSAGE)
     ref, overrides, stream, include_usage = _common(body, engine)
-    messages = chat_messages(body.get("messages"))
+    spec = tools.openai_spec(body)
+    messages = chat_messages(tools.engine_messages(body.get("messages"), "openai"))
     logprobs, top = logprob_options(body)
     if top and not logprobs:
         raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
-    request = _request(ref, body, dict(overrides, logprobs=logprobs, top_logprobs=top), messages=messages)
+    grammar = openai_grammar(body)
+    if spec is not None and spec.active:
+        if logprobs:
+            raise bad_request("`logprobs` is not supported with `tools` (an answer's calls are not tokens of its "
+                              "content); drop one of them", "logprobs", code="unsupported_parameter")
+        if grammar is not None:
+            raise bad_request(f"`{grammar.param}` is not supported with `tools`: the tools' grammar shapes the "
+                              "answer; drop one of them (or send `tool_choice: \"none\"`)", grammar.param,
+                              code="unsupported_parameter")
+    request = _request(ref, body, dict(overrides, logprobs=logprobs, top_logprobs=top), messages=messages,
+                       grammar=grammar, tools=spec)
     return Call(ref, request, stream, include_usage, logprobs, top)
+
+
+async def resolve_tools(call: Call, engine: Engine) -> None:
+    """For a request with tools: the format its members write calls in (``call.tools``), or the 400
+    saying the model cannot carry tools. (Probing the templates renders and tokenizes: off the loop.)"""
+    spec = call.request.tools
+    if spec is None or not spec.active:
+        return
+    fmt, problem = await asyncio.get_running_loop().run_in_executor(None, engine.tool_support, call.request)
+    if problem is not None:
+        raise tools.unsupported(call.model, problem)
+    call.tools = tools.ToolUse(spec, fmt)
 
 
 @dataclass
@@ -154,13 +183,31 @@ def parse_completion(body: dict[str, Any], engine: Engine) -> CompletionCall:
     logprobs = opt_setting(body, S.TOP_LOGPROBS, "logprobs")  # completions: an integer, the top count
     want = logprobs is not None
     choice = ensemble_extension(body, ref)
+    suffix = opt_str(body, "suffix")
+    if suffix:
+        fim_prompts(prompts, echo)
     check_token_prompts(engine, ref, choice, prompts)
     spec = echo_spec(engine, ref, choice, prompts, logprobs) if echo else None
     params = dict(overrides, logprobs=want, top_logprobs=logprobs or 0)
-    requests = [engine_request(ref, choice, params, **({"prompt": p} if isinstance(p, str) else {"tokens": p}))
-                for p in prompts]
+    grammar = openai_grammar(body)
+    requests = [engine_request(ref, choice, params, grammar=grammar, **_prompt_fields(p, suffix)) for p in prompts]
     return CompletionCall(ref, requests[0], stream, include_usage, want, logprobs or 0, prompts=prompts,
                           requests=requests, echo=spec, generate=generate, batch=batch)
+
+
+def fim_prompts(prompts: list[Prompt], echo: bool) -> None:
+    """With ``suffix`` (fill in the middle) each prompt is the text before the gap: a string."""
+    if echo:
+        raise bad_request("`echo` does not apply with `suffix`: a fill-in-the-middle prompt is built from FIM "
+                          "tokens, not the text to repeat; drop `echo`", "echo")
+    if not all(isinstance(p, str) for p in prompts):
+        raise bad_request("`suffix` needs the prompt as text (the text before the gap), not token ids", "prompt")
+
+
+def _prompt_fields(prompt: Prompt, suffix: str | None) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"fim": FimInput(prompt, suffix)} if suffix else {"prompt": prompt}
+    return {"tokens": prompt}
 
 
 def _error_frame(err: ApiError) -> bytes:
@@ -170,7 +217,9 @@ def _error_frame(err: ApiError) -> bytes:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
-    call = parse_chat(body, state.require_engine())
+    engine = state.require_engine()
+    call = parse_chat(body, engine)
+    await resolve_tools(call, engine)
     return await _run(request, state, call, chat=True)
 
 
@@ -217,10 +266,13 @@ async def _run_choices(request: web.Request, state: ServerState, call: Completio
             completion_tokens += done.stats.generated_tokens
             cached += done.stats.cached_prompt_tokens
             dones.append(done)
-        choices.append({"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason})
+        choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+        if call.generate and (ext := wire.grammar_extension(dones[-1].grammar)) and len(call.prompts) > 1:
+            choice["me_local"] = ext  # a batch's usage is a sum: each choice says how its grammar ended
+        choices.append(choice)
     note.prompt_tokens, note.completion_tokens = prompt_tokens, completion_tokens
     if len(dones) == 1 and len(choices) == 1:
-        usage = wire.openai_usage(dones[0].stats, dones[0].finish_reason)
+        usage = wire.openai_usage(dones[0].stats, dones[0].finish_reason, dones[0].grammar)
     else:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
@@ -253,7 +305,13 @@ async def _run(request: web.Request, state: ServerState, call: Call, *, chat: bo
             text = joined_text(tokens, done)
             if chat:
                 lps = [wire.chat_logprob(t, tb) for t in tokens] if call.logprobs else None
-                return web.json_response(wire.chat_completion(cid, created, call.model, text, done, lps),
+                calls = None
+                if call.tools is not None:
+                    parser = call.tools.parser()
+                    parser.feed(text)
+                    parser.finish()
+                    text, calls = parser.content, [tools.openai_call(c) for c in parser.calls]
+                return web.json_response(wire.chat_completion(cid, created, call.model, text, done, lps, calls),
                                          dumps=wire.dumps)
             clp = wire.completion_logprobs(tokens, tb, 0, call.top_logprobs > 0) if call.logprobs else None
             return web.json_response(wire.text_completion(cid, created, call.model, text, done, clp),
@@ -275,6 +333,8 @@ def _no_bytes(token: int) -> bytes:
 class ChatFrames:
     def __init__(self, call: Call, cid: str, created: int, tb: wire.TokenBytes) -> None:
         self.call, self.cid, self.created, self.tb = call, cid, created, tb
+        self.parser: ToolParser | None = call.tools.parser() if call.tools is not None else None
+        """Reads the answer for tool calls (None: the text is all content)."""
 
     def _chunk(self, delta: dict[str, Any], **kw: Any) -> bytes:
         return wire.sse(wire.chat_chunk(self.cid, self.created, self.call.model, delta,
@@ -283,18 +343,31 @@ class ChatFrames:
     def head(self) -> Iterable[bytes]:
         yield self._chunk({"role": "assistant", "content": ""})
 
+    def _text(self, text: str, final: bool = False) -> Iterable[bytes]:
+        if self.parser is None:
+            if text:
+                yield self._chunk({"content": text})
+            return
+        events = self.parser.feed(text)
+        if final:
+            events += self.parser.finish()
+        for delta in tools.openai_deltas(events):
+            yield self._chunk(delta)
+
     def token(self, ev: TokenEvent) -> Iterable[bytes]:
         if self.call.logprobs:
             yield self._chunk({"content": ev.text}, logprobs=[wire.chat_logprob(ev, self.tb)])
-        elif ev.text:
-            yield self._chunk({"content": ev.text})
+        else:
+            yield from self._text(ev.text)
 
     def done(self, done: DoneEvent) -> Iterable[bytes]:
-        if done.text:
-            yield self._chunk({"content": done.text})
-        yield self._chunk({}, finish_reason=wire.openai_finish_reason(done.finish_reason))
+        yield from self._text(done.text, final=True)
+        reason = wire.openai_finish_reason(done.finish_reason)
+        if self.parser is not None:
+            reason = tools.finish_reason(reason, self.parser.calls)
+        yield self._chunk({}, finish_reason=reason)
         if self.call.include_usage:
-            usage = wire.openai_usage(done.stats, done.finish_reason)
+            usage = wire.openai_usage(done.stats, done.finish_reason, done.grammar)
             yield wire.sse(wire.usage_chunk(self.cid, self.created, self.call.model, "chat.completion.chunk", usage))
 
 
@@ -323,7 +396,7 @@ class CompletionFrames:
             yield self._chunk(done.text)
         yield self._chunk("", finish_reason=wire.openai_finish_reason(done.finish_reason))
         if self.call.include_usage:
-            usage = wire.openai_usage(done.stats, done.finish_reason)
+            usage = wire.openai_usage(done.stats, done.finish_reason, done.grammar)
             yield wire.sse(wire.usage_chunk(self.cid, self.created, self.call.model, "text_completion", usage))
 
 

@@ -181,19 +181,41 @@ def stop_strings(value: Any, param: str = "stop") -> tuple[str, ...] | None:
 
 # --------------------------------------------------------------------------- what both APIs read
 
-PLAIN_SAMPLING = (S.TEMPERATURE, S.TOP_P, S.TOP_K, S.MIN_P)
+PLAIN_SAMPLING = (S.TEMPERATURE, S.TOP_P, S.TOP_K, S.MIN_P, *S.PENALTIES)
 """The sampling settings both APIs take as plain bounded numbers (seed, the token limit and stop
 strings each API spells its own way)."""
 
 
 def sampling_fields(obj: dict[str, Any], api: Api) -> dict[str, Any]:
-    """temperature, top_p, top_k and min_p from the request (OpenAI: its body; Ollama: its
-    ``options``), typed and bounded; None where absent."""
+    """temperature, top_p, top_k, min_p, the penalties and the logit bias from the request (OpenAI:
+    its body; Ollama: its ``options``), typed and bounded; None where absent."""
     out = {}
     for setting in PLAIN_SAMPLING:
         path = setting.openai if api == "openai" else setting.ollama
         assert path is not None
         out[setting.name] = opt_setting(obj, setting, path.rpartition(".")[2], param=path)
+    path = S.LOGIT_BIAS.openai if api == "openai" else S.LOGIT_BIAS.ollama
+    assert path is not None
+    out["logit_bias"] = logit_bias(obj.get("logit_bias"), path)
+    return out
+
+
+def logit_bias(value: Any, param: str) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: an object of token ids (strings of digits) to biases, -100..100."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request(f"`{param}` must be an object of token ids to biases, such as {{\"13\": -100}}, "
+                          f"got {_type_name(value)}", param)
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        try:
+            token, b = S.logit_bias_entry(key, bias)
+        except ValueError as exc:
+            raise bad_request(f"`{param}`: {exc}; send token ids as strings of digits, with biases between "
+                              f"{S.show_number(S.LOGIT_BIAS.lo or 0)} and {S.show_number(S.LOGIT_BIAS.hi or 0)}",
+                              param) from None
+        out[token] = b
     return out
 
 

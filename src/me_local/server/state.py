@@ -54,6 +54,10 @@ def prompt_text(request: Request) -> str:
         return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in request.messages)
     if request.tokens is not None:
         return str(request.tokens)
+    if request.fim is not None:  # fill in the middle: the gap marked where it is
+        fim = request.fim
+        extra = "".join(f"[{c.filename}]\n{c.text}" for c in fim.extra)
+        return f"{extra}{fim.prefix}{fim.prompt}<|gap|>{fim.suffix}"
     return request.prompt or ""
 
 

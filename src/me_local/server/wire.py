@@ -99,10 +99,29 @@ def openai_finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def openai_usage(stats: GenerationStats, finish_reason: str) -> dict[str, Any]:
-    """``usage`` as OpenAI gives it, plus the engine's figures under ``me_local``."""
+INCOMPLETE_NOTE = ("the answer ended before it was complete in the requested format (the JSON, or the text the "
+                   "grammar describes, is cut off); raise the token limit (`max_tokens`, `num_predict`) or ask for "
+                   "a shorter answer")
+
+
+def grammar_extension(grammar: str | None) -> dict[str, Any]:
+    """What an answer says about its grammar (:attr:`DoneEvent.grammar`; nothing without one):
+    ``grammar`` is complete, incomplete or untriggered, and an incomplete one has a ``note``
+    that the structured output is cut off."""
+    if grammar is None:
+        return {}
+    ext: dict[str, Any] = {"grammar": grammar}
+    if grammar == "incomplete":
+        ext["note"] = INCOMPLETE_NOTE
+    return ext
+
+
+def openai_usage(stats: GenerationStats, finish_reason: str, grammar: str | None = None) -> dict[str, Any]:
+    """``usage`` as OpenAI gives it, plus the engine's figures under ``me_local`` (and, for a
+    request with a grammar, :func:`grammar_extension`)."""
     ext = stats.to_dict()
     ext["finish_reason"] = finish_reason
+    ext.update(grammar_extension(grammar))
     return {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.generated_tokens,
@@ -227,7 +246,17 @@ def chat_completion(
     text: str,
     done: DoneEvent,
     logprobs: list[dict[str, Any]] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A whole chat answer; with ``tool_calls`` (OpenAI's shape) the message carries them (its
+    content null when it has none) and an answer that ended after them finishes with ``tool_calls``."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    reason = openai_finish_reason(done.finish_reason)
+    if tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = tool_calls
+        if reason == "stop":
+            reason = "tool_calls"
     return {
         "id": id,
         "object": "chat.completion",
@@ -236,12 +265,12 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None if logprobs is None else {"content": logprobs},
-                "finish_reason": openai_finish_reason(done.finish_reason),
+                "finish_reason": reason,
             }
         ],
-        "usage": openai_usage(done.stats, done.finish_reason),
+        "usage": openai_usage(done.stats, done.finish_reason, done.grammar),
     }
 
 
@@ -256,7 +285,7 @@ def text_completion(
         "choices": [
             {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": openai_finish_reason(done.finish_reason)}
         ],
-        "usage": openai_usage(done.stats, done.finish_reason),
+        "usage": openai_usage(done.stats, done.finish_reason, done.grammar),
     }
 
 
@@ -297,12 +326,16 @@ def ollama_logprob(ev: TokenEvent, token_bytes: TokenBytes) -> dict[str, Any]:
 
 
 def ollama_part(
-    kind: str, model: str, created_at: str, text: str, logprobs: list[dict[str, Any]] | None = None
+    kind: str, model: str, created_at: str, text: str, logprobs: list[dict[str, Any]] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A streamed piece of an answer: ``kind`` is ``chat`` or ``generate``."""
+    """A streamed piece of an answer: ``kind`` is ``chat`` or ``generate``; a chat message carries
+    ``tool_calls`` when given any."""
     obj: dict[str, Any] = {"model": model, "created_at": created_at}
     if kind == "chat":
         obj["message"] = {"role": "assistant", "content": text}
+        if tool_calls:
+            obj["message"]["tool_calls"] = tool_calls
     else:
         obj["response"] = text
     obj["done"] = False
@@ -318,12 +351,17 @@ def ollama_final(
     done: DoneEvent,
     text: str = "",
     logprobs: list[dict[str, Any]] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The last object of an answer (or the only one when not streaming)."""
-    obj = ollama_part(kind, model, created_at, text, logprobs)
+    """The last object of an answer (or the only one when not streaming); with a grammar,
+    me-local's ``me_local`` extension says whether the answer completed it."""
+    obj = ollama_part(kind, model, created_at, text, logprobs, tool_calls)
     obj["done"] = True
     obj["done_reason"] = done.finish_reason
     obj.update(ollama_durations(done.stats))
+    ext = grammar_extension(done.grammar)
+    if ext:
+        obj["me_local"] = ext
     return obj
 
 
@@ -333,6 +371,78 @@ def ollama_load_reply(kind: str, model: str, created_at: str, reason: str = "loa
     obj["done"] = True
     obj["done_reason"] = reason
     return obj
+
+
+# --------------------------------------------------------------------------- llama-server (/infill)
+
+
+STOP_TYPES = {"eos": "eos", "word": "word", "length": "limit", "cancelled": "none"}
+"""llama-server's ``stop_type`` for how a generation ended."""
+
+
+def llama_stop_type(done: DoneEvent) -> str:
+    """``eos`` (the model ended it), ``word`` (a stop string), ``limit`` (a token, time or indentation
+    limit, or the context's end) or ``none`` (cancelled)."""
+    if done.finish_reason == "stop":
+        return "eos" if done.end is not None else "word"
+    return STOP_TYPES.get(done.finish_reason, "none")
+
+
+def llama_timings(stats: GenerationStats) -> dict[str, Any]:
+    """llama-server's ``timings``: ``prompt_*`` for the prompt tokens evaluated (the cached ones are
+    ``cache_n``), ``predicted_*`` for the generated ones, in milliseconds."""
+    prompt_n = max(0, stats.prompt_tokens - stats.cached_prompt_tokens)
+    prompt_ms = stats.prompt_eval_s * 1000.0
+    predicted_ms = (stats.total_s - stats.ttft_s) * 1000.0 if stats.ttft_s is not None else 0.0
+    n = stats.generated_tokens
+    return {
+        "cache_n": stats.cached_prompt_tokens,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": prompt_n / stats.prompt_eval_s if prompt_n and stats.prompt_eval_s > 0 else 0.0,
+        "predicted_n": n,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / n if n else 0.0,
+        "predicted_per_second": n * 1000.0 / predicted_ms if n and predicted_ms > 0 else 0.0,
+    }
+
+
+def infill_partial(content: str, predicted: int, evaluated: int) -> dict[str, Any]:
+    """A streamed piece of an ``/infill`` answer, as llama-server sends it."""
+    return {"index": 0, "content": content, "tokens": [], "stop": False, "id_slot": -1,
+            "tokens_predicted": predicted, "tokens_evaluated": evaluated}
+
+
+def infill_final(model: str, content: str, done: DoneEvent, *, evaluated: int, settings: dict[str, Any],
+                 truncated: bool, extension: dict[str, Any]) -> dict[str, Any]:
+    """The final result of an ``/infill`` answer (streaming: its last event, with ``content`` empty)."""
+    stats = done.stats
+    ext = stats.to_dict()
+    ext["finish_reason"] = done.finish_reason
+    ext.update(extension)
+    return {
+        "index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": True, "model": model,
+        "tokens_predicted": stats.generated_tokens, "tokens_evaluated": evaluated,
+        "generation_settings": settings, "has_new_line": "\n" in content, "truncated": truncated,
+        "stop_type": llama_stop_type(done), "tokens_cached": evaluated + stats.generated_tokens,
+        "timings": llama_timings(stats), "me_local": ext,
+    }
+
+
+def nested_fields(obj: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
+    """llama-server's ``response_fields``: each path (``a/b`` for ``obj["a"]["b"]``) that exists, as a
+    key of a flat object; the others are left out."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        value: Any = obj
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            out[path] = value
+    return out
 
 
 # --------------------------------------------------------------------------- reading SSE (clients)

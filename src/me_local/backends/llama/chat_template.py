@@ -12,7 +12,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from ... import chat_templates
 from ...errors import RequestError
-from ..types import ChatMessage
+from ..types import ChatMessage, ToolDefinitions
 
 #: Used when a GGUF file carries no ``tokenizer.chat_template`` and its member sets none
 #: (ChatML; documented in the README): :data:`me_local.chat_templates.DEFAULT`.
@@ -28,11 +28,14 @@ def chat_formatter(template: str, eos_text: str, bos_text: str) -> Jinja2ChatFor
     return Jinja2ChatFormatter(template, eos_token=eos_text, bos_token=bos_text)
 
 
-def render(template: str, messages: Sequence[ChatMessage], *, eos_text: str, bos_text: str, who: str) -> str:
-    """The prompt text ``template`` makes of ``messages``; ``who`` names the template in errors."""
+def render(template: str, messages: Sequence[ChatMessage], *, eos_text: str, bos_text: str, who: str,
+           tools: ToolDefinitions | None = None) -> str:
+    """The prompt text ``template`` makes of ``messages`` (and ``tools``, as llama.cpp and Ollama
+    pass them: OpenAI's list); ``who`` names the template in errors."""
     try:
         formatter = chat_formatter(template, eos_text, bos_text)
-        return formatter(messages=list(messages)).prompt  # type: ignore[arg-type]
+        extra = {"tools": [dict(t) for t in tools]} if tools else {}
+        return formatter(messages=list(messages), **extra).prompt  # type: ignore[arg-type]
     except Exception as exc:  # a template error is the request's (roles) or the template's fault
         raise RequestError(
             f"{who} rejected these messages ({exc}); check the roles and their order",

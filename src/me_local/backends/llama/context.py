@@ -9,17 +9,19 @@ import ctypes
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp as L
 
 from ...chat_templates import ChatTemplate
-from ...core.types import Cancelled, SamplingParams
+from ...core.sampling import shaped_logits
+from ...core.types import Cancelled, Constraint, GrammarSpec, NoTokenAllowed, SamplingParams
 from ...errors import BackendError, ModelLoadError, SettingError
 from ...settings import KV_CACHE_TYPE, N_BATCH, N_CTX
-from ..types import ChatMessage
+from ..types import ChatMessage, ToolDefinitions
+from .grammar import LlamaGrammar, TokenArray
 from .model import LoadedModel
 from .threads import default_threads
 
@@ -27,39 +29,178 @@ if TYPE_CHECKING:
     from .store import ModelStore
 
 
+def _add_transforms(chain: L.llama_sampler_p, params: SamplingParams, seed: int,
+                   infill_vocab: L.llama_vocab_p | None) -> None:
+    """The core's transforms in its order (temperature, top-k, top-p, min-p, then llama.cpp's
+    infill sampler when ``infill_vocab`` is given, then the draw; or greedy) added to ``chain``."""
+    if params.greedy:
+        if infill_vocab is not None:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_infill(infill_vocab))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        return
+    if params.temperature != 1.0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+    if params.top_k > 0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+    if infill_vocab is not None:
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_infill(infill_vocab))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+
+CANDIDATES = 1024
+"""How many of the most likely tokens a constrained draw checks against the grammar before it
+asks for the whole vocabulary's mask (checking 1,024 tokens costs about 0.1 ms; the mask
+8-110 ms)."""
+
+
 class NativeSampler:
-    """llama.cpp's sampler chain, in the core's order: temperature, top-k, top-p, min-p, draw,
-    after an optional logit bias (word-level ME's restriction to word starts). It reads its
-    context's last logits inside llama.cpp: nothing vocabulary-sized crosses into Python."""
+    """llama.cpp's sampler chain, in the core's order: temperature, top-k, top-p, min-p, the infill
+    sampler (when asked for), draw, after an optional restriction to some tokens (word-level ME's
+    word starts, a logit bias of -inf in the chain), the request's logit bias and the penalties
+    (:func:`me_local.core.sampling.penalize` is their reference). Unconstrained, it reads its
+    context's last logits inside llama.cpp: nothing vocabulary-sized crosses into Python.
 
-    def __init__(self, ctx: L.llama_context_p, params: SamplingParams, seed: int,
-                 bias: tuple[int, ctypes.Array[L.llama_logit_bias]] | None = None) -> None:
+    The penalties count the generated tokens the sampler has seen: the ones it draws and the ones
+    :meth:`observe` shows it (the other members'); :meth:`forget` starts over.
+
+    With a constraint (a grammar) it draws from the distribution restricted to the allowed
+    tokens, renormalised, then truncated (docs/grammar.md), and takes the exact shortcuts
+    there before it asks the constraint for its whole-vocabulary mask: without truncation
+    (top-k 0, top-p 1, min-p 0) it draws unconstrained and keeps the token if the grammar
+    allows it (p(x)/p(G) overall, exactly the restricted distribution); with top-k it checks
+    the :data:`CANDIDATES` most likely tokens, and when k of them are allowed those k are the
+    restricted top-k; greedy, the most likely allowed candidate. The transforms then run on an
+    array of the allowed tokens only, after the bias and the penalties (applied in numpy by
+    :func:`~me_local.core.sampling.shaped_logits`, over the same tokens the native penalties
+    count). It never accepts a token into the constraint: the core does, once the token is
+    committed."""
+
+    def __init__(self, ctx: L.llama_context_p, params: SamplingParams, seed: int, n_vocab: int,
+                 restrict: tuple[npt.NDArray[np.bool_], ctypes.Array[L.llama_logit_bias]] | None = None, *,
+                 model: LoadedModel | None = None) -> None:
         self._ctx = ctx
+        self._params = params
+        self._seed = seed
+        self._n_vocab = n_vocab
+        self._fallback = -1
+        self._restrict = restrict[0] if restrict is not None else None
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if bias is not None:  # (n_vocab, biases): first, so the transforms see the restricted distribution
-            n_vocab, arr = bias
+        if restrict is not None:  # first, so the transforms see the restricted distribution
+            arr = restrict[1]
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(arr), arr))
-        if params.greedy:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-        else:
-            if params.temperature != 1.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
-            if params.top_k > 0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
-            if params.min_p > 0.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        if params.logit_bias:
+            arr = (L.llama_logit_bias * len(params.logit_bias))(
+                *(L.llama_logit_bias(t, b) for t, b in params.logit_bias))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(arr), arr))
+        self._penalties: L.llama_sampler_p | None = None
+        if params.penalized:  # -1 (all) is the whole context: llama.cpp reads a negative window as 0 (off)
+            last_n = params.repeat_last_n if params.repeat_last_n > 0 else int(L.llama_n_ctx(ctx))
+            self._penalties = L.llama_sampler_init_penalties(
+                n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
+            L.llama_sampler_chain_add(chain, self._penalties)
+        self._history: list[int] = []
+        """The tokens the penalties count, as the native penalties sampler has them (for the
+        constrained path, which shapes the logits in numpy)."""
+        infill = params.infill and model is not None
+        if infill and model is not None:
+            # the infill sampler answers llama_vocab_eot when it keeps no text token; a vocabulary
+            # without an end-of-turn token gets -1 there: its end-of-generation token stands in
+            self._fallback = model.eos if model.eos >= 0 else int(np.flatnonzero(model.eog)[0])
+        _add_transforms(chain, params, seed, model.vocab if infill and model is not None else None)
         self._chain: L.llama_sampler_p | None = chain
+        self._bare: L.llama_sampler_p | None = None
+        """The transforms alone, for arrays of allowed tokens (built on first use)."""
+        self._arr: TokenArray | None = None
+        k = params.top_k
+        self._untruncated = (k <= 0 or k >= n_vocab) and params.top_p >= 1.0 and params.min_p <= 0.0
 
-    def sample(self) -> int:
-        return int(L.llama_sampler_sample(self._chain, self._ctx, -1))
+    def sample(self, constraint: Constraint | None = None) -> int:
+        if constraint is None:
+            token = int(L.llama_sampler_sample(self._chain, self._ctx, -1))
+            if self._penalties is not None:
+                self._history.append(token)
+            return token if token >= 0 else self._fallback
+        token = self._constrained(constraint)
+        if self._penalties is not None:  # what llama_sampler_sample's accept does on the other path
+            L.llama_sampler_accept(self._penalties, token)
+            self._history.append(token)
+        return token
+
+    def _constrained(self, constraint: Constraint) -> int:
+        p = self._params
+        raw = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
+        shaped = p.shapes_logits
+        logits = shaped_logits(raw, self._history, p) if shaped else raw
+        if p.greedy:
+            cand = self._top(logits, CANDIDATES)
+            ok = constraint.allowed(cand)
+            if ok.any():
+                return int(cand[int(np.argmax(ok))])
+        elif self._untruncated:
+            if shaped:  # the native chain would count the token in its penalties before the check
+                ids = np.arange(self._n_vocab) if self._restrict is None else np.flatnonzero(self._restrict)
+                token = self._draw(ids, logits)
+            else:
+                token = int(L.llama_sampler_sample(self._chain, self._ctx, -1))
+            if constraint.allowed(np.array([token], dtype=np.int32))[0]:
+                return token
+        elif 0 < p.top_k < self._n_vocab:
+            cand = self._top(logits, max(CANDIDATES, 4 * p.top_k))
+            keep = cand[constraint.allowed(cand)]
+            if len(keep) >= p.top_k:
+                return self._draw(keep[: p.top_k], logits)
+        mask = constraint.mask()
+        if self._restrict is not None:
+            mask = mask & self._restrict
+        ids = np.flatnonzero(mask & np.isfinite(logits))
+        if len(ids) == 0:
+            raise NoTokenAllowed("no token is allowed")
+        return self._draw(ids, logits)
+
+    def _top(self, logits: npt.NDArray[Any], m: int) -> npt.NDArray[np.intp]:
+        """The ``m`` most likely tokens (within the restriction), most likely first."""
+        lg = logits if self._restrict is None else np.where(self._restrict, logits, -np.inf)
+        m = min(m, self._n_vocab)
+        idx = np.argpartition(-lg, m - 1)[:m] if m < self._n_vocab else np.arange(self._n_vocab)
+        idx = idx[np.argsort(-lg[idx], kind="stable")]
+        out: npt.NDArray[np.intp] = idx[np.isfinite(lg[idx])]
+        return out
+
+    def _draw(self, ids: npt.NDArray[np.intp], logits: npt.NDArray[Any]) -> int:
+        """Run the transforms and the draw on an array of ``ids`` (allowed tokens)."""
+        if self._bare is None:
+            self._bare = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+            _add_transforms(self._bare, self._params, self._seed ^ 0x6A6A, None)
+            self._arr = TokenArray(CANDIDATES)
+        assert self._arr is not None
+        ref = self._arr.fill(ids, logits[ids])
+        L.llama_sampler_apply(self._bare, ref)
+        arr = self._arr.arr
+        if not 0 <= arr.selected < arr.size:
+            raise BackendError("llama.cpp's sampler chain selected no token")
+        return int(arr.data[arr.selected].id)
+
+    def observe(self, tokens: Sequence[int]) -> None:
+        if self._penalties is not None:
+            for t in tokens:
+                L.llama_sampler_accept(self._penalties, t)
+            self._history.extend(tokens)
+
+    def forget(self) -> None:
+        if self._penalties is not None:  # the penalties alone: resetting the chain would restart the draw's seed
+            L.llama_sampler_reset(self._penalties)
+            self._history.clear()
 
     def close(self) -> None:
-        if self._chain:
-            L.llama_sampler_free(self._chain)
-            self._chain = None
+        for chain in (self._chain, self._bare):
+            if chain:
+                L.llama_sampler_free(chain)
+        self._chain = self._bare = None
+        self._penalties = None
 
     def __del__(self) -> None:
         self.close()
@@ -275,7 +416,10 @@ class LlamaMember:
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def make_sampler(self, params: SamplingParams, seed: int) -> NativeSampler:
-        return NativeSampler(self._context(), params, seed)
+        return NativeSampler(self._context(), params, seed, self.model.n_vocab, model=self.model)
+
+    def make_constraint(self, spec: GrammarSpec) -> LlamaGrammar:
+        return self.model.make_grammar(spec, self.name)
 
     def is_eog(self, token: int) -> bool:
         return self.model.is_eog(token)
@@ -293,7 +437,8 @@ class LlamaMember:
         return self.model.tokenize_text(text)
 
     def make_word_start_sampler(self, params: SamplingParams, seed: int) -> NativeSampler:
-        return NativeSampler(self._context(), params, seed, bias=(self.model.n_vocab, self.model.word_start_bias()))
+        return NativeSampler(self._context(), params, seed, self.model.n_vocab,
+                             restrict=(self.model.word_start, self.model.word_start_bias()), model=self.model)
 
     def token_bytes(self, token: int) -> bytes:
         return self.model.pieces[token]
@@ -304,11 +449,12 @@ class LlamaMember:
         """The chat template this member renders with, and where it came from."""
         return self.model.template(self.chat_template)
 
-    def chat_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Format messages with this member's own template (its system prompt first).
-        Message content is tokenized as text: see :meth:`LoadedModel.chat_tokens`."""
+    def chat_prompt(self, messages: Sequence[ChatMessage], *, tools: ToolDefinitions | None = None,
+                    labels: Sequence[str] | None = None) -> list[int]:
+        """Format messages with this member's own template (its system prompt first), which
+        receives ``tools``. Message content is tokenized as text: see :meth:`LoadedModel.chat_tokens`."""
         msgs = [dict(m) for m in messages]
-        labels = [f"messages[{i}]" for i in range(len(msgs))]
+        labels = list(labels) if labels is not None else [f"messages[{i}]" for i in range(len(msgs))]
         if self.system:
             if msgs and msgs[0].get("role") == "system":
                 msgs[0]["content"] = f"{self.system}\n\n{msgs[0].get('content') or ''}"
@@ -316,7 +462,7 @@ class LlamaMember:
             else:
                 msgs.insert(0, {"role": "system", "content": self.system})
                 labels.insert(0, f"the system prompt of member {self.name!r}")
-        return self.model.chat_tokens(msgs, labels, self.template)
+        return self.model.chat_tokens(msgs, labels, self.template, tools)
 
     def raw_prompt(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_special=True)

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,15 +18,18 @@ from llama_cpp import llama_cpp as L
 
 from ... import chat_templates
 from ...chat_templates import ChatTemplate
+from ...core.types import GrammarSpec
 from ...errors import RequestError
+from ...fim import FIM_NAMES, FimTokens
 from ..cpu import cpu_flags, decide_repack
 from ..gguf_check import read_gguf_header
 from ..hugepages import load_with_huge_pages
-from ..types import ChatMessage
+from ..types import ChatMessage, ToolDefinitions
 from . import chat_template
 from ._lib import capture_errors, init_backend, load_failure, log
 
 if TYPE_CHECKING:
+    from .grammar import LlamaGrammar, PrefixIndex
     from .threads import CpuShare
 
 
@@ -113,6 +116,9 @@ class LoadedModel:
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.fim = FimTokens(**{name: int(getattr(L, f"llama_vocab_fim_{name}")(self.vocab)) for name in FIM_NAMES})
+        """The fill-in-the-middle tokens llama.cpp found (GGUF keys ``tokenizer.ggml.fim_*_token_id``, or
+        known token texts such as ``<|fim_prefix|>``)."""
         self._eog: npt.NDArray[np.bool_] = np.array(
             [bool(L.llama_vocab_is_eog(self.vocab, t)) for t in range(self.n_vocab)])
         self.pieces = [self._piece(t, special=False) for t in range(self.n_vocab)]
@@ -193,34 +199,130 @@ class LoadedModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.pieces[t] for t in tokens).decode("utf-8", "replace")
 
+    # -- grammars ------------------------------------------------------------------
+    _grammar_banned: npt.NDArray[np.bool_] | None = None
+    _byte_tokens: dict[int, int] | None = None
+
+    @property
+    def grammar_banned(self) -> npt.NDArray[np.bool_]:
+        """Per token id: not end-of-generation, and its text as a grammar reads it (llama.cpp
+        renders pieces with special tokens as their text: ``<|im_start|>``, ``<pad>``) differs
+        from the text me-local writes for it (nothing, for a control token). Such tokens are
+        never drawn under a grammar, or the output would differ from what the grammar matched
+        (built once: a piece per token)."""
+        if self._grammar_banned is None:
+            banned = np.zeros(self.n_vocab, dtype=bool)
+            for t in range(self.n_vocab):
+                if not self._eog[t] and self._piece(t, special=True) != self.pieces[t]:
+                    banned[t] = True
+            self._grammar_banned = banned
+        return self._grammar_banned
+
+    _grammar_index: PrefixIndex | None = None
+
+    @property
+    def grammar_index(self) -> PrefixIndex:
+        """The tokens by their first bytes, for grammar masks (built once)."""
+        if self._grammar_index is None:
+            from .grammar import PrefixIndex
+
+            self._grammar_index = PrefixIndex(self)
+        return self._grammar_index
+
+    def byte_token(self, byte: int) -> int | None:
+        """A token whose text is exactly the byte ``byte`` (None: the vocabulary has none)."""
+        if self._byte_tokens is None:
+            banned = self.grammar_banned
+            table: dict[int, int] = {}
+            for t, p in enumerate(self.pieces):
+                if len(p) == 1 and p[0] not in table and not banned[t] and not self._eog[t]:
+                    table[p[0]] = t
+            self._byte_tokens = table
+        return self._byte_tokens.get(byte)
+
+    def spell(self, data: bytes) -> list[int] | None:
+        """Tokens whose texts concatenate to exactly ``data`` (to advance a grammar over text
+        another member wrote): this vocabulary's own tokenization of the text when it spells
+        the bytes exactly (and uses no banned token), else one token per byte. None when a
+        byte has no token of its own."""
+        banned = self.grammar_banned
+        rest = data
+        out: list[int] = []
+        head = data[: len(data) - _incomplete_tail(data)]
+        try:
+            text = head.decode("utf-8") if head else None
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            tokens = self.tokenize_text(text)
+            if b"".join(self.pieces[t] for t in tokens) == head and not any(banned[t] for t in tokens):
+                out, rest = tokens, data[len(head):]
+        for b in rest:
+            t = self.byte_token(b)
+            if t is None:
+                return None
+            out.append(t)
+        return out
+
     def template(self, configured: str | None = None) -> ChatTemplate:
         """The chat template of a member whose models.yaml ``chat_template`` is ``configured``
         (None: this file's own, or the default when it has none), and where it came from."""
         return chat_templates.choose(configured, self.chat_template)
 
-    def format_chat(self, messages: Sequence[ChatMessage], template: ChatTemplate | None = None) -> str:
-        """``messages`` rendered by ``template`` (default: :meth:`template`)."""
+    def format_chat(self, messages: Sequence[ChatMessage], template: ChatTemplate | None = None,
+                    tools: ToolDefinitions | None = None) -> str:
+        """``messages`` rendered by ``template`` (default: :meth:`template`), which receives ``tools``."""
         t = template or self.template()
         return chat_template.render(t.text, messages, eos_text=self.eos_text, bos_text=self.bos_text,
-                                    who=t.named_for(self.path.name))
+                                    who=t.named_for(self.path.name), tools=tools)
 
     def chat_tokens(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None = None,
-                    template: ChatTemplate | None = None) -> list[int]:
-        """The prompt for chat messages, rendered by ``template`` (default: :meth:`template`).
-        Only the template's own markup may produce special tokens: text in a message's content
-        that reads as a control token (``<|im_end|>``) is tokenized as plain text, so a user
-        cannot forge turns. ``labels`` name the messages in errors (default ``messages[i]``)."""
+                    template: ChatTemplate | None = None, tools: ToolDefinitions | None = None) -> list[int]:
+        """The prompt for chat messages, rendered by ``template`` (default: :meth:`template`), which
+        receives ``tools``. Only the template's own markup may produce special tokens: text in a
+        message's content that reads as a control token (``<|im_end|>``) is tokenized as plain
+        text, so a user cannot forge turns. What the template renders as markup besides the
+        content (tool definitions, an assistant's calls, a result's call id and name) cannot be
+        kept apart that way, so control-token text there is refused. ``labels`` name the
+        messages in errors (default ``messages[i]``)."""
         template = template or self.template()
+        self._refuse_markup(messages, labels, tools)
         marked = {}
         for i, m in enumerate(messages):
             found = self._control_texts(m.get("content") or "")
             if found is not None:
                 marked[i] = found
         if not marked:  # nothing at stake: the rendered text as one piece, exactly as always
-            text = self.format_chat(messages, template)
+            text = self.format_chat(messages, template, tools)
             starts_with_bos = bool(self.bos_text) and text.startswith(self.bos_text)
             return self.tokenize(text, add_special=self.add_bos and not starts_with_bos)
-        return self._chat_tokens_with_text_content(messages, marked, labels, template)
+        return self._chat_tokens_with_text_content(messages, marked, labels, template, tools)
+
+    def _refuse_markup(self, messages: Sequence[ChatMessage], labels: Sequence[str] | None,
+                       tools: ToolDefinitions | None) -> None:
+        """A RequestError naming the first string of the tools, or of a message besides its role and
+        content, that holds control-token text of this vocabulary."""
+        places: list[tuple[str, str, Any]] = [("tools", f"tools[{i}]", t) for i, t in enumerate(tools or ())]
+        for i, m in enumerate(messages):
+            label = labels[i] if labels is not None else f"messages[{i}]"
+            places += [("messages", f"{label}.{k}", v) for k, v in m.items() if k not in ("role", "content")]
+        for param, path, value in places:
+            stack = [(path, value)]
+            while stack:
+                where, v = stack.pop()
+                if isinstance(v, dict):
+                    for k, item in v.items():
+                        stack.append((f"{where}.{k}", item))
+                        stack.append((f"a key of {where}", str(k)))
+                elif isinstance(v, (list, tuple)):
+                    stack += [(f"{where}[{j}]", item) for j, item in enumerate(v)]
+                elif isinstance(v, str):
+                    found = self._control_texts(v)
+                    if found is not None:
+                        raise RequestError(
+                            f"{where} contains {', '.join(found) or 'control-token text'}, which is markup for "
+                            f"{self.path.name}; its chat template writes this field as markup, not as text: "
+                            "remove it", param=param)
 
     _control_pattern: re.Pattern[str] | None = None
 
@@ -245,7 +347,8 @@ class LoadedModel:
         return list(dict.fromkeys(found))
 
     def _chat_tokens_with_text_content(self, messages: Sequence[ChatMessage], marked: dict[int, list[str]],
-                                       labels: Sequence[str] | None, template: ChatTemplate) -> list[int]:
+                                       labels: Sequence[str] | None, template: ChatTemplate,
+                                       tools: ToolDefinitions | None = None) -> list[int]:
         """Tokenize the template's pieces with special-token parsing and the contents
         without (:func:`chat_template.split_at_contents`). The pieces' boundaries may
         tokenize a little differently from one whole text, so this path is taken only when
@@ -260,8 +363,8 @@ class LoadedModel:
                 param="messages",
             )
 
-        pieces = chat_template.split_at_contents(lambda msgs: self.format_chat(msgs, template), messages, marked,
-                                                 refuse)
+        pieces = chat_template.split_at_contents(lambda msgs: self.format_chat(msgs, template, tools), messages,
+                                                 marked, refuse)
         # BOS as for the whole text: added unless the template's text starts with it
         starts_with_bos = bool(self.bos_text) and pieces[0][0].startswith(self.bos_text)
         tokens = [self.bos] if self.add_bos and self.bos >= 0 and not starts_with_bos else []
@@ -270,10 +373,29 @@ class LoadedModel:
                 tokens += self.tokenize(piece, add_special=False, parse_special=not is_content)
         return tokens
 
+    def make_grammar(self, spec: GrammarSpec, member: str) -> LlamaGrammar:
+        """A fresh grammar state for ``spec`` over this vocabulary (RequestError when llama.cpp
+        cannot use it)."""
+        from .grammar import LlamaGrammar
+
+        return LlamaGrammar(self, spec, member)
+
     def close(self) -> None:
         if self.ptr:
             L.llama_model_free(self.ptr)
             self.ptr = None
+
+
+def _incomplete_tail(data: bytes) -> int:
+    """How many bytes at the end of ``data`` begin a UTF-8 character that is not complete."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b < 0x80:
+            return 0
+        if b >= 0xC0:  # a lead byte
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return back if back < need else 0
+    return 0
 
 
 def inspect_model(path: Path) -> LoadedModel:
