@@ -319,6 +319,8 @@ def build_tiny_model(
     arch: str = "llama",
     word_row_scale: float | None = None,
     byte_row_scale: float | None = None,
+    add_eos: bool = False,
+    pooling_type: int | None = None,
     fim: bool = False,
 ) -> Path:
     """Write a tiny random-weight llama GGUF model to ``path`` and return it.
@@ -333,8 +335,10 @@ def build_tiny_model(
     a file llama.cpp refuses as an unknown architecture. ``word_row_scale`` and
     ``byte_row_scale`` scale the output rows of the word-initial tokens (text starting
     with whitespace) and of the single-byte tokens (default: :data:`ROW_SCALES`); above 1,
-    more of those tokens are sampled. ``fim`` adds the family's :data:`FIM_TOKENS` after the last id
-    (CONTROL tokens, zero output rows) and their GGUF keys.
+    more of those tokens are sampled. ``add_eos=True`` makes tokenizing append the EOS (as some
+    embedding models do); ``pooling_type`` writes ``{arch}.pooling_type`` (llama.cpp's numbers:
+    1 mean, 2 cls, 3 last, 4 rank), the pooling an embedding model declares. ``fim`` adds the
+    family's :data:`FIM_TOKENS` after the last id (CONTROL tokens, zero output rows) and their GGUF keys.
     The file is written under a temporary name and renamed into place.
     """
     path = Path(path)
@@ -413,7 +417,9 @@ def build_tiny_model(
     writer.add_eos_token_id(eos)
     writer.add_eot_token_id(eot)
     writer.add_add_bos_token(spm if add_bos is None else add_bos)
-    writer.add_add_eos_token(False)
+    writer.add_add_eos_token(add_eos)
+    if pooling_type is not None:
+        writer.add_pooling_type(gguf.PoolingType(pooling_type))
     if template is not None:
         writer.add_chat_template(template)
     for name, token in fim_ids.items():

@@ -317,6 +317,9 @@ class FakeFactory:
     def __call__(self, mc: Any, ens: Any) -> EngineMember:
         return EngineMember(mc.name, self, chat_template=mc.chat_template, n_ctx=self.n_ctx or ens.n_ctx)
 
+    def embedder(self, mc: Any, ens: Any) -> FakeEmbedder:
+        return FakeEmbedder(mc.name, n_ctx=self.n_ctx or ens.n_ctx)
+
     def tokenizing(self, text: str) -> None:
         with self._lock:
             self.tokenized.append(text)
@@ -367,3 +370,34 @@ class WordFake(FakeMember):
 
     def make_word_start_sampler(self, params: SamplingParams, seed: int) -> NumpySampler:
         return NumpySampler(self.logits, params, seed, allowed=self._word_start)
+
+
+class FakeEmbedder:
+    """An embedding context (backends.types.Embedder) over EngineMember's tokenization (each byte a
+    token): an input's vector is the mean of a fixed random vector per token id, from the member's
+    name, so members differ and the same text always gets the same vector."""
+
+    pooling = "mean"
+    adds_eos = False
+
+    def __init__(self, name: str, n_ctx: int, n_vocab: int = 12, n_embd: int = 8) -> None:
+        self.name = name
+        self.n_ctx = n_ctx
+        self.n_vocab = n_vocab
+        self.n_embd = n_embd
+        seed = sum(name.encode())
+        self._table = np.random.default_rng(seed).normal(size=(n_vocab, n_embd))
+        self.calls: list[list[list[int]]] = []
+        self.closed = False
+
+    def tokenize(self, text: str) -> list[int]:
+        return [b % self.n_vocab for b in text.encode()]
+
+    def embed(self, inputs: Sequence[Sequence[int]], cancel: Callable[[], bool] | None = None) -> np.ndarray:
+        self.calls.append([list(t) for t in inputs])
+        if cancel is not None and cancel():
+            raise Cancelled
+        return np.stack([self._table[list(t)].mean(axis=0) for t in inputs])
+
+    def close(self) -> None:
+        self.closed = True

@@ -163,6 +163,10 @@ class ThrottledFactory:
     def throttle(self, ensemble: str, slot: int = 0) -> Throttle:
         return self.throttles.setdefault((ensemble, slot), Throttle())
 
+    def embedder(self, mc: Any, ens: Any) -> Any:
+        """Embedding contexts are never held back: they are apart from the slots."""
+        return self._base.embedder(mc, ens)
+
     def open_all(self) -> None:
         for t in self.throttles.values():
             t.open()

@@ -213,6 +213,11 @@ FIELDS = {
     "raw": st.booleans() | anything,
     "system": st.text(max_size=10) | anything,
     "keep_alive": anything,
+    "input": st.text(max_size=20) | st.lists(st.text(max_size=8) | st.lists(small, max_size=4) | small, max_size=3)
+    | anything,
+    "encoding_format": st.sampled_from(["float", "base64", "x"]) | anything,
+    "dimensions": small | anything,
+    "truncate": st.booleans() | anything,
     "tools": st.lists(tool, max_size=2) | anything,
     "tool_choice": st.sampled_from(["auto", "none", "required", "sometimes"]) | st.fixed_dictionaries(
         {"type": st.sampled_from(["function", "allowed_tools", "custom"]) | anything,
@@ -225,6 +230,9 @@ VALID = {
     "/api/chat": {"model": "tiny", "messages": HELLO, "options": {"num_predict": 3}},
     "/api/generate": {"model": "tiny", "prompt": "Hi", "options": {"num_predict": 3}},
     "/api/show": {"model": "tiny"},
+    "/v1/embeddings": {"model": "pair", "input": "Hi"},
+    "/api/embed": {"model": "pair", "input": ["Hi"]},
+    "/api/embeddings": {"model": "tiny", "prompt": "Hi"},
 }
 random_bodies = st.fixed_dictionaries({}, optional=FIELDS)
 mutations = st.lists(st.sampled_from(sorted(FIELDS)), max_size=2, unique=True).flatmap(

@@ -79,6 +79,17 @@ EXAMPLES[F.OLLAMA_GENERATE.title] = {
     **OLLAMA_COMMON, "prompt": "Hi", "system": "Be brief.", "raw": False, "suffix": "end", "images": ["aGk="],
     "template": "{{ .Prompt }}", "context": [1, 2, 3], "width": 512, "height": 512, "steps": 4,
 }
+EMBED_DIMS = 24  # the fake members' vectors (8 each) of the three members of `tiny`, concatenated
+EXAMPLES[F.OPENAI_EMBEDDINGS.title] = {
+    "input": ["Hi", "there"], "model": "tiny", "encoding_format": "base64", "dimensions": EMBED_DIMS, "user": "someone",
+}
+EXAMPLES[F.OLLAMA_EMBED.title] = {
+    "model": "tiny:latest", "input": ["Hi", "there"], "truncate": False, "options": {"num_ctx": 64},
+    "dimensions": EMBED_DIMS, "keep_alive": "5m",
+}
+EXAMPLES[F.OLLAMA_EMBEDDINGS.title] = {"model": "tiny:latest", "prompt": "Hi", "options": {"num_ctx": 64},
+                                       "keep_alive": "5m"}
+EXAMPLES[F.OLLAMA_EMBED_OPTIONS.title] = dict(EXAMPLES[F.OLLAMA_OPTIONS.title])
 INFILL_BODY = {"input_prefix": "def f():\n", "input_suffix": "\n", "n_predict": 2}
 EXAMPLES[F.INFILL.title] = {
     **INFILL_BODY, "input_extra": [{"filename": "a.py", "text": "x = 1\n"}], "prompt": "    ret",
@@ -133,6 +144,14 @@ def request_with(table: F.Table, name: str, value: Any) -> tuple[str, dict[str, 
     if table is F.OLLAMA_OPTIONS:
         return "/api/chat", {"model": "tiny", "messages": HELLO, "stream": False,
                              "options": {"num_predict": 2, name: value}}
+    if table is F.OPENAI_EMBEDDINGS:
+        return "/v1/embeddings", {"model": "tiny", "input": "Hi", name: value}
+    if table is F.OLLAMA_EMBED:
+        return "/api/embed", {"model": "tiny", "input": "Hi", name: value}
+    if table is F.OLLAMA_EMBEDDINGS:
+        return "/api/embeddings", {"model": "tiny", "prompt": "Hi", name: value}
+    if table is F.OLLAMA_EMBED_OPTIONS:
+        return "/api/embed", {"model": "tiny", "input": "Hi", "options": {name: value}}
     if table is F.INFILL:
         return "/infill", {"model": "tiny", **INFILL_BODY, name: value}
     if table is F.INFILL_EXTRA:

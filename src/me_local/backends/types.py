@@ -15,6 +15,9 @@ sampler, cache). The engine needs a little more, and only this:
 - :class:`MemberFactory`, which makes a member context from a member's configuration.
   The context it returns is owned by the caller: closing it releases everything the
   factory took for it.
+- :class:`Embedder`, a member's embedding context (a context of its own over the member's
+  model, apart from the slots), which a factory that can embed (:class:`EmbedderFactory`)
+  makes; owned by the caller as a member context is.
 
 ``me_local.backends.llama`` implements them with llama.cpp; tests implement them with
 fakes (tests/fakes.py). Nothing here imports a backend.
@@ -22,9 +25,12 @@ fakes (tests/fakes.py). Nothing here imports a backend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
 
 from ..chat_templates import ChatTemplate
 from ..core.likelihood import TextMember
@@ -188,3 +194,55 @@ class MemberFactory(Protocol):
     """Makes the member context for one member of an ensemble (one per slot)."""
 
     def __call__(self, member: MemberConfig, ensemble: EnsembleConfig, /) -> MemberContext: ...
+
+
+class Embedder(Protocol):
+    """A member's embedding context: the token vectors of its model's last layer, pooled as its
+    file declares (:mod:`me_local.core.embedding`), for inputs of at most :attr:`n_ctx` tokens."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def n_embd(self) -> int:
+        """The length of a vector."""
+        ...
+
+    @property
+    def n_ctx(self) -> int:
+        """The most tokens an input may have."""
+        ...
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def pooling(self) -> str:
+        """mean, cls or last."""
+        ...
+
+    @property
+    def adds_eos(self) -> bool:
+        """Whether :meth:`tokenize` ends an input with the EOS (kept when an input is cut)."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """An input's tokens: the text as text, with the special tokens the model adds to one."""
+        ...
+
+    def embed(self, inputs: Sequence[Sequence[int]], cancel: Callable[[], bool] | None = None
+              ) -> npt.NDArray[np.float64]:
+        """Each input's pooled vector (not normalised): one row per input. ``cancel`` is checked
+        between decodes (:class:`~me_local.core.types.Cancelled`)."""
+        ...
+
+    def close(self) -> None:
+        """Free the context and release the hold on its model. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class EmbedderFactory(Protocol):
+    """A member factory that can also make a member's embedding context."""
+
+    def embedder(self, member: MemberConfig, ensemble: EnsembleConfig, /) -> Embedder: ...

@@ -9,6 +9,8 @@ requests in arrival order, gives each the free slot with the longest cached
 prefix, and runs the pure core's generation loop.
 
     engine.py    Engine, Request, Run, collect, sampling_params
+    embedding.py EmbedRequest, EmbedResult (Engine.embed: vectors of texts, in embedding contexts of
+                 their own), embedding_members
     limits.py    LineLimits: llama-server's n_indent and t_max_predict_ms over a generation's text
     scoring.py   ScoreRequest (Engine.score: a text's likelihood under the ensemble), plan_score
     ensemble.py  LoadedEnsemble (slots and the line of waiting requests), Slot, Ticket,
@@ -22,6 +24,7 @@ It talks to members only through the backend seam (:mod:`me_local.backends.types
 from ..backends.types import MemberContext, MemberFactory
 from ..errors import QueueFullError
 from ..fim import FimChunk, FimInput, FimPrompt
+from .embedding import EmbedRequest, EmbedResult, embedding_members
 from .engine import Engine, Plan, Request, Run, SamplingOverrides, collect, sampling_params
 from .ensemble import CANCEL_POLL_S, LoadedEnsemble, Slot, Ticket, VocabularyPlan, plan_vocabulary
 from .factory import LlamaMemberFactory, llama_member_factory
@@ -32,6 +35,8 @@ from .scoring import ScorePlan, ScoreRequest, plan_score
 __all__ = [
     "CANCEL_POLL_S",
     "ROLES",
+    "EmbedRequest",
+    "EmbedResult",
     "Engine",
     "FimChunk",
     "FimInput",
@@ -53,6 +58,7 @@ __all__ = [
     "Ticket",
     "VocabularyPlan",
     "collect",
+    "embedding_members",
     "fit_messages",
     "llama_member_factory",
     "normalize_messages",

@@ -23,6 +23,7 @@ from ..settings import GRANULARITIES, MODES, SAMPLING_DEFAULTS
 from ..tools import Format, ToolPrompt, ToolSpec, uses_tools
 from ..tools import prepare as prepare_tools
 from ..tools.grammar import tool_grammar
+from .embedding import EmbedRequest, EmbedResult, run_embed
 from .ensemble import LoadedEnsemble, Ticket, Unloading
 from .factory import llama_member_factory
 from .limits import LineLimits, apply_limits
@@ -457,6 +458,13 @@ class Engine:
             return run_score(slot.members, plan, request, cancel)
         finally:
             loaded.leave(ticket)
+
+    def embed(self, request: EmbedRequest, cancel: Callable[[], bool] | None = None) -> EmbedResult:
+        """Embed ``request``'s inputs on the calling thread (engine/embedding.py): each member of the
+        embedding through its own embedding context, made on first use and kept with the ensemble.
+        Generation slots are not involved: an embedding never waits for one. ``cancel`` firing while
+        another request holds an embedding context, or between decodes, raises :class:`Cancelled`."""
+        return run_embed(self.ensemble(request.ensemble), request, cancel)
 
     def start(
         self,

@@ -1,20 +1,22 @@
 """A loaded ensemble: its slots (a member context per member, created on first use, grown
 when a request asks for a larger context), the line of requests waiting for one, how long it
-stays loaded once idle (``keep_alive``), and its vocabulary plan (shared: token by token;
-different: word by word)."""
+stays loaded once idle (``keep_alive``), its vocabulary plan (shared: token by token;
+different: word by word), and its members' embedding contexts (created on first use, apart
+from the slots)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from ..backends.types import MemberContext, MemberFactory
+from ..backends.types import Embedder, EmbedderFactory, MemberContext, MemberFactory
 from ..config import EnsembleConfig
-from ..core import common_prefix
-from ..errors import ConfigError, QueueFullError, RequestError, VocabMismatchError
+from ..core import Cancelled, common_prefix
+from ..errors import BackendError, ConfigError, QueueFullError, RequestError, VocabMismatchError
 from .tools import ToolPlanner
 
 CANCEL_POLL_S = 0.05
@@ -102,6 +104,10 @@ class LoadedEnsemble:
         self._opening = 0
         self._open_lock = threading.Lock()
         """Slots are opened one at a time, outside ``_cond`` (a context takes a while to create)."""
+        self._embedders: dict[int, Embedder] = {}
+        self._embedder_locks: dict[int, threading.Lock] = {}
+        self._embed_lock = threading.Lock()
+        """Embedding contexts are made one at a time."""
         # the first slot is built now: it loads the models and checks the vocabulary
         self._slots.append(self._new_slot(0))
         try:
@@ -362,12 +368,51 @@ class LoadedEnsemble:
         if idle:
             self._idle()
 
+    def embedder(self, index: int) -> tuple[Embedder, float]:
+        """Member ``index``'s embedding context, made on first use (a llama context of its own over the
+        member's weights: generation slots are never touched), and the seconds making it took now."""
+        with self._embed_lock:
+            found = self._embedders.get(index)
+            if found is not None:
+                return found, 0.0
+            if not isinstance(self._factory, EmbedderFactory):
+                raise BackendError(f"the members of ensemble {self.config.name!r} come from a backend that makes "
+                                   "no embeddings")
+            t0 = time.perf_counter()
+            made = self._factory.embedder(self.config.members[index], self.config)
+            self._embedders[index] = made
+            self._embedder_locks[index] = threading.Lock()
+            return made, time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def using_embedder(self, index: int, cancel: Callable[[], bool] | None = None) -> Iterator[Embedder]:
+        """Member ``index``'s embedding context (made already, by :meth:`embedder`), held for one
+        request at a time; ``cancel`` firing while another holds it raises Cancelled."""
+        embedder, _ = self.embedder(index)
+        lock = self._embedder_locks[index]
+        while not lock.acquire(timeout=CANCEL_POLL_S):
+            if cancel is not None and cancel():
+                raise Cancelled
+        try:
+            yield embedder
+        finally:
+            lock.release()
+
+    @property
+    def embedders(self) -> dict[int, Embedder]:
+        """The embedding contexts made so far, by member index."""
+        return dict(self._embedders)
+
     def close(self) -> None:
         """Close every slot's contexts (giving back their models). Its members stay readable for
         the facts that live in Python (pieces, vocabulary texts); tokenizing with them fails."""
         for s in self._slots:
             s.close()
         self._slots.clear()
+        with self._embed_lock:
+            for e in self._embedders.values():
+                e.close()
+            self._embedders.clear()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from ..errors import SettingError
 from ..runtime import prepare
 
 if TYPE_CHECKING:
-    from ..backends.llama import LlamaMember, ModelStore
+    from ..backends.llama import LlamaEmbedder, LlamaMember, ModelStore
 
 
 class LlamaMemberFactory:
@@ -38,6 +38,14 @@ class LlamaMemberFactory:
         except SettingError as exc:  # an ensemble's setting that does not suit this model: say where it is set
             raise SettingError(exc.reason, setting=exc.setting, file=ensemble.file,
                                key=f"ensembles.{ensemble.name}.{exc.setting}") from None
+
+    def embedder(self, member: MemberConfig, ensemble: EnsembleConfig, /) -> LlamaEmbedder:
+        """The member's embedding context: its own llama context over the same loaded weights."""
+        from ..backends.llama import EmbedSettings, LoadSettings
+
+        load = LoadSettings.resolve(member.repack, mmap=member.mmap, n_gpu_layers=member.n_gpu_layers)
+        settings = EmbedSettings(n_ctx=ensemble.n_ctx, n_batch=ensemble.n_batch, n_threads=member.n_threads)
+        return self.store.open_embedder(member.name, member.resolve_path(), load, settings)
 
 
 def llama_member_factory(store: ModelStore | None = None) -> LlamaMemberFactory:

@@ -3,7 +3,7 @@
 The public surface: :class:`Server` and :class:`ServerSettings` (run, reload,
 stop, readiness callbacks), :func:`config_loader`, :func:`create_app` and
 :class:`ServerState` (for embedding and tests). The rest is private modules:
-``wire`` (exact frames), ``openai`` and ``ollama`` (routes), ``security``,
+``wire`` (exact frames), ``openai``, ``ollama`` and ``embeddings`` (routes), ``security``,
 ``metrics``, ``bridge`` (worker thread -> event loop).
 """
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from .. import __version__
 from ..errors import MeLocalError
 from ..logs import AccessRecord
-from . import infill, ollama, openai, tokens
+from . import embeddings, infill, ollama, openai, tokens
 from . import metrics as prom
 from .errors import ApiError, from_exception
 from .security import add_cors_headers, security_middleware
@@ -151,6 +151,7 @@ def create_app(state: ServerState) -> web.Application:
     openai.add_routes(app)
     ollama.add_routes(app)
     tokens.add_routes(app)
+    embeddings.add_routes(app)
     infill.add_routes(app)
     app.cleanup_ctx.append(_engine_ctx)
     app.on_shutdown.append(_on_shutdown)

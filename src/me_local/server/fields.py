@@ -283,6 +283,49 @@ OLLAMA_MESSAGE = _table("Ollama chat message (`messages[i]`)", "a field of a cha
     H("tool_call_id", "the call a `tool` message answers"),
 ], prefix="messages[].")
 
+_DIMENSIONS = ("only the vectors' own length (400 otherwise, naming it): me-local's models are not trained to "
+               "be cut to fewer")
+OPENAI_EMBEDDINGS = _table("OpenAI `POST /v1/embeddings`", "a field of /v1/embeddings", [
+    H("input", "a string, a list of strings, a list of token ids or a list of such lists (at most 2048 inputs); "
+      "an input longer than the context is a 400"),
+    H("model", "an ensemble (its members' vectors concatenated, see [Embeddings](#embeddings)) or "
+      "`ENSEMBLE/MEMBER`; missing: the default ensemble"),
+    H("encoding_format", "`float` (default) or `base64` (little-endian float32)"),
+    H("dimensions", _DIMENSIONS),
+    N("user", "an end-user id for the provider's abuse monitoring; me-local keeps nothing"),
+])
+
+_EMBED_KEEP_ALIVE = N("keep_alive", "how long Ollama keeps the model loaded; me-local keeps the embedding "
+                      "contexts, made on first use, while it runs")
+_SAMPLING_ONLY = "a generation setting; an embedding generates nothing"
+_LOAD_TIME = ("num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa", "low_vram",
+              "f16_kv", "logits_all", "vocab_only", "embedding_only")
+OLLAMA_EMBED_OPTIONS = _table("Ollama `options` (`/api/embed`, `/api/embeddings`)", "an Ollama option", [
+    H("num_ctx", "the most tokens an input may have (longer: cut or 400, see `truncate`), at most the ensemble's "
+      "`n_ctx` (larger: 400 naming the fix)"),
+    *[OLLAMA_OPTIONS.fields[name] if name in _LOAD_TIME else N(name, _SAMPLING_ONLY)
+      for name in OLLAMA_OPTIONS.fields if name != "num_ctx"],
+], prefix="options.")
+
+OLLAMA_EMBED = _table("Ollama `POST /api/embed`", "a field of /api/embed", [
+    MODEL,
+    H("input", "a string or a list of strings; empty: no vectors, and the embedding contexts are made (loaded)"),
+    H("truncate", "`true` (default): an input longer than the context is cut to its first tokens (its EOS kept, "
+      "where the model adds one), and `me_local.truncated` lists it; `false`: a 400"),
+    H("options", "see `options` below"),
+    H("dimensions", _DIMENSIONS + " (Ollama cuts and renormalises)"),
+    _EMBED_KEEP_ALIVE,
+], hints={**{f.name: _OPTION_HINT for f in OLLAMA_OPTIONS_ROWS}, "prompt": "/api/embed takes `input`"})
+
+OLLAMA_EMBEDDINGS = _table("Ollama `POST /api/embeddings` (the older route)", "a field of /api/embeddings", [
+    MODEL,
+    H("prompt", "a string; empty: `{\"embedding\": []}`, and the embedding contexts are made. An input longer "
+      "than the context is a 400"),
+    H("options", "see `options` above"),
+    _EMBED_KEEP_ALIVE,
+], hints={**{f.name: _OPTION_HINT for f in OLLAMA_OPTIONS_ROWS}, "input": "/api/embeddings takes `prompt`; "
+          "/api/embed takes `input`"})
+
 INFILL = _table("llama-server `POST /infill`", "a field of /infill", [
     H("input_prefix", "the text before the gap (required; `\"\"` for none)"),
     H("input_suffix", "the text after the gap (required; `\"\"` for none)"),
@@ -335,7 +378,8 @@ INFILL_EXTRA = _table("`/infill` extra context (`input_extra[i]`)", "a field of 
 ], prefix="input_extra[].")
 
 TABLES = (OPENAI_CHAT, OPENAI_COMPLETIONS, STREAM_OPTIONS, OPENAI_MESSAGE,
-          OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_OPTIONS, OLLAMA_MESSAGE, INFILL, INFILL_EXTRA)
+          OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_OPTIONS, OLLAMA_MESSAGE, INFILL, INFILL_EXTRA,
+          OPENAI_EMBEDDINGS, OLLAMA_EMBED, OLLAMA_EMBEDDINGS, OLLAMA_EMBED_OPTIONS)
 
 
 def check(obj: dict[str, Any], table: Table, at: str | None = None) -> None:

@@ -7,6 +7,7 @@
     chat_template.py  rendering a file's chat template; splitting it at message contents
     context.py        LlamaMember (one member in one slot: a llama context), NativeSampler,
                       ContextSettings
+    embedding.py      LlamaEmbedder (a member's embedding context, apart from the slots), EmbedSettings
     store.py          ModelStore: each file loaded once and shared; the CPU shared between slots
     threads.py        CpuShare and the thread counts (no llama_cpp)
     baseline.py       the bench's reference: llama-cpp-python's own completion loop, timed
@@ -21,6 +22,7 @@ from ._lib import llama_cpp_version, supports_gpu_offload
 from .baseline import BaselineCompletion, CompletionTiming, baseline_completion_speed
 from .chat_template import DEFAULT_CHAT_TEMPLATE
 from .context import ContextSettings, LlamaMember, NativeSampler
+from .embedding import EmbedSettings, LlamaEmbedder
 from .model import LoadedModel, LoadSettings, inspect_model
 from .store import ModelStore
 from .threads import CpuShare, available_cpus, default_threads
@@ -32,6 +34,8 @@ __all__ = [
     "CompletionTiming",
     "ContextSettings",
     "CpuShare",
+    "EmbedSettings",
+    "LlamaEmbedder",
     "LlamaMember",
     "LoadSettings",
     "LoadedModel",

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from .context import ContextSettings, LlamaMember
+from .embedding import EmbedSettings, LlamaEmbedder
 from .model import LoadedModel, LoadSettings
 from .threads import CpuShare
 
@@ -59,6 +60,17 @@ class ModelStore:
         try:
             return LlamaMember(name, model, settings, system=system, gate=self.gate, store=self,
                                chat_template=chat_template)
+        except BaseException:
+            self.release(model)
+            raise
+
+    def open_embedder(self, name: str, path: Path, load: LoadSettings, settings: EmbedSettings) -> LlamaEmbedder:
+        """A member's embedding context over this store's load of ``path`` (the weights its
+        generation contexts use), decoding through the same gate; its ``close()`` gives the
+        model back."""
+        model = self.acquire(path, load)
+        try:
+            return LlamaEmbedder(name, model, settings, gate=self.gate, store=self)
         except BaseException:
             self.release(model)
             raise
