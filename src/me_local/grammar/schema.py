@@ -156,7 +156,8 @@ def _segment(seg: str | int) -> str:
     return f"[{seg}]" if isinstance(seg, int) else f".{seg}"
 
 
-def _type_name(v: Any) -> str:
+def json_type_name(v: Any) -> str:
+    """The JSON type of a value parsed from JSON, as errors name it (``number`` for integers too)."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -181,7 +182,7 @@ def _matches_type(value: Any, t: str) -> bool:
         return _is_int(value) or (isinstance(value, float) and value.is_integer())
     if t == "number":
         return _is_number(value)
-    return _type_name(value) == t
+    return json_type_name(value) == t
 
 
 class _Converter:
@@ -215,7 +216,7 @@ class _Converter:
         if s is False:
             raise self.refuse(path, "is `false`, which no value matches; remove the property or give it a schema")
         if not isinstance(s, dict):
-            raise self.invalid(path, f"must be a JSON Schema (an object), got {_type_name(s)}")
+            raise self.invalid(path, f"must be a JSON Schema (an object), got {json_type_name(s)}")
         for key, value in s.items():
             at = (*path, key)
             if key in REFUSED and not (key == "uniqueItems" and value is False):
@@ -230,7 +231,7 @@ class _Converter:
     def _check_value(self, key: str, value: Any, s: dict[str, Any], at: Path) -> None:
         if key in ("properties", "$defs", "definitions"):
             if not isinstance(value, dict):
-                raise self.invalid(at, f"must be an object of schemas, got {_type_name(value)}")
+                raise self.invalid(at, f"must be an object of schemas, got {json_type_name(value)}")
             for name, sub in value.items():
                 self.check(sub, (*at, name))
         elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
@@ -268,7 +269,7 @@ class _Converter:
                 raise self.invalid(at, f"must be a number, got {json.dumps(value)}")
         elif key == "pattern":
             if not isinstance(value, str):
-                raise self.invalid(at, f"must be a string, got {_type_name(value)}")
+                raise self.invalid(at, f"must be a string, got {json_type_name(value)}")
             try:
                 pattern_gbnf(value, lambda hint, body: "x", "x")
             except PatternError as exc:
@@ -281,7 +282,7 @@ class _Converter:
                                   f"({', '.join(FORMATS)}); remove it, or describe the text with `pattern`")
         elif key == "$ref":
             if not isinstance(value, str):
-                raise self.invalid(at, f"must be a string, got {_type_name(value)}")
+                raise self.invalid(at, f"must be a string, got {json_type_name(value)}")
             self.resolve(value, at)
         elif key == "nullable":
             if not isinstance(value, bool):

@@ -20,6 +20,7 @@ from aiohttp import web
 from .. import settings as S
 from ..config import Config, EnsembleConfig
 from ..engine import Messages, Request, normalize_messages, sampling_params
+from ..grammar import json_type_name
 from ..settings import Setting
 from . import wire
 from .bridge import EventStream
@@ -94,20 +95,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _type_name(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, (int, float)):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    return "object"
-
-
 def opt_number(body: dict[str, Any], key: str, lo: float | None, hi: float | None = None, *,
                integer: bool = False, param: str | None = None) -> Any:
     """body[key] if present and not null, checked to be a number (an integer) in [lo, hi]."""
@@ -117,7 +104,7 @@ def opt_number(body: dict[str, Any], key: str, lo: float | None, hi: float | Non
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         kind = "an integer" if integer else "a number"
-        raise bad_request(f"`{param}` must be {kind}, got {_type_name(v)}", param)
+        raise bad_request(f"`{param}` must be {kind}, got {json_type_name(v)}", param)
     if integer and not isinstance(v, int):
         if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
             v = int(v)
@@ -145,7 +132,7 @@ def opt_bool(body: dict[str, Any], key: str, default: bool = False, *, param: st
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise bad_request(f"`{param or key}` must be true or false, got {_type_name(v)}", param or key)
+        raise bad_request(f"`{param or key}` must be true or false, got {json_type_name(v)}", param or key)
     return v
 
 
@@ -154,7 +141,7 @@ def opt_str(body: dict[str, Any], key: str, *, param: str | None = None) -> str 
     if v is None:
         return None
     if not isinstance(v, str):
-        raise bad_request(f"`{param or key}` must be a string, got {_type_name(v)}", param or key)
+        raise bad_request(f"`{param or key}` must be a string, got {json_type_name(v)}", param or key)
     return v
 
 
@@ -163,7 +150,7 @@ def opt_object(body: dict[str, Any], key: str, *, param: str | None = None) -> d
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise bad_request(f"`{param or key}` must be an object, got {_type_name(v)}", param or key)
+        raise bad_request(f"`{param or key}` must be an object, got {json_type_name(v)}", param or key)
     return v
 
 
@@ -207,7 +194,7 @@ def logit_bias(value: Any, param: str) -> dict[int, float] | None:
         return None
     if not isinstance(value, dict):
         raise bad_request(f"`{param}` must be an object of token ids to biases, such as {{\"13\": -100}}, "
-                          f"got {_type_name(value)}", param)
+                          f"got {json_type_name(value)}", param)
     out: dict[int, float] = {}
     for key, bias in value.items():
         try:
@@ -276,7 +263,7 @@ def resolve_model(config: Config, name: Any, *, ollama: bool = False) -> ModelRe
         ens = config.get(None)
         return ModelRef(ens.name, ens)
     if not isinstance(name, str):
-        raise bad_request(f"`model` must be a string, got {_type_name(name)}", "model")
+        raise bad_request(f"`model` must be a string, got {json_type_name(name)}", "model")
     key = name[: -len(":latest")] if ollama and name.endswith(":latest") else name
     if key in config.ensembles:
         return ModelRef(name, config.ensembles[key])

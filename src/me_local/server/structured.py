@@ -22,23 +22,12 @@ from typing import Any
 
 from ..core import GrammarSpec
 from ..grammar import JSON_OBJECT_GBNF, schema_grammar
+from ..grammar import json_type_name as _kind
 from .errors import ApiError, bad_request
 
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 _KEYS = {"text": ("type",), "json_object": ("type", "schema"), "json_schema": ("type", "json_schema")}
 JSON_SCHEMA_KEYS = ("name", "schema", "strict", "description")
-
-
-def _kind(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, (int, float)):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    return "array" if isinstance(v, list) else "object"
 
 
 def _unknown(obj: dict[str, Any], allowed: tuple[str, ...], where: str, what: str, hint: str = "") -> None:
