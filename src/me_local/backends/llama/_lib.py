@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 from llama_cpp import llama_cpp as L
@@ -94,3 +95,15 @@ def load_failure(path: Path, architecture: str | None, lines: Sequence[str]) -> 
         f"{llama_cpp_version()} may be too old for its architecture {arch}: upgrade it, or if that "
         "architecture is supported, re-download or re-copy the file"
     )
+
+
+def fill_batch(batch: Any, tokens: Sequence[int], start: int, *, outputs: bool) -> None:
+    """Put ``tokens`` in ``batch`` (sequence 0, positions from ``start``), each with an output
+    (logits or an embedding) when ``outputs``, none otherwise."""
+    for j, tok in enumerate(tokens):
+        batch.token[j] = tok
+        batch.pos[j] = start + j
+        batch.n_seq_id[j] = 1
+        batch.seq_id[j][0] = 0
+        batch.logits[j] = 1 if outputs else 0
+    batch.n_tokens = len(tokens)

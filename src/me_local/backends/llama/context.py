@@ -21,6 +21,7 @@ from ...core.types import Cancelled, Constraint, GrammarSpec, NoTokenAllowed, Sa
 from ...errors import BackendError, ModelLoadError, SettingError
 from ...settings import KV_CACHE_TYPE, N_BATCH, N_CTX
 from ..types import ChatMessage, ToolDefinitions
+from ._lib import fill_batch
 from .grammar import LlamaGrammar, TokenArray
 from .model import LoadedModel
 from .threads import default_threads
@@ -431,15 +432,9 @@ class LlamaMember:
         ctx = self._context()
         batch = self._batch
         n_past = len(self._cached)
-        for i, tok in enumerate(chunk):
-            batch.token[i] = tok
-            batch.pos[i] = n_past + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1 if all_logits else 0
+        fill_batch(batch, chunk, n_past, outputs=all_logits)
         if last_logits:
             batch.logits[len(chunk) - 1] = 1
-        batch.n_tokens = len(chunk)
         self._share_cpu(ctx)
         if self._gate is not None:
             with self._gate:

@@ -34,6 +34,7 @@ from llama_cpp import llama_cpp as L
 from ...core.embedding import DEFAULT_POOLING, Pooler
 from ...core.types import Cancelled
 from ...errors import BackendError, ModelLoadError, RequestError
+from ._lib import fill_batch
 from .model import LoadedModel, _meta_str
 from .threads import default_threads
 
@@ -183,15 +184,8 @@ class LlamaEmbedder:
         """One decode of ``tokens`` (positions from ``start``); with ``outputs``, every token's vector
         (without, none: the tokens only fill the cache)."""
         batch = self._batch
-        n = 0
-        for j, tok in enumerate(tokens):
-            batch.token[n] = tok
-            batch.pos[n] = start + j
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = 0
-            batch.logits[n] = 1 if outputs else 0
-            n += 1
-        batch.n_tokens = n
+        n = len(tokens)
+        fill_batch(batch, tokens, start, outputs=outputs)
         L.llama_set_embeddings(ctx, outputs)
         cpu = self.model.cpu
         if cpu is not None:
