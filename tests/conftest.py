@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ollama
+import openai
 import pytest
 
 from me_local.runtime import prepare
@@ -142,3 +144,22 @@ def fresh_logprobs(model, tokens):
         return log_softmax(np.array(m.logits(), copy=True))
     finally:
         m.close()
+
+
+@pytest.fixture(scope="module")
+def client_key() -> str | None:
+    """The API key the ``oa`` and ``ol`` clients send (a module whose server wants one overrides it)."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def oa(live, client_key):
+    """The official openai client on the module's ``live`` server."""
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=client_key or "none", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def ol(live, client_key):
+    """The official ollama client on the module's ``live`` server."""
+    return ollama.Client(host=live.url, headers={"Authorization": f"Bearer {client_key}"} if client_key else None)

@@ -390,17 +390,6 @@ def live(tmp_path_factory, models, smollm_path):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def oa(live):
-    with openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def ol(live):
-    return ollama.Client(host=live.url)
-
-
 def _post(live, path: str, body: dict) -> dict:
     req = urllib.request.Request(live.url + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})

@@ -248,6 +248,12 @@ def live(fim_config):
 
 
 @pytest.fixture(scope="module")
+def client_key():
+    """The oa and ol clients (conftest) send this key: the server wants one."""
+    return KEY
+
+
+@pytest.fixture(scope="module")
 def http(live):
     with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
         yield client
@@ -427,17 +433,6 @@ def test_samplers_are_honoured_or_refused_by_name(http):
 
 
 # --------------------------------------------------------------------------- suffix through the clients
-
-
-@pytest.fixture(scope="module")
-def oa(live):
-    with openai.OpenAI(base_url=live.url + "/v1", api_key=KEY, max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def ol(live):
-    return ollama.Client(host=live.url, headers={"Authorization": f"Bearer {KEY}"})
 
 
 def plain_fim(model: LoadedModel, prefix: str, suffix: str) -> list[int]:

@@ -30,17 +30,6 @@ def live(tmp_path_factory, tiny_models):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def oa(live):
-    with openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def ol(live):
-    return ollama.Client(host=live.url)
-
-
 def ids(completion) -> list[int]:
     return [c.model_extra["id"] for c in completion.choices[0].logprobs.content]
 

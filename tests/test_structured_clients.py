@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import httpx
 import jsonschema
-import ollama
 import openai
 import pytest
 import yaml
@@ -61,17 +60,6 @@ def live(tmp_path_factory, smollm_path, gemma_path):
     server = LiveServer(ServerSettings(port=0), engine_loader(path)).start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def oa(live):
-    with openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def ol(live):
-    return ollama.Client(host=live.url)
 
 
 def json_schema_format(schema: dict[str, Any]) -> dict[str, Any]:

@@ -65,12 +65,6 @@ def live(tmp_path_factory, tiny_models):
 
 
 @pytest.fixture(scope="module")
-def oa(live):
-    with openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def smol(tmp_path_factory, smollm_path):
     """SmolLM2 with its own template (the generic format)."""
     server = serve(tmp_path_factory.mktemp("tool-smol") / "models.yaml", {

@@ -88,17 +88,6 @@ def live(tmp_path_factory, factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def oa(live):
-    with openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def ol(live):
-    return ollama.Client(host=live.url)
-
-
 @pytest.fixture
 def answer(factory):
     def set_answer(text: str) -> ScriptedFactory:

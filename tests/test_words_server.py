@@ -34,12 +34,6 @@ def live(tmp_path_factory, tiny_models):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def oa(live):
-    with openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0) as client:
-        yield client
-
-
 def test_openai_chat_streams_words_from_both_families_with_attribution(oa):
     kw = dict(model="mixed", messages=HELLO, max_tokens=40, seed=5, temperature=1.0, logprobs=True, top_logprobs=2)
     full = oa.chat.completions.create(**kw)
