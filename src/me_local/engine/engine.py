@@ -173,7 +173,8 @@ class Engine:
             if slot is None:  # cancelled while queued: nothing was evaluated
                 stats = GenerationStats(mode=plan.mode, seed=request.params.seed or 0,
                                         members=[MemberStats(name=m.name) for m in loaded.members])
-                yield DoneEvent("cancelled", stats)
+                state = None if plan.grammar is None else "untriggered" if plan.grammar.triggers else "incomplete"
+                yield DoneEvent("cancelled", stats, grammar=state)
                 return
             yield from generate(
                 slot.members,
