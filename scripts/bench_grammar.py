@@ -14,9 +14,11 @@ and reports the generation speed after the first token (tokens/s; decode and sam
 
 for three samplings: the defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05: the
 top-k shortcut), untruncated (temperature 1: draw, then check one token) and greedy (the
-first allowed candidate). It also counts the tokens that needed the whole mask. Each
+first allowed candidate). It also counts the tokens that needed a mask. Each
 repeat runs every variant (rotating the order, so drift hits all alike), after waiting for
-a quiet CPU. Not a test.
+a quiet CPU. A second table times one mask at each position of a JSON text: from the first
+bytes (:class:`PrefixIndex`) against one apply to the whole vocabulary, at forced positions
+(fewer than 1,000 tokens allowed) and inside strings. Not a test.
 
     PYTHONPATH=src .venv/bin/python scripts/bench_grammar.py [--repeats 5] [--tokens 96] [--threads 2]
 """
@@ -27,6 +29,7 @@ import datetime
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +161,41 @@ def main(repeats: int, tokens: int, threads: int, wait_quiet_s: float, only: tup
         sys.stdout.flush()
         member.close()
         model.close()
-    print(f"\n# repeats started on a busy CPU: {noisy}")
+    print(f"\n# repeats started on a busy CPU: {noisy}\n")
+    print("| model | positions | mask from first bytes ms | whole apply ms |")
+    print("|---|---|---|---|")
+    for label, uri in MODELS.items():
+        if not only or label in only:
+            mask_costs(label, LoadedModel(resolve_model_path(uri, ROOT), vocab_only=True), repeats)
+
+
+def mask_costs(label: str, model: LoadedModel, repeats: int) -> None:
+    """Median time of one mask at each position of a JSON text, by kind of position."""
+    text = ('{"name": "Ada Lovelace", "age": 36, "bio": "Mathematician and writer, the daughter of Lord '
+            'Byron.", "tags": ["math", "poetry", "engines"]}')
+    tokens = model.tokenize_text(text)
+    g = LlamaGrammar(model, GrammarSpec(GBNF), label)
+    times: dict[str, tuple[list[float], list[float]]] = {"forced": ([], []), "string": ([], [])}
+    for t in [*tokens, None]:
+        fast, whole = [], []
+        for _ in range(repeats):
+            g._mask = None
+            t0 = time.perf_counter()
+            _real_mask(g)
+            fast.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            everything = g.mask_everything()
+            whole.append(time.perf_counter() - t0)
+        kind = "forced" if everything.sum() < 1000 else "string"
+        times[kind][0].append(statistics.median(fast))
+        times[kind][1].append(statistics.median(whole))
+        if t is not None:
+            g.accept(t)
+    g.close()
+    model.close()
+    for kind, (fast, whole) in times.items():
+        print(f"| {label} | {kind} ({len(fast)}) | {statistics.median(fast) * 1e3:.2f} | "
+              f"{statistics.median(whole) * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 from me_local.config import load_config
 from me_local.core import DoneEvent, GrammarSpec, SamplingParams, TokenEvent, generate, sampling
 from me_local.core.grammar import token_literals
-from me_local.core.sampling import mixture, softmax, truncate
+from me_local.core.sampling import ce_distribution, mixture, softmax, truncate
 from me_local.engine import Engine, Request
 from me_local.errors import RequestError
 
@@ -201,6 +201,19 @@ def test_the_shortcuts_draw_from_the_restricted_distribution_exactly(monkeypatch
         assert c.masks == (0 if likely else n)
     else:  # a draw the grammar allows is kept, a refused one falls back to the mask
         assert 0 < c.masks < n
+
+
+def test_ce_distribution_restricts_the_tempered_mixture_then_truncates():
+    rows = [np.array([3.0, 1.0, 0.5, -1.0, 0.0]), np.array([1.0, 1.5, 1.0, 0.5, -2.0])]
+    allowed = np.array([False, True, True, False, True])
+    params = SamplingParams(temperature=0.7, top_k=2, top_p=1.0, min_p=0.0)
+    probs, raw = ce_distribution(rows, [0.4, 0.6], params, want_raw=True, allowed=allowed)
+    tempered = mixture([softmax(r, 0.7) for r in rows], [0.4, 0.6])
+    want = truncate(np.where(allowed, tempered, 0) / tempered[allowed].sum(), 2, 1.0, 0.0)
+    assert np.allclose(probs, want) and probs[~allowed].sum() == 0 and (probs > 0).sum() == 2
+    assert np.allclose(raw, mixture([softmax(r) for r in rows], [0.4, 0.6]))  # logprobs: unrestricted
+    greedy, _ = ce_distribution(rows, [0.4, 0.6], SamplingParams(temperature=0), allowed=allowed)
+    assert int(np.argmax(greedy)) == 1  # token 0 is the mixture's best, and refused
 
 
 def test_ce_greedy_takes_the_best_allowed_token_of_the_mixture():

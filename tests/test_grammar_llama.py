@@ -261,6 +261,24 @@ def test_every_mode_writes_inside_the_grammar(engine, ensemble, mode):
     assert complete >= 3
 
 
+@pytest.mark.parametrize(("ensemble", "mode"), [("pair", "me"), ("mixed", "me")])
+def test_a_lazy_grammar_constrains_from_its_trigger_on(engine, ensemble, mode):
+    outcomes = set()
+    for seed in range(8):
+        text, done = collect(engine.generate(Request(
+            ensemble=ensemble, prompt="Hello world, the", mode=mode, params=SamplingParams(seed=seed, max_tokens=40),
+            grammar=GrammarSpec('root ::= "e" [a-z]{1,5} "!"', param="tools", triggers=("e",)))))
+        outcomes.add(done.grammar)
+        if done.grammar == "complete":  # free text, then from an "e" on the grammar's text, then the end
+            assert re.search(r"e[a-z]{1,5}!\Z", text), text
+            assert done.finish_reason == "stop"
+        elif done.grammar == "incomplete":
+            assert re.search(r"e[a-z]{0,5}\Z", text), text
+        else:  # every "e" went on, in its own token, with text the grammar refuses
+            assert done.grammar == "untriggered" and not re.search(r"e\Z", text), text
+    assert "complete" in outcomes
+
+
 def test_word_granularity_refuses_token_literals(engine):
     with pytest.raises(RequestError, match=r"names tokens \(<\|im_end\|>\)") as e:
         engine.plan_request(Request(ensemble="mixed", prompt="x", grammar=spec('root ::= "a" <|im_end|>', "grammar")))

@@ -187,7 +187,7 @@ def constrained_draw(probs: Probs, params: SamplingParams, constraint: Constrain
     untruncated = (k <= 0 or k >= n) and params.top_p >= 1.0 and params.min_p <= 0.0
 
     def top(count: int) -> npt.NDArray[np.intp]:
-        idx = np.argpartition(-probs, count - 1)[:count] if count < n else np.arange(n)
+        idx = np.flatnonzero(probs >= np.partition(probs, n - count)[n - count]) if count < n else np.arange(n)
         idx = idx[np.argsort(-probs[idx], kind="stable")]
         out: npt.NDArray[np.intp] = idx[probs[idx] > 0]
         return out

@@ -404,7 +404,8 @@ class Engine:
             if slot is None:  # cancelled while queued: nothing was evaluated
                 stats = GenerationStats(mode=plan.mode, seed=request.params.seed or 0,
                                         members=[MemberStats(name=m.name) for m in loaded.members])
-                yield DoneEvent("cancelled", stats)
+                state = None if plan.grammar is None else "untriggered" if plan.grammar.triggers else "incomplete"
+                yield DoneEvent("cancelled", stats, grammar=state)
                 return
             limits = request.limits if request.limits is not None and request.limits.active else None
             reached = threading.Event()  # a limit ends the loop as a cancel does (checked before every token)

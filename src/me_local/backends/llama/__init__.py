@@ -8,6 +8,8 @@
     context.py        LlamaMember (one member in one slot: a llama context), NativeSampler,
                       ContextSettings
     embedding.py      LlamaEmbedder (a member's embedding context, apart from the slots), EmbedSettings
+    grammar.py        LlamaGrammar (a request's grammar over one vocabulary, checked before every
+                      accept), PrefixIndex (masks from the tokens' first bytes)
     store.py          ModelStore: each file loaded once and shared; the CPU shared between slots
     threads.py        CpuShare and the thread counts (no llama_cpp)
     baseline.py       the bench's reference: llama-cpp-python's own completion loop, timed

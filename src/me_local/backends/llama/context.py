@@ -165,8 +165,11 @@ class NativeSampler:
     def _top(self, logits: npt.NDArray[Any], m: int) -> npt.NDArray[np.intp]:
         """The ``m`` most likely tokens (within the restriction), most likely first."""
         lg = logits if self._restrict is None else np.where(self._restrict, logits, -np.inf)
-        m = min(m, self._n_vocab)
-        idx = np.argpartition(-lg, m - 1)[:m] if m < self._n_vocab else np.arange(self._n_vocab)
+        n = self._n_vocab
+        if m < n:  # the m-th largest logit, then every token at or above it (partition beats argpartition)
+            idx = np.flatnonzero(lg >= np.partition(lg, n - m)[n - m])
+        else:
+            idx = np.arange(n)
         idx = idx[np.argsort(-lg[idx], kind="stable")]
         out: npt.NDArray[np.intp] = idx[np.isfinite(lg[idx])]
         return out

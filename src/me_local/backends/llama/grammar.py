@@ -8,12 +8,13 @@ llama.cpp aborts the process (SIGABRT, which Python cannot catch) when its gramm
 to accept a token it rejects, or an end-of-generation token before it is complete.
 
 Checking a token is a one-element ``llama_sampler_apply`` (microseconds); an apply to the
-whole vocabulary costs 8-15 ms for SmolLM2's 49,152 tokens and 45-150 ms for Gemma 3's
-262,144. So :class:`~.context.NativeSampler` takes the exact shortcuts of docs/grammar.md
-before it asks for a whole mask, and :meth:`LlamaGrammar.mask` applies the grammar only to
-the tokens whose first bytes can come next (:class:`PrefixIndex`): well under a millisecond
-where the grammar forces a few characters (a key, punctuation), an apply to the whole
-vocabulary where most may come (inside a string)."""
+whole vocabulary costs about 9 ms for SmolLM2's 49,152 tokens and 48 ms for Gemma 3's
+262,144 on a quiet 2-core EPYC (docs/performance.md). So :class:`~.context.NativeSampler`
+takes the exact shortcuts of docs/grammar.md before it asks for a whole mask, and
+:meth:`LlamaGrammar.mask` applies the grammar only to the tokens whose first bytes can come
+next (:class:`PrefixIndex`): well under a millisecond where the grammar forces a few
+characters (a key, punctuation), an apply to the whole vocabulary where most may come
+(inside a string)."""
 
 from __future__ import annotations
 
