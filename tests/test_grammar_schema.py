@@ -489,6 +489,22 @@ def test_a_bug_in_the_converter_is_a_request_error_not_a_crash(monkeypatch):
     assert err.param == PARAM and "KeyError" in err.message and "simplify the schema" in err.message
 
 
+@pytest.mark.parametrize("kind", ["integer", "number"])
+def test_bounds_beyond_a_float_are_followed_not_a_converter_bug(kind, llama, caplog):
+    """JSON numbers have no size limit, and Python reads a long integer literal (``1e400``
+    written out) as an int no float can hold: such a bound is followed, not a 400 from a
+    converter bug (nor a traceback in the log)."""
+    big = 10**400
+    schema = {"type": kind, "minimum": -big, "maximum": big}
+    with caplog.at_level("ERROR", logger="me_local.grammar"):
+        gbnf = schema_grammar(schema, param=PARAM)
+    assert not caplog.records  # no converter bug was caught and logged
+    assert llama.parses(gbnf)
+    g = Gbnf(gbnf)  # beyond what an unbounded side allows, as no bound (16 digits)
+    for text in ("0", "-17", "9" * 16, "-" + "9" * 16):
+        assert g.matches(text), text
+
+
 def test_rule_names_must_be_gbnf_names():
     with pytest.raises(ValueError):
         schema_grammar({}, param=PARAM, rule="my_rule")

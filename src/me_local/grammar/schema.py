@@ -173,7 +173,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # an int is always finite (and one past a float's range would overflow math.isfinite)
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _matches_type(value: Any, t: str) -> bool:
@@ -664,7 +665,7 @@ class _Converter:
         if lower is None and upper is None:
             return self.use("json-number")
         for bound, keys in ((lower, ("minimum", "exclusiveMinimum")), (upper, ("maximum", "exclusiveMaximum"))):
-            if bound is not None and not float(bound[0]).is_integer():
+            if bound is not None and not _is_int(bound[0]) and not float(bound[0]).is_integer():
                 key = next(k for k in keys if _is_number(s.get(k)))
                 raise self.refuse((*path, key), f"is {bound[0]}; constrained decoding supports whole-number bounds on "
                                   "a `number` (any bounds on an `integer`); round it, or scale the value")
