@@ -449,6 +449,12 @@ def refused(schema: Any) -> RequestError:
       "$ref": "#/$defs/A", "type": "integer"}, ".$defs.A", "nested too deeply"),
     ({"allOf": [{"type": "object", "properties": {"a": {}}, "additionalProperties": False},
                 {"properties": {"b": {}}, "required": ["b"]}]}, ".allOf[1].required", "forbids"),
+    ({"$defs": {"X": {"$ref": "#/$defs/X"}}, "$ref": "#/$defs/X"}, ".$defs.X.$ref", "loop"),
+    ({"$defs": {"X": {"$ref": "#/$defs/Y"}, "Y": {"anyOf": [{"$ref": "#/$defs/X"}, {"type": "null"}]}},
+      "$ref": "#/$defs/X"}, ".$defs.Y.anyOf[0].$ref", "before any value"),
+    ({"anyOf": [{"type": "string"}, {"$ref": "#"}]}, ".anyOf[1].$ref", "through a property or an array item"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},
+      "$defs": {"A": {"oneOf": [{"$ref": "#/$defs/A"}]}}}, ".$defs.A.oneOf[0].$ref", "loop"),
     (["not", "an object"], "", "must be a JSON Schema"),
     (False, "", "`false`"),
 ])

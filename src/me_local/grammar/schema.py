@@ -195,6 +195,9 @@ class _Converter:
         self.by_body: dict[str, str] = {}
         self.shared: set[str] = set()
         self.ref_rules: dict[str, str] = {}
+        self.heads: list[str] = ["#"]
+        """The references whose rules are being written and have written no text yet: one of them
+        referred to again would be a left-recursive rule, which matches nothing and llama.cpp refuses."""
 
     # -- errors --------------------------------------------------------------------
     def where(self, path: Path) -> str:
@@ -315,6 +318,10 @@ class _Converter:
         when it refers to itself)."""
         name = self.ref_rules.get(ref)
         if name is not None:
+            if ref in self.heads:
+                raise self.refuse(at, f"leads back to {json.dumps(ref)} before any value is written (a loop of "
+                                  "references and `anyOf` branches), which no JSON text can end; let the loop go "
+                                  "through a property or an array item")
             return name
         if ref == "#":
             self.ref_rules[ref] = self.rule
@@ -322,7 +329,11 @@ class _Converter:
         target = self.resolve(ref, at)
         hint = ref.rsplit("/", 1)[-1] or "ref"
         name = self.ref_rules[ref] = self.reserve(hint)
-        self.rules[name] = self.visit(target, _pointer_path(ref) if ref.startswith("#/") else at, name)
+        self.heads.append(ref)
+        try:
+            self.rules[name] = self.visit(target, _pointer_path(ref) if ref.startswith("#/") else at, name)
+        finally:
+            self.heads.pop()
         return name
 
     # -- rules ---------------------------------------------------------------------
@@ -448,6 +459,13 @@ class _Converter:
         return found or None
 
     def typed(self, t: str, s: dict[str, Any], path: Path, hint: str) -> str:
+        heads, self.heads = self.heads, []  # every typed value starts with text of its own
+        try:
+            return self._typed(t, s, path, hint)
+        finally:
+            self.heads = heads
+
+    def _typed(self, t: str, s: dict[str, Any], path: Path, hint: str) -> str:
         if t == "string":
             return self.string(s, path, hint)
         if t == "integer":
