@@ -449,6 +449,12 @@ def refused(schema: Any) -> RequestError:
       "$ref": "#/$defs/A", "type": "integer"}, ".$defs.A", "nested too deeply"),
     ({"allOf": [{"type": "object", "properties": {"a": {}}, "additionalProperties": False},
                 {"properties": {"b": {}}, "required": ["b"]}]}, ".allOf[1].required", "forbids"),
+    ({"$defs": {"X": {"$ref": "#/$defs/X"}}, "$ref": "#/$defs/X"}, ".$defs.X.$ref", "loop"),
+    ({"$defs": {"X": {"$ref": "#/$defs/Y"}, "Y": {"anyOf": [{"$ref": "#/$defs/X"}, {"type": "null"}]}},
+      "$ref": "#/$defs/X"}, ".$defs.Y.anyOf[0].$ref", "before any value"),
+    ({"anyOf": [{"type": "string"}, {"$ref": "#"}]}, ".anyOf[1].$ref", "through a property or an array item"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},
+      "$defs": {"A": {"oneOf": [{"$ref": "#/$defs/A"}]}}}, ".$defs.A.oneOf[0].$ref", "loop"),
     (["not", "an object"], "", "must be a JSON Schema"),
     (False, "", "`false`"),
 ])
@@ -487,6 +493,22 @@ def test_a_bug_in_the_converter_is_a_request_error_not_a_crash(monkeypatch):
     monkeypatch.setattr(module._Converter, "string", broken)
     err = refused({"type": "string"})
     assert err.param == PARAM and "KeyError" in err.message and "simplify the schema" in err.message
+
+
+@pytest.mark.parametrize("kind", ["integer", "number"])
+def test_bounds_beyond_a_float_are_followed_not_a_converter_bug(kind, llama, caplog):
+    """JSON numbers have no size limit, and Python reads a long integer literal (``1e400``
+    written out) as an int no float can hold: such a bound is followed, not a 400 from a
+    converter bug (nor a traceback in the log)."""
+    big = 10**400
+    schema = {"type": kind, "minimum": -big, "maximum": big}
+    with caplog.at_level("ERROR", logger="me_local.grammar"):
+        gbnf = schema_grammar(schema, param=PARAM)
+    assert not caplog.records  # no converter bug was caught and logged
+    assert llama.parses(gbnf)
+    g = Gbnf(gbnf)  # beyond what an unbounded side allows, as no bound (16 digits)
+    for text in ("0", "-17", "9" * 16, "-" + "9" * 16):
+        assert g.matches(text), text
 
 
 def test_rule_names_must_be_gbnf_names():

@@ -206,6 +206,10 @@ async def test_a_batch_of_prompts_says_how_each_grammar_ended(client, grammars):
      "`response_format` and `grammar` both constrain the answer; send one of them"),
     ({"response_format": {"type": "json_object"}, "json_schema": SCHEMA}, "json_schema", "both constrain"),
     ({"grammar": 3}, "grammar", "`grammar` must be a string of GBNF"),
+    # llama.cpp reads a grammar as a C string: it would stop at the NUL and follow only what came before
+    ({"grammar": 'root ::= "a"\n\x00b ::= "b"'}, "grammar",
+     "`grammar` holds a NUL character (at character 14), where llama.cpp would stop reading it; write it "
+     "as \\x00 inside a literal or a class"),
     ({"json_schema": "yes"}, "json_schema", "`json_schema` must be a JSON Schema (an object), got string"),
     ({"response_format": "json"}, "response_format", '`response_format` must be an object such as {"type"'),
     ({"response_format": {"type": "xml"}}, "response_format.type",

@@ -196,6 +196,25 @@ def test_the_tool_results_are_named_after_their_calls():
         normalize_messages([{"role": "user", "content": "x", "tool_calls": HISTORY[2]["tool_calls"]}])
 
 
+@pytest.mark.parametrize(("messages", "param", "fragment"), [
+    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "18 C", "tool_call_id": "c1"}],
+     "messages[1].role", "no assistant message with `tool_calls` comes right before it"),
+    ([{"role": "tool", "content": "18 C"}], "messages[0].role", "or send the result as a user message"),
+    ([*HISTORY[:2], {"role": "assistant", "content": "Sunny."}, {"role": "tool", "content": "18 C"}],
+     "messages[3].role", "a tool message answers one of those calls"),
+    ([*HISTORY[:5], {"role": "user", "content": "And Oslo?"}, {"role": "tool", "content": "snow"}],
+     "messages[6].role", "comes right before it"),
+    ([*HISTORY[:3], {"role": "tool", "content": "18 C", "tool_call_id": "zz"}],
+     "messages[3].tool_call_id", "'zz', which none of the calls before it has (c1, c2)"),
+])
+def test_a_tool_result_must_answer_a_call_before_it(messages, param, fragment):
+    """As OpenAI refuses them: a result that answers no call would reach the template as a result
+    of nothing (or of whichever call stood at its position)."""
+    with pytest.raises(RequestError) as e:
+        normalize_messages(messages)
+    assert e.value.param == param and fragment in e.value.message and "\n" not in e.value.message
+
+
 def test_the_generic_prompt_writes_tools_and_calls_as_text():
     p = prepare(normalize_messages(HISTORY), ToolSpec((WEATHER,), parallel=False), "generic")
     assert p.tools is None and [m["role"] for m in p.messages] == ["system", "user", "assistant", "user"]

@@ -183,6 +183,18 @@ def test_the_follow_up_turn_reaches_the_template(oa, ol, answer):
     assert f.prompts[-1][0][2] == {"role": "tool", "content": "sunny, 21 C", "name": "get_weather"}
 
 
+def test_a_tool_result_without_its_call_is_refused(oa, ol, answer):
+    answer("It is sunny in Paris.")
+    orphan = [*ASK, {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model="hermes", messages=orphan, tools=[WEATHER])
+    assert e.value.body["param"] == "messages[1].role"
+    assert "no assistant message with `tool_calls` comes right before it" in e.value.body["message"]
+    with pytest.raises(ollama.ResponseError) as e2:
+        ol.chat(model="hermes", messages=[*ASK, {"role": "tool", "tool_name": "get_weather", "content": "sunny"}])
+    assert e2.value.status_code == 400 and e2.value.error.startswith("`messages[1]` is a tool result")
+
+
 def test_tool_choice_none_shows_no_tools_and_reads_no_calls(oa, answer):
     f = answer(HERMES_CALL)
     r = oa.chat.completions.create(model="hermes", messages=ASK, tools=[WEATHER], tool_choice="none")

@@ -96,11 +96,14 @@ def _call(c: Any, where: str) -> dict[str, Any]:
 
 
 def _name_results(messages: list[dict[str, Any]]) -> None:
-    """Give each tool result without a name the name of the call it answers."""
+    """Give each tool result without a name the name of the call it answers. A result must follow
+    an assistant message with calls (other results between them), and an id it gives must be one
+    of those calls' ids when they have ids: OpenAI refuses the others, and a template would render
+    a result of no call (or of whichever call stood at its position)."""
     by_id: dict[str, str] = {}
     last: list[dict[str, Any]] = []
     position = 0
-    for m in messages:
+    for i, m in enumerate(messages):
         if m["role"] == "assistant":
             last = m.get("tool_calls") or []
             position = 0
@@ -108,6 +111,17 @@ def _name_results(messages: list[dict[str, Any]]) -> None:
                 if "id" in c:
                     by_id[c["id"]] = c["function"]["name"]
         elif m["role"] == "tool":
+            if not last:
+                raise RequestError(
+                    f"`messages[{i}]` is a tool result, but no assistant message with `tool_calls` comes right "
+                    "before it (a tool message answers one of those calls); send the assistant's message with its "
+                    "`tool_calls` first, or send the result as a user message", param=f"messages[{i}].role")
+            ids = [c["id"] for c in last if "id" in c]
+            call_id = m.get("tool_call_id")
+            if call_id is not None and ids and call_id not in ids:
+                raise RequestError(
+                    f"`messages[{i}].tool_call_id` is {call_id!r}, which none of the calls before it has "
+                    f"({', '.join(ids)}); send the id of the call it answers", param=f"messages[{i}].tool_call_id")
             if "name" not in m:
                 name = by_id.get(m.get("tool_call_id", ""))
                 if name is None and position < len(last):

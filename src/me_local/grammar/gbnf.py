@@ -213,3 +213,199 @@ JSON_OBJECT_GBNF = render({"root": "json-object", **json_rules(["json-object"])}
 """Any JSON object (OpenAI's ``json_object``, Ollama's ``format: "json"``), with bounded whitespace
 and no raw control characters in strings. Whitespace is allowed inside the object, not before or
 after it: the answer starts with ``{`` and ends at its ``}``."""
+
+
+# --------------------------------------------------------------------------- syntax errors
+
+MAX_REPETITIONS = 2000
+"""llama.cpp's limit on a ``{m,n}`` count (MAX_REPETITION_THRESHOLD)."""
+
+
+class _GbnfSyntax(Exception):
+    def __init__(self, message: str, pos: int | None = None, text: str = "") -> None:
+        if pos is not None:
+            if pos >= len(text):
+                message += " at the end of the grammar"
+            else:
+                rest = text[pos:].split("\n", 1)[0][:20]
+                message += f" at character {pos + 1} ({rest!r})" if rest else f" at character {pos + 1}"
+        super().__init__(message)
+
+
+def gbnf_syntax_error(text: str) -> str | None:
+    """Why llama.cpp's GBNF parser refuses ``text`` (None: it would read it), found by the same
+    walk as its parser (llama-grammar.cpp). llama.cpp prints that reason on stderr only and
+    logs "failed to parse grammar": this gives the user the reason and where the text goes
+    wrong (positions count characters from 1)."""
+    try:
+        _GbnfChecker(text).parse()
+    except _GbnfSyntax as exc:
+        return str(exc)
+    return None
+
+
+def _word(c: str) -> bool:
+    return c.isascii() and (c.isalnum() or c == "-")
+
+
+class _GbnfChecker:
+    def __init__(self, text: str) -> None:
+        self.s = text
+        self.defined: set[str] = set()
+        self.used: list[str] = []
+
+    def at(self, i: int) -> str:
+        return self.s[i] if i < len(self.s) else ""
+
+    def fail(self, message: str, pos: int | None = None) -> _GbnfSyntax:
+        return _GbnfSyntax(message, pos, self.s)
+
+    def parse(self) -> None:
+        pos = self.space(0, True)
+        while pos < len(self.s):
+            pos = self.rule(pos)
+        for name in self.used:
+            if name not in self.defined:
+                raise self.fail(f"undefined rule {name!r} (a rule is referred to but never defined)")
+
+    def space(self, pos: int, newline_ok: bool) -> int:
+        while True:
+            c = self.at(pos)
+            if c == "#":
+                while self.at(pos) not in ("", "\r", "\n"):
+                    pos += 1
+            elif c in (" ", "\t") or (newline_ok and c in ("\r", "\n")):
+                pos += 1
+            else:
+                return pos
+
+    def name(self, pos: int) -> int:
+        end = pos
+        while end < len(self.s) and _word(self.s[end]):
+            end += 1
+        if end == pos:
+            raise self.fail("expecting a rule name", pos)
+        return end
+
+    def rule(self, pos: int) -> int:
+        end = self.name(pos)
+        self.defined.add(self.s[pos:end])
+        pos = self.space(end, False)
+        if self.s[pos:pos + 3] != "::=":
+            raise self.fail("expecting '::='", pos)
+        pos = self.alternates(self.space(pos + 3, True), False)
+        c = self.at(pos)
+        if c == "\r":
+            pos += 2 if self.at(pos + 1) == "\n" else 1
+        elif c == "\n":
+            pos += 1
+        elif c:
+            raise self.fail("expecting a newline or the end", pos)
+        return self.space(pos, True)
+
+    def alternates(self, pos: int, nested: bool) -> int:
+        pos = self.sequence(pos, nested)
+        while self.at(pos) == "|":
+            pos = self.sequence(self.space(pos + 1, True), nested)
+        return pos
+
+    def char(self, pos: int) -> int:
+        """One character of a literal or class (an escape included): the position after it."""
+        c = self.at(pos)
+        if c == "\\":
+            e = self.at(pos + 1)
+            size = {"x": 2, "u": 4, "U": 8}.get(e)
+            if size is not None:
+                digits = self.s[pos + 2:pos + 2 + size]
+                n = 0
+                while n < len(digits) and digits[n] in "0123456789abcdefABCDEF":
+                    n += 1
+                if n < size:
+                    raise self.fail(f"expecting {size} hex digits after '\\{e}'", pos)
+                return pos + 2 + size
+            if e in ("t", "r", "n", "\\", '"', "[", "]"):
+                return pos + 2
+            raise self.fail(f"unknown escape '\\{e}'", pos)
+        return pos + 1
+
+    def sequence(self, pos: int, nested: bool) -> int:
+        has_item = False
+        while pos < len(self.s):
+            c = self.s[pos]
+            start = pos
+            if c == '"':
+                pos += 1
+                while self.at(pos) != '"':
+                    if not self.at(pos):
+                        raise self.fail("unterminated string literal starting", start)
+                    pos = self.char(pos)
+                pos = self.space(pos + 1, nested)
+            elif c == "[":
+                pos += 1
+                if self.at(pos) == "^":
+                    pos += 1
+                while self.at(pos) != "]":
+                    if not self.at(pos):
+                        raise self.fail("unterminated character class starting", start)
+                    pos = self.char(pos)
+                    if self.at(pos) == "-" and self.at(pos + 1) != "]":
+                        if not self.at(pos + 1):
+                            raise self.fail("unterminated character class starting", start)
+                        pos = self.char(pos + 1)
+                pos = self.space(pos + 1, nested)
+            elif _word(c):
+                end = self.name(pos)
+                self.used.append(self.s[pos:end])
+                pos = self.space(end, nested)
+            elif c == "(":
+                pos = self.alternates(self.space(pos + 1, True), True)
+                if self.at(pos) != ")":
+                    raise self.fail("expecting ')'", pos)
+                pos = self.space(pos + 1, nested)
+            elif c == ".":
+                pos = self.space(pos + 1, nested)
+            elif c in "*+?":
+                if not has_item:
+                    raise self.fail(f"nothing before {c!r} to repeat", pos)
+                pos = self.space(pos + 1, nested)
+                continue
+            elif c == "{":
+                if not has_item:
+                    raise self.fail("nothing before '{' to repeat", pos)
+                pos = self.repetition(pos, nested)
+                continue
+            elif c == "<" or (c == "!" and self.at(pos + 1) == "<"):  # a token (<[id]>, <piece>) or not it
+                close = self.s.find(">", pos)
+                if close < 0:
+                    raise self.fail("unterminated token reference starting", start)
+                pos = self.space(close + 1, nested)
+            else:
+                break
+            has_item = True
+        return pos
+
+    def repetition(self, pos: int, nested: bool) -> int:
+        start = pos
+        pos = self.space(pos + 1, nested)
+        lo_end = pos
+        while self.at(lo_end).isdigit() and self.at(lo_end).isascii():
+            lo_end += 1
+        if lo_end == pos:
+            raise self.fail("expecting a number in '{m,n}'", pos)
+        counts = [int(self.s[pos:lo_end])]
+        pos = self.space(lo_end, nested)
+        if self.at(pos) == ",":
+            pos = self.space(pos + 1, nested)
+            hi_end = pos
+            while self.at(hi_end).isdigit() and self.at(hi_end).isascii():
+                hi_end += 1
+            if hi_end > pos:
+                counts.append(int(self.s[pos:hi_end]))
+                pos = self.space(hi_end, nested)
+            if self.at(pos) != "}":
+                raise self.fail("expecting '}'", pos)
+        elif self.at(pos) != "}":
+            raise self.fail("expecting ',' or '}'", pos)
+        if max(counts) > MAX_REPETITIONS:
+            raise self.fail(f"more than {MAX_REPETITIONS} repetitions", start)
+        return self.space(pos + 1, nested)

@@ -174,7 +174,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # an int is always finite (and one past a float's range would overflow math.isfinite)
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _matches_type(value: Any, t: str) -> bool:
@@ -195,6 +196,9 @@ class _Converter:
         self.by_body: dict[str, str] = {}
         self.shared: set[str] = set()
         self.ref_rules: dict[str, str] = {}
+        self.heads: list[str] = ["#"]
+        """The references whose rules are being written and have written no text yet: one of them
+        referred to again would be a left-recursive rule, which matches nothing and llama.cpp refuses."""
 
     # -- errors --------------------------------------------------------------------
     def where(self, path: Path) -> str:
@@ -315,6 +319,10 @@ class _Converter:
         when it refers to itself)."""
         name = self.ref_rules.get(ref)
         if name is not None:
+            if ref in self.heads:
+                raise self.refuse(at, f"leads back to {json.dumps(ref)} before any value is written (a loop of "
+                                  "references and `anyOf` branches), which no JSON text can end; let the loop go "
+                                  "through a property or an array item")
             return name
         if ref == "#":
             self.ref_rules[ref] = self.rule
@@ -322,7 +330,11 @@ class _Converter:
         target = self.resolve(ref, at)
         hint = ref.rsplit("/", 1)[-1] or "ref"
         name = self.ref_rules[ref] = self.reserve(hint)
-        self.rules[name] = self.visit(target, _pointer_path(ref) if ref.startswith("#/") else at, name)
+        self.heads.append(ref)
+        try:
+            self.rules[name] = self.visit(target, _pointer_path(ref) if ref.startswith("#/") else at, name)
+        finally:
+            self.heads.pop()
         return name
 
     # -- rules ---------------------------------------------------------------------
@@ -448,6 +460,13 @@ class _Converter:
         return found or None
 
     def typed(self, t: str, s: dict[str, Any], path: Path, hint: str) -> str:
+        heads, self.heads = self.heads, []  # every typed value starts with text of its own
+        try:
+            return self._typed(t, s, path, hint)
+        finally:
+            self.heads = heads
+
+    def _typed(self, t: str, s: dict[str, Any], path: Path, hint: str) -> str:
         if t == "string":
             return self.string(s, path, hint)
         if t == "integer":
@@ -665,7 +684,7 @@ class _Converter:
         if lower is None and upper is None:
             return self.use("json-number")
         for bound, keys in ((lower, ("minimum", "exclusiveMinimum")), (upper, ("maximum", "exclusiveMaximum"))):
-            if bound is not None and not float(bound[0]).is_integer():
+            if bound is not None and not _is_int(bound[0]) and not float(bound[0]).is_integer():
                 key = next(k for k in keys if _is_number(s.get(k)))
                 raise self.refuse((*path, key), f"is {bound[0]}; constrained decoding supports whole-number bounds on "
                                   "a `number` (any bounds on an `integer`); round it, or scale the value")

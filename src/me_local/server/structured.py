@@ -96,6 +96,10 @@ def openai_grammar(body: dict[str, Any]) -> GrammarSpec | None:
     if spec is not None and other is not None:
         raise bad_request(f"`response_format` and `{other}` both constrain the answer; send one of them", other)
     if gbnf:
+        if "\x00" in gbnf:  # llama.cpp reads a C string: it would follow only the text before the NUL
+            raise bad_request(f"`grammar` holds a NUL character (at character {gbnf.index(chr(0)) + 1}), where "
+                              "llama.cpp would stop reading it; write it as \\x00 inside a literal or a class",
+                              "grammar")
         return GrammarSpec(gbnf, param="grammar")
     if schema is not None:
         return schema_spec(schema, "json_schema")

@@ -27,6 +27,7 @@ from llama_cpp import llama_cpp as L
 
 from ...core.types import GrammarRejected, GrammarSpec
 from ...errors import BackendError, RequestError
+from ...grammar.gbnf import gbnf_syntax_error
 from ._lib import capture_errors, llama_reason
 
 if TYPE_CHECKING:
@@ -130,8 +131,10 @@ class LlamaGrammar:
         with capture_errors() as errors:
             smpl = L.llama_sampler_init_grammar(model.vocab, spec.gbnf.encode("utf-8"), b"root")
         if not smpl:
+            # llama.cpp's parser prints its reason on stderr and logs only "failed to parse grammar"
+            reason = gbnf_syntax_error(spec.gbnf) or llama_reason(errors)
             raise RequestError(
-                f"the grammar in {spec.param} is not valid GBNF for llama.cpp ({llama_reason(errors)}); "
+                f"the grammar in {spec.param} is not valid GBNF for llama.cpp ({reason}); "
                 "check its syntax, that it has a root rule, and that no rule is left-recursive",
                 param=spec.param)
         self._smpl: L.llama_sampler_p | None = smpl
