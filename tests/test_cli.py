@@ -313,3 +313,9 @@ def test_nan_and_infinite_sampling_values_are_refused(tiny_config):
                  input="/set temperature nan\n/set top_p inf\n/bye\n").stdout
     assert "error: temperature needs a finite number, got 'nan'" in out
     assert "error: top_p needs a finite number, got 'inf'" in out
+
+
+def test_python_dash_m_me_local_is_the_command():
+    out = subprocess.run([sys.executable, "-m", "me_local", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "me-local" in out.stdout
