@@ -463,8 +463,12 @@ class Engine:
         """Embed ``request``'s inputs on the calling thread (engine/embedding.py): each member of the
         embedding through its own embedding context, made on first use and kept with the ensemble.
         Generation slots are not involved: an embedding never waits for one. ``cancel`` firing while
-        another request holds an embedding context, or between decodes, raises :class:`Cancelled`."""
-        return run_embed(self.ensemble(request.ensemble), request, cancel)
+        another request holds an embedding context, or between decodes, raises :class:`Cancelled`.
+        It holds the ensemble as a request does (an unload waits for it, a new load serves it
+        meanwhile) and sets its ``keep_alive``."""
+        with self.hold(request.ensemble) as loaded:
+            loaded.set_keep_alive(request.keep_alive)
+            return run_embed(loaded, request, cancel)
 
     def start(
         self,
