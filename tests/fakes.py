@@ -398,6 +398,7 @@ class FakeEmbedder:
         self._table = np.random.default_rng(seed).normal(size=(n_vocab, n_embd))
         self.calls: list[list[list[int]]] = []
         self.closed = False
+        self.memory_bytes = 1024 * n_ctx
 
     def tokenize(self, text: str) -> list[int]:
         return [b % self.n_vocab for b in text.encode()]

@@ -217,6 +217,16 @@ async def test_an_embedding_with_keep_alive_zero_answers_then_unloads_and_the_ne
     assert bad.status == 400 and "`keep_alive` must be a duration such as" in (await bad.json())["error"]
 
 
+async def test_ps_counts_the_embedding_contexts_in_the_size(make_server):
+    client, state = await make_server()
+    before = (await ps(client))["duo:latest"]["size"]
+    assert (await client.post("/api/embed", json={"model": "duo", "input": "Hello there"})).status == 200
+    loaded = state.engine.loaded["duo"]
+    [embedder] = loaded.embedders.values()
+    assert embedder.memory_bytes > 0 and embedder.memory_bytes == loaded.members[0].memory_bytes  # both: 256 f16 cells
+    assert (await ps(client))["duo:latest"]["size"] == before + embedder.memory_bytes
+
+
 async def _absent(client, name: str) -> bool:
     return name not in await ps(client)
 
