@@ -264,6 +264,10 @@ async def test_model_management_routes_say_models_come_from_models_yaml(make_ser
     error = (await resp.json())["error"]
     assert error.startswith("me-local does not download models: 'llama3.2' is not one of its models (tiny:latest, ")
     assert f"put the GGUF file in an ensemble of {state.engine.config.path}" in error
+    for body, fragment in (({}, "`model` is required: the name of a model in models.yaml (tiny:latest, "),
+                           ({"model": 5}, "`model` must be a string, got number")):
+        resp = await client.post("/api/pull", json=body)
+        assert resp.status == 400 and (await resp.json())["error"].startswith(fragment), body
     for method, path in (("POST", "/api/push"), ("POST", "/api/create"), ("POST", "/api/copy"),
                          ("DELETE", "/api/delete")):
         resp = await client.request(method, path, json={"model": "tiny"})

@@ -519,13 +519,15 @@ async def pull(request: web.Request) -> web.StreamResponse:
     up to date); any other name, a 400 saying where models come from."""
     engine = request.app[STATE].require_engine()
     body = await read_json(request)
-    name = body.get("model", body.get("name"))
+    name = opt_str(body, "model" if "model" in body else "name", param="model")
+    shown = ", ".join(n + LATEST for n, _, _ in _entries(engine))
+    if not name:
+        raise bad_request(f"`model` is required: the name of a model in models.yaml ({shown})", "model")
     try:
-        resolve_model(engine.config, name, ollama=True) if name else None
+        resolve_model(engine.config, name, ollama=True)
     except ApiError:
         name = None
     if not name:
-        shown = ", ".join(n + LATEST for n, _, _ in _entries(engine))
         raise bad_request(f"me-local does not download models: {body.get('model', body.get('name'))!r} is not one of "
                           f"its models ({shown}); {_FROM_YAML}: put the GGUF file in an ensemble of "
                           f"{engine.config.path} and reload the daemon (SIGHUP)", "model", code="pull_not_supported")
