@@ -227,6 +227,21 @@ async def test_ps_counts_the_embedding_contexts_in_the_size(make_server):
     assert (await ps(client))["duo:latest"]["size"] == before + embedder.memory_bytes
 
 
+async def test_show_leaves_an_unloaded_model_unloaded(make_server):
+    """Continue and Open WebUI ask /api/show about every model: an ensemble that keep_alive unloaded is read
+    for it and unloaded again (it was loaded for ever, its memory back for good), and says the same."""
+    client, _ = await make_server()
+    before = await (await client.post("/api/show", json={"model": "duo"})).json()
+    await client.post("/api/generate", json={"model": "duo", "keep_alive": 0})
+    assert "duo:latest" not in await ps(client)
+    after = await (await client.post("/api/show", json={"model": "duo"})).json()
+    assert after["capabilities"] == before["capabilities"] and after["template"] == before["template"]
+    assert after["model_info"] == before["model_info"]
+    await async_wait_until(lambda: _absent(client, "duo:latest"))
+    shown = await (await client.post("/api/show", json={"model": "pair"})).json()  # a loaded one stays loaded
+    assert shown["capabilities"][0] == "completion" and "pair:latest" in await ps(client)
+
+
 async def _absent(client, name: str) -> bool:
     return name not in await ps(client)
 

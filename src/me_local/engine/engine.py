@@ -167,6 +167,18 @@ class Engine:
         finally:
             loaded.release()
 
+    @contextlib.contextmanager
+    def peek(self, name: str | None = None) -> Iterator[LoadedEnsemble]:
+        """As :meth:`hold`, for reading an ensemble's facts (``/api/show``): one that this loads
+        (``keep_alive`` had unloaded it) is unloaded again once the block ends, unless a request
+        gives it a keep_alive of its own meanwhile."""
+        cfg = self.config.get(name)
+        before = self._loaded.get(cfg.name)
+        with self.hold(cfg.name) as loaded:
+            if loaded is not before:
+                loaded.set_keep_alive(0)
+            yield loaded
+
     def _admit(self, name: str | None) -> tuple[LoadedEnsemble, Ticket]:
         while True:
             loaded = self.ensemble(name)
