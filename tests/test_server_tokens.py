@@ -243,3 +243,12 @@ async def test_tokenizer_info_loads_an_unloaded_ensemble_off_the_loop(aiohttp_cl
     assert (await client.get("/health")).status == 200 and not text.done()
     factory.gate.set()
     assert isinstance((await ok(await text))["content"], str)
+    assert (await client.post("/api/generate", json={"model": "pair", "keep_alive": 0})).status == 200
+    factory.loading.clear()
+    factory.gate = threading.Event()
+    echo = asyncio.ensure_future(client.post("/v1/completions", json={  # lm-eval's loglikelihood request
+        "model": "pair", "prompt": [[1, 2, 3]], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}))
+    await async_wait_until(factory.loading.is_set)
+    assert (await client.get("/health")).status == 200 and not echo.done()
+    factory.gate.set()
+    assert len((await ok(await echo))["choices"]) == 1
