@@ -312,13 +312,18 @@ class FakeFactory:
         self.tokenized: list[str] = []
         self.prompts: list[tuple[list[dict[str, Any]], Any]] = []
         """Each chat prompt's messages and tools, in order."""
+        self.embed_gate: threading.Event | None = None
+        """Given to the embedding contexts made while it is set: they embed once it is set."""
+        self.embedders: list[FakeEmbedder] = []
         self._lock = threading.Lock()
 
     def __call__(self, mc: Any, ens: Any) -> EngineMember:
         return EngineMember(mc.name, self, chat_template=mc.chat_template, n_ctx=self.n_ctx or ens.n_ctx)
 
     def embedder(self, mc: Any, ens: Any) -> FakeEmbedder:
-        return FakeEmbedder(mc.name, n_ctx=self.n_ctx or ens.n_ctx)
+        made = FakeEmbedder(mc.name, n_ctx=self.n_ctx or ens.n_ctx, gate=self.embed_gate)
+        self.embedders.append(made)
+        return made
 
     def tokenizing(self, text: str) -> None:
         with self._lock:
@@ -380,8 +385,12 @@ class FakeEmbedder:
     pooling = "mean"
     adds_eos = False
 
-    def __init__(self, name: str, n_ctx: int, n_vocab: int = 12, n_embd: int = 8) -> None:
+    def __init__(self, name: str, n_ctx: int, n_vocab: int = 12, n_embd: int = 8,
+                 gate: threading.Event | None = None) -> None:
         self.name = name
+        self.gate = gate
+        self.embedding = threading.Event()
+        """Set once an embed call began (and waits for ``gate``, if any)."""
         self.n_ctx = n_ctx
         self.n_vocab = n_vocab
         self.n_embd = n_embd
@@ -389,12 +398,17 @@ class FakeEmbedder:
         self._table = np.random.default_rng(seed).normal(size=(n_vocab, n_embd))
         self.calls: list[list[list[int]]] = []
         self.closed = False
+        self.memory_bytes = 1024 * n_ctx
 
     def tokenize(self, text: str) -> list[int]:
         return [b % self.n_vocab for b in text.encode()]
 
     def embed(self, inputs: Sequence[Sequence[int]], cancel: Callable[[], bool] | None = None) -> np.ndarray:
         self.calls.append([list(t) for t in inputs])
+        self.embedding.set()
+        if self.gate is not None:
+            assert self.gate.wait(60), "the test never opened the embedding gate"
+        assert not self.closed, "an embedding context was closed while it embedded"
         if cancel is not None and cancel():
             raise Cancelled
         return np.stack([self._table[list(t)].mean(axis=0) for t in inputs])

@@ -11,13 +11,14 @@ import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import ollama
 import pytest
 from langchain_ollama import ChatOllama
 
 from me_local.config import parse_config
 from me_local.core import DoneEvent, SamplingParams
-from me_local.engine import Engine, Request, collect
+from me_local.engine import EmbedRequest, Engine, Request, collect
 from me_local.server import ServerSettings, ServerState, create_app
 
 from .fakes import FakeFactory
@@ -107,6 +108,43 @@ def test_a_keep_alive_counts_from_the_last_use_and_each_request_sets_its_own(fak
     assert loaded.members[0].closed
 
 
+def test_unloading_waits_for_an_embedding_in_flight_and_closes_its_context(fake):
+    """An embedding holds its ensemble as a request does: an unload meanwhile waits for it (closing the
+    embedding context under it crashed the daemon), then frees the embedding context with the slots."""
+    engine, factory = fake
+    old = engine.loaded["e"]
+    factory.embed_gate = threading.Event()
+    results: list = []
+    embedding = threading.Thread(target=lambda: results.append(engine.embed(EmbedRequest(ensemble="e", texts=["hi"]))))
+    embedding.start()
+    wait_until(lambda: bool(factory.embedders) and factory.embedders[0].embedding.is_set())
+    [held] = factory.embedders
+    unload = threading.Thread(target=engine.unload, args=("e",))
+    unload.start()
+    wait_until(lambda: old.closing)
+    assert unload.is_alive() and not held.closed and "e" not in engine.loaded
+    factory.embed_gate = None
+    again = engine.embed(EmbedRequest(ensemble="e", texts=["hi"]))  # meanwhile: loaded anew, answered at once
+    assert engine.loaded["e"] is not old and len(factory.embedders) == 2
+    held.gate.set()
+    embedding.join(30)
+    unload.join(30)
+    assert not unload.is_alive() and held.closed and not factory.embedders[1].closed
+    np.testing.assert_array_equal(results[0].vectors, again.vectors)
+
+
+def test_an_embeddings_keep_alive_is_honoured_as_a_requests(fake):
+    engine, factory = fake
+    engine.embed(EmbedRequest(ensemble="e", texts=["hi"], keep_alive=300))
+    loaded = engine.loaded["e"]
+    assert 299 < loaded.expires_in() <= 300
+    engine.embed(EmbedRequest(ensemble="e", texts=["hi"], keep_alive=0))
+    wait_until(lambda: factory.embedders[0].closed)  # the reaper closes it once out of the table
+    assert loaded.members[0].closed and "e" not in engine.loaded
+    result = engine.embed(EmbedRequest(ensemble="e", texts=["hi"]))  # loaded again, and kept for ever
+    assert result.vectors.shape == (1, 8) and engine.loaded["e"].expires_in() is None
+
+
 # --------------------------------------------------------------------------- the routes, tiny models
 
 
@@ -164,6 +202,47 @@ async def test_a_request_with_keep_alive_zero_answers_then_unloads(make_server):
     await async_wait_until(lambda: _absent(client, "duo:latest"))
 
 
+async def test_an_embedding_with_keep_alive_zero_answers_then_unloads_and_the_next_one_loads_it(make_server):
+    client, state = await make_server()
+    old = state.engine.loaded["duo"]
+    body = {"model": "duo", "input": ["Hello there", "General Kenobi"], "keep_alive": 0}
+    first = await (await client.post("/api/embed", json=body)).json()
+    assert len(first["embeddings"]) == 2
+    await async_wait_until(lambda: _absent(client, "duo:latest"))
+    await async_wait_until(lambda: not old.embedders)  # its embedding contexts are closed with its slots
+    assert old.closing
+    again = await client.post("/api/embeddings", json={"model": "duo/one", "prompt": "Hello there", "keep_alive": "1h"})
+    assert again.status == 200 and len((await again.json())["embedding"]) > 0
+    assert "duo:latest" in await ps(client) and 3599 < state.engine.loaded["duo"].expires_in() <= 3600
+    bad = await client.post("/api/embed", json=dict(body, keep_alive="soon"))
+    assert bad.status == 400 and "`keep_alive` must be a duration such as" in (await bad.json())["error"]
+
+
+async def test_ps_counts_the_embedding_contexts_in_the_size(make_server):
+    client, state = await make_server()
+    before = (await ps(client))["duo:latest"]["size"]
+    assert (await client.post("/api/embed", json={"model": "duo", "input": "Hello there"})).status == 200
+    loaded = state.engine.loaded["duo"]
+    [embedder] = loaded.embedders.values()
+    assert embedder.memory_bytes > 0 and embedder.memory_bytes == loaded.members[0].memory_bytes  # both: 256 f16 cells
+    assert (await ps(client))["duo:latest"]["size"] == before + embedder.memory_bytes
+
+
+async def test_show_leaves_an_unloaded_model_unloaded(make_server):
+    """Continue and Open WebUI ask /api/show about every model: an ensemble that keep_alive unloaded is read
+    for it and unloaded again (it was loaded for ever, its memory back for good), and says the same."""
+    client, _ = await make_server()
+    before = await (await client.post("/api/show", json={"model": "duo"})).json()
+    await client.post("/api/generate", json={"model": "duo", "keep_alive": 0})
+    assert "duo:latest" not in await ps(client)
+    after = await (await client.post("/api/show", json={"model": "duo"})).json()
+    assert after["capabilities"] == before["capabilities"] and after["template"] == before["template"]
+    assert after["model_info"] == before["model_info"]
+    await async_wait_until(lambda: _absent(client, "duo:latest"))
+    shown = await (await client.post("/api/show", json={"model": "pair"})).json()  # a loaded one stays loaded
+    assert shown["capabilities"][0] == "completion" and "pair:latest" in await ps(client)
+
+
 async def _absent(client, name: str) -> bool:
     return name not in await ps(client)
 
@@ -201,6 +280,10 @@ async def test_model_management_routes_say_models_come_from_models_yaml(make_ser
     error = (await resp.json())["error"]
     assert error.startswith("me-local does not download models: 'llama3.2' is not one of its models (tiny:latest, ")
     assert f"put the GGUF file in an ensemble of {state.engine.config.path}" in error
+    for body, fragment in (({}, "`model` is required: the name of a model in models.yaml (tiny:latest, "),
+                           ({"model": 5}, "`model` must be a string, got number")):
+        resp = await client.post("/api/pull", json=body)
+        assert resp.status == 400 and (await resp.json())["error"].startswith(fragment), body
     for method, path in (("POST", "/api/push"), ("POST", "/api/create"), ("POST", "/api/copy"),
                          ("DELETE", "/api/delete")):
         resp = await client.request(method, path, json={"model": "tiny"})

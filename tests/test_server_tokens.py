@@ -6,13 +6,17 @@ it reads from them. scripts/lm_eval_check.py runs lm-eval itself against a live 
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
+from typing import Any
 
 import pytest
 
-from me_local.engine import ScoreRequest
+from me_local.engine import ScoreRequest, llama_member_factory
+from me_local.server import ServerState, create_app
 
-from .server_helpers import loaded_client
+from .server_helpers import async_wait_until, engine_loader, loaded_client
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +203,52 @@ async def test_a_model_scoped_path_serves_lm_eval_a_model_other_than_the_default
               "`model` is 'pair' but this path is for model 'mixed/spm'")
     await bad(await client.post("/models/mixed/tokenize", json={"prompt": "x"}), "model", "no single tokenizer")
     assert (await client.post("/models/nope/tokenize", json={"prompt": "x"})).status == 404
+
+
+class GatedLoads:
+    """llama.cpp's member factory, whose loads wait for ``gate`` while it is set."""
+
+    def __init__(self) -> None:
+        self.inner = llama_member_factory()
+        self.gate: threading.Event | None = None
+        self.loading = threading.Event()
+
+    def __call__(self, mc: Any, ens: Any) -> Any:
+        if self.gate is not None:
+            self.loading.set()
+            assert self.gate.wait(60), "the test never let the load go on"
+        return self.inner(mc, ens)
+
+
+async def test_tokenizer_info_loads_an_unloaded_ensemble_off_the_loop(aiohttp_client, config_path):
+    """After a keep_alive unload, /tokenizer_info loaded the ensemble on the event loop: every other
+    request and stream stalled for the load."""
+    factory = GatedLoads()
+    state = ServerState(engine_loader(config_path, factory))
+    client = await aiohttp_client(create_app(state))
+    await state.wait_loaded()
+    assert (await client.post("/api/generate", json={"model": "pair", "keep_alive": 0})).status == 200
+    factory.gate = threading.Event()
+    info = asyncio.ensure_future(client.get("/tokenizer_info?model=pair"))
+    await async_wait_until(factory.loading.is_set)
+    assert (await client.get("/health")).status == 200 and not info.done()  # the loop answers meanwhile
+    factory.gate.set()
+    data = await ok(await info)
+    assert data["model"] == "pair" and data["vocab_size"] > 0 and "pair" in state.engine.loaded
+    assert (await client.post("/api/generate", json={"model": "pair", "keep_alive": 0})).status == 200
+    factory.loading.clear()
+    factory.gate = threading.Event()
+    text = asyncio.ensure_future(client.post("/detokenize", json={"model": "pair", "tokens": [1, 2]}))
+    await async_wait_until(factory.loading.is_set)
+    assert (await client.get("/health")).status == 200 and not text.done()
+    factory.gate.set()
+    assert isinstance((await ok(await text))["content"], str)
+    assert (await client.post("/api/generate", json={"model": "pair", "keep_alive": 0})).status == 200
+    factory.loading.clear()
+    factory.gate = threading.Event()
+    echo = asyncio.ensure_future(client.post("/v1/completions", json={  # lm-eval's loglikelihood request
+        "model": "pair", "prompt": [[1, 2, 3]], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}))
+    await async_wait_until(factory.loading.is_set)
+    assert (await client.get("/health")).status == 200 and not echo.done()
+    factory.gate.set()
+    assert len((await ok(await echo))["choices"]) == 1

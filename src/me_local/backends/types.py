@@ -217,6 +217,11 @@ class Embedder(Protocol):
     def n_vocab(self) -> int: ...
 
     @property
+    def memory_bytes(self) -> int:
+        """The memory its context takes (its KV cache), for ``/api/ps``."""
+        ...
+
+    @property
     def pooling(self) -> str:
         """mean, cls or last."""
         ...

@@ -47,6 +47,8 @@ class EmbedRequest:
     """How errors name each input (default ``input[i]``)."""
     overflow_fix: str = "shorten it or split it"
     """What an error for an input longer than the limit suggests."""
+    keep_alive: float | None = None
+    """Seconds the ensemble stays loaded once idle, as a generation request's (None: for ever)."""
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,18 @@ class Engine:
         finally:
             loaded.release()
 
+    @contextlib.contextmanager
+    def peek(self, name: str | None = None) -> Iterator[LoadedEnsemble]:
+        """As :meth:`hold`, for reading an ensemble's facts (``/api/show``): one that this loads
+        (``keep_alive`` had unloaded it) is unloaded again once the block ends, unless a request
+        gives it a keep_alive of its own meanwhile."""
+        cfg = self.config.get(name)
+        before = self._loaded.get(cfg.name)
+        with self.hold(cfg.name) as loaded:
+            if loaded is not before:
+                loaded.set_keep_alive(0)
+            yield loaded
+
     def _admit(self, name: str | None) -> tuple[LoadedEnsemble, Ticket]:
         while True:
             loaded = self.ensemble(name)
@@ -464,8 +476,12 @@ class Engine:
         """Embed ``request``'s inputs on the calling thread (engine/embedding.py): each member of the
         embedding through its own embedding context, made on first use and kept with the ensemble.
         Generation slots are not involved: an embedding never waits for one. ``cancel`` firing while
-        another request holds an embedding context, or between decodes, raises :class:`Cancelled`."""
-        return run_embed(self.ensemble(request.ensemble), request, cancel)
+        another request holds an embedding context, or between decodes, raises :class:`Cancelled`.
+        It holds the ensemble as a request does (an unload waits for it, a new load serves it
+        meanwhile) and sets its ``keep_alive``."""
+        with self.hold(request.ensemble) as loaded:
+            loaded.set_keep_alive(request.keep_alive)
+            return run_embed(loaded, request, cancel)
 
     def start(
         self,

@@ -157,7 +157,8 @@ class LoadedEnsemble:
 
     @property
     def memory_bytes(self) -> int:
-        """Its weights (each model once, though other ensembles may share them) and every slot's contexts."""
+        """Its weights (each model once, though other ensembles may share them), every slot's contexts and
+        its embedding contexts."""
         return self._memory(lambda m: 1.0)
 
     @property
@@ -168,7 +169,8 @@ class LoadedEnsemble:
     def _memory(self, share: Callable[[MemberContext], float]) -> int:
         models = {id(m.model): m.model.weights_bytes * share(m) for m in self._members}
         contexts = sum(m.memory_bytes * share(m) for s in list(self._slots) for m in s.members)
-        return int(sum(models.values()) + contexts)
+        embedding = sum(e.memory_bytes * share(self._members[i]) for i, e in list(self._embedders.items()))
+        return int(sum(models.values()) + contexts + embedding)
 
     # -- its life ----------------------------------------------------------------
     def set_keep_alive(self, seconds: float | None) -> None:

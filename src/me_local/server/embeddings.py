@@ -24,6 +24,7 @@ from aiohttp import web
 from ..engine import EmbedRequest, EmbedResult, Engine
 from . import fields, wire
 from .errors import bad_request
+from .ollama import keep_alive
 from .params import ModelRef, opt_bool, opt_number, opt_object, opt_str, read_json, resolve_model
 from .state import NOTE, STATE
 
@@ -151,7 +152,8 @@ async def ollama_embed(request: web.Request) -> web.Response:
     num_ctx = _ollama_options(body, ref)
     req = EmbedRequest(ensemble=ref.ensemble.name, member=ref.member, texts=texts, normalize=True, truncate=truncate,
                        limit=num_ctx, limit_name=_limit_name(num_ctx), dimensions=dimensions, labels=labels,
-                       overflow_fix="shorten it, or send `truncate: true` (Ollama's default) to cut it")
+                       overflow_fix="shorten it, or send `truncate: true` (Ollama's default) to cut it",
+                       keep_alive=keep_alive(body))
     result = await _embed(request, ref, req, "\n".join(texts))
     out = {
         "model": ref.name,
@@ -174,7 +176,8 @@ async def ollama_embeddings(request: web.Request) -> web.Response:
     num_ctx = _ollama_options(body, ref)
     req = EmbedRequest(ensemble=ref.ensemble.name, member=ref.member, texts=[prompt] if prompt else [],
                        normalize=False, limit=num_ctx, limit_name=_limit_name(num_ctx), param="prompt",
-                       labels=["prompt"], overflow_fix="shorten it, or use /api/embed, which cuts it")
+                       labels=["prompt"], overflow_fix="shorten it, or use /api/embed, which cuts it",
+                       keep_alive=keep_alive(body))
     result = await _embed(request, ref, req, prompt)
     embedding = _encoded(result.vectors[0], "float") if prompt else []
     return web.json_response({"embedding": embedding}, dumps=wire.dumps)

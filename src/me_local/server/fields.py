@@ -295,8 +295,9 @@ OPENAI_EMBEDDINGS = _table("OpenAI `POST /v1/embeddings`", "a field of /v1/embed
     N("user", "an end-user id for the provider's abuse monitoring; me-local keeps nothing"),
 ])
 
-_EMBED_KEEP_ALIVE = N("keep_alive", "how long Ollama keeps the model loaded; me-local keeps the embedding "
-                      "contexts, made on first use, while it runs")
+_EMBED_KEEP_ALIVE = H("keep_alive", "how long the ensemble stays loaded after this request, as on `/api/generate` "
+                      "(a duration or seconds; 0: unloaded once it is answered, its embedding contexts with it; "
+                      "negative or missing: for ever). The next request loads it again")
 _SAMPLING_ONLY = "a generation setting; an embedding generates nothing"
 _LOAD_TIME = ("num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa", "low_vram",
               "f16_kv", "logits_all", "vocab_only", "embedding_only")

@@ -434,10 +434,8 @@ async def show(request: web.Request) -> web.Response:
                             f"min_p {s.min_p}", f"num_predict {s.max_tokens}", f"num_ctx {ens.n_ctx}"])
     loop = asyncio.get_running_loop()
     templates = await loop.run_in_executor(None, _chat_templates, members)
-    fim_template = await loop.run_in_executor(None, _fim_template, engine, ref)
-    capabilities = ["completion"]
-    if await loop.run_in_executor(None, _carries_tools, engine, ref):
-        capabilities.append("tools")
+    fim_template, tools, granularity = await loop.run_in_executor(None, _loaded_facts, engine, ref)
+    capabilities = ["completion"] + (["tools"] if tools else [])
     trained = await loop.run_in_executor(None, _trained_contexts, members)
     modelfile = "\n".join([f"# me-local {'member' if ref.member else 'ensemble'} {ref.name} "
                            f"(mode {'single' if ref.member else ens.mode})"]
@@ -455,17 +453,26 @@ async def show(request: web.Request) -> web.Response:
                        "me-local.mode": "single" if ref.member else ens.mode,
                        "me-local.members": [m.name for m in members],
                        "me-local.chat_templates": templates,
-                       **_granularity(engine, ens.name, ref.member)},
+                       **granularity},
         "capabilities": capabilities + (["insert"] if fim_template else []),
         "modified_at": _modified_at(engine),
     })
 
 
+def _loaded_facts(engine: Engine, ref: ModelRef) -> tuple[str | None, bool, dict[str, Any]]:
+    """What /api/show reads from the loaded members: the FIM template, whether they carry tools, the
+    granularity. An ensemble that is not loaded (keep_alive) is loaded for it and unloaded again, as
+    Ollama's /api/show loads nothing. Blocks: off the loop."""
+    with engine.peek(ref.ensemble.name):
+        return (_fim_template(engine, ref), _carries_tools(engine, ref),
+                _granularity(engine, ref.ensemble.name, ref.member))
+
+
 def _fim_template(engine: Engine, ref: ModelRef) -> str | None:
     """For a model whose members (those that run) all have FIM tokens: a Go template with ``.Suffix``
     in Ollama's style, which is how Continue tells a model that can fill in the middle (its FIM tokens
-    are the first member's; each member writes its own). None otherwise. Loads the ensemble if it is
-    not loaded yet: off the loop."""
+    are the first member's; each member writes its own). None otherwise. The ensemble is loaded
+    (:func:`_loaded_facts`)."""
     ens = ref.ensemble
     loaded = engine.ensemble(ens.name)
     if ref.member is not None or ens.mode == "single":
@@ -489,9 +496,7 @@ def _fim_template(engine: Engine, ref: ModelRef) -> str | None:
 
 def _carries_tools(engine: Engine, ref: ModelRef) -> bool:
     """Whether the model can carry tools (its members' templates render a call and its result:
-    engine/tools.py); a model that is not loaded cannot be probed, and is said not to."""
-    if ref.ensemble.name not in engine.loaded:
-        return False
+    engine/tools.py). The ensemble is loaded (:func:`_loaded_facts`)."""
     request = Request(ensemble=ref.ensemble.name, member=ref.member, messages=[])
     try:
         return engine.tool_support(request)[1] is None
@@ -519,13 +524,15 @@ async def pull(request: web.Request) -> web.StreamResponse:
     up to date); any other name, a 400 saying where models come from."""
     engine = request.app[STATE].require_engine()
     body = await read_json(request)
-    name = body.get("model", body.get("name"))
+    name = opt_str(body, "model" if "model" in body else "name", param="model")
+    shown = ", ".join(n + LATEST for n, _, _ in _entries(engine))
+    if not name:
+        raise bad_request(f"`model` is required: the name of a model in models.yaml ({shown})", "model")
     try:
-        resolve_model(engine.config, name, ollama=True) if name else None
+        resolve_model(engine.config, name, ollama=True)
     except ApiError:
         name = None
     if not name:
-        shown = ", ".join(n + LATEST for n, _, _ in _entries(engine))
         raise bad_request(f"me-local does not download models: {body.get('model', body.get('name'))!r} is not one of "
                           f"its models ({shown}); {_FROM_YAML}: put the GGUF file in an ensemble of "
                           f"{engine.config.path} and reload the daemon (SIGHUP)", "model", code="pull_not_supported")

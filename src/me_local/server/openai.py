@@ -227,7 +227,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = scoped(await read_json(request), request)
-    call = parse_completion(body, state.require_engine())
+    # off the loop: token-id prompts and echo read the members, loading an ensemble keep_alive unloaded
+    call = await asyncio.get_running_loop().run_in_executor(None, parse_completion, body, state.require_engine())
     if call.echo is None and not call.batch:
         return await _run(request, state, call, chat=False)
     return await _run_choices(request, state, call)

@@ -116,13 +116,14 @@ async def detokenize(request: web.Request) -> web.Response:
     tokens = body.get("tokens")
     if not isinstance(tokens, list):
         raise bad_request("`tokens` must be a list of token ids", "tokens")
-    member = tokenizer_member(engine, ref)
-    n_vocab = member.n_vocab
-    for i, t in enumerate(tokens):
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
-            raise bad_request(f"`tokens[{i}]` is {t!r}, not a token id of the vocabulary (0..{n_vocab - 1})",
-                              "tokens")
-    text = b"".join(display_bytes(member, t) for t in tokens).decode("utf-8", "replace")
+    async with held(engine, ref) as loaded:  # loaded off the loop (keep_alive), not unloaded while read
+        member = tokenizer_member(engine, ref, loaded)
+        n_vocab = member.n_vocab
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+                raise bad_request(f"`tokens[{i}]` is {t!r}, not a token id of the vocabulary (0..{n_vocab - 1})",
+                                  "tokens")
+        text = b"".join(display_bytes(member, t) for t in tokens).decode("utf-8", "replace")
     return web.json_response({"content": text, "prompt": text}, dumps=wire.dumps)
 
 
@@ -136,12 +137,12 @@ async def tokenizer_info(request: web.Request) -> web.Response:
     if extra:
         raise bad_request(f"`{extra[0]}` is not a parameter of /tokenizer_info; use model", extra[0])
     ref = resolve_model(engine.config, scoped(dict(request.query), request).get("model"))
-    member = tokenizer_member(engine, ref)
-    model = member.model
-    adds_bos = bool(member.raw_prompt(""))
-    loaded = engine.ensemble(ref.ensemble.name)
-    members = [member] if ref.member is not None else loaded.members
-    templates = {m.model.template(m.chat_template).text for m in members}
+    async with held(engine, ref) as loaded:  # loaded off the loop (keep_alive), not unloaded while read
+        member = tokenizer_member(engine, ref, loaded)
+        model = member.model
+        adds_bos = bool(member.raw_prompt(""))
+        members = [member] if ref.member is not None else loaded.members
+        templates = {m.model.template(m.chat_template).text for m in members}
     info = {
         "tokenizer_class": "me-local",
         "model": ref.name,

@@ -35,6 +35,7 @@ from ...core.embedding import DEFAULT_POOLING, Pooler
 from ...core.types import Cancelled
 from ...errors import BackendError, ModelLoadError, RequestError
 from ._lib import fill_batch
+from .context import CELL_PAD, KV_BYTES
 from .model import LoadedModel, _meta_str
 from .threads import default_threads
 
@@ -124,6 +125,12 @@ class LlamaEmbedder:
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
+
+    @property
+    def memory_bytes(self) -> int:
+        """Its KV cache's bytes (f16, ``n_ctx`` cells rounded up as llama.cpp pads them); 0 once closed."""
+        cells = -(-self._n_ctx // CELL_PAD) * CELL_PAD
+        return self.model.kv_bytes(cells, KV_BYTES["f16"]) if self._ctx else 0
 
     @property
     def n_vocab(self) -> int:
