@@ -46,6 +46,14 @@ def test_openai_models_list(oa):
     assert oa.models.retrieve("pair").model_extra["me_local"]["parallel"] == 2
 
 
+def test_openai_routes_take_the_names_api_tags_lists(oa):
+    kw = dict(messages=HELLO, max_tokens=4, seed=3)
+    tagged = oa.chat.completions.create(model="pair:latest", **kw)
+    assert tagged.model == "pair:latest"
+    assert tagged.choices[0].message.content == oa.chat.completions.create(model="pair", **kw).choices[0].message.content
+    assert oa.completions.create(model="pair/two:latest", prompt="Hi", max_tokens=2).choices[0].text
+
+
 def test_openai_chat_streaming_equals_non_streaming(oa):
     kw = dict(model="pair", messages=HELLO, max_tokens=8, seed=21, temperature=0.9)
     full = oa.chat.completions.create(**kw)

@@ -257,14 +257,15 @@ def model_names(config: Config) -> list[str]:
 
 
 def resolve_model(config: Config, name: Any, *, ollama: bool = False) -> ModelRef:
-    """An ensemble name or ``ENSEMBLE/MEMBER``; missing means the default ensemble.
-    Ollama clients may add the ``:latest`` tag."""
+    """An ensemble name or ``ENSEMBLE/MEMBER``; missing means the default ensemble. Any route
+    takes Ollama's ``:latest`` tag (``/api/tags`` lists the models so, and Ollama's own OpenAI
+    routes accept it); ``ollama`` is kept for the callers' clarity."""
     if name is None or name == "":
         ens = config.get(None)
         return ModelRef(ens.name, ens)
     if not isinstance(name, str):
         raise bad_request(f"`model` must be a string, got {json_type_name(name)}", "model")
-    key = name[: -len(":latest")] if ollama and name.endswith(":latest") else name
+    key = name[: -len(":latest")] if name.endswith(":latest") else name
     if key in config.ensembles:
         return ModelRef(name, config.ensembles[key])
     ens_name, sep, member = key.partition("/")
