@@ -5,6 +5,8 @@ counts the token it draws as llama_sampler_sample would (docs/grammar.md, archit
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -18,13 +20,19 @@ def _allowed(pieces: list[bytes]) -> np.ndarray:
     return np.array([bool(re.fullmatch(rb"[a-m][a-z ]*", p)) for p in pieces])
 
 
+@contextmanager
+def evaluated(model, spec: GrammarSpec = GRAMMAR) -> Iterator[tuple[LlamaMember, object, np.ndarray]]:
+    """A member of ``model`` that has read a short prompt, a grammar over its vocabulary, and its logits."""
+    member = LlamaMember("one", model, ContextSettings(n_ctx=128))
+    g = model.make_grammar(spec, "one")
+    try:
+        member.evaluate(model.tokenize("Hello world, the", add_special=False))
+        yield member, g, np.array(member.logits(), dtype=np.float64)
+
+
 def test_penalties_and_the_grammar_count_the_same_tokens(models):
     m = models["a1"]
-    member = LlamaMember("one", m, ContextSettings(n_ctx=128))
-    g = m.make_grammar(GRAMMAR, "one")
-    try:
-        member.evaluate(m.tokenize("Hello world, the", add_special=False))
-        logits = np.array(member.logits(), dtype=np.float64)
+    with evaluated(m) as (member, g, logits):
         ok = _allowed(m.pieces)
         order = [int(t) for t in np.argsort(-logits, kind="stable")]
         allowed_order = [t for t in order if ok[t]]
@@ -40,18 +48,11 @@ def test_penalties_and_the_grammar_count_the_same_tokens(models):
         expect = max([t1, t2, unpenalised[0]], key=lambda t: logits[t] - (d if t in (t1, t2) else 0.0))
         assert expect != t2, "the test needs the penalty to matter for t2"
         assert sampler.sample() == expect
-    finally:
-        g.close()
-        member.close()
 
 
 def test_a_logit_bias_applies_under_the_grammar(models):
     m = models["a1"]
-    member = LlamaMember("one", m, ContextSettings(n_ctx=128))
-    g = m.make_grammar(GRAMMAR, "one")
-    try:
-        member.evaluate(m.tokenize("Hello world, the", add_special=False))
-        logits = np.array(member.logits(), dtype=np.float64)
+    with evaluated(m) as (member, g, logits):
         ok = _allowed(m.pieces)
         allowed = [int(t) for t in np.argsort(logits, kind="stable") if ok[t]]
         low = allowed[0]  # the least likely allowed token, forced by the bias
@@ -59,18 +60,10 @@ def test_a_logit_bias_applies_under_the_grammar(models):
         params = SamplingParams(temperature=0, logit_bias=tuple(sorted(((low, 100.0), (banned, 100.0)))))
         token = member.make_sampler(params, 1).sample(g)
         assert token == low and ok[token]
-    finally:
-        g.close()
-        member.close()
 
 
 def test_a_constrained_draw_counts_in_llama_cpps_own_penalties(models):
-    m = models["a1"]
-    member = LlamaMember("one", m, ContextSettings(n_ctx=128))
-    g = m.make_grammar(GrammarSpec(r"root ::= [^\x00]*"), "one")  # allows the likely tokens
-    try:
-        member.evaluate(m.tokenize("Hello world, the", add_special=False))
-        logits = np.array(member.logits(), dtype=np.float64)
+    with evaluated(models["a1"], GrammarSpec(r"root ::= [^\x00]*")) as (member, g, logits):  # allows the likely tokens
         first, second = (int(t) for t in np.argsort(-logits, kind="stable")[:2])
         assert logits[first] - 4.0 < logits[second], "the test needs the penalty to reorder the two"
         sampler = member.make_sampler(
@@ -78,6 +71,3 @@ def test_a_constrained_draw_counts_in_llama_cpps_own_penalties(models):
         assert sampler.sample(g) == first
         # unconstrained, llama.cpp's chain draws: it must have counted the constrained draw
         assert sampler.sample() == second
-    finally:
-        g.close()
-        member.close()
