@@ -28,6 +28,9 @@ def evaluated(model, spec: GrammarSpec = GRAMMAR) -> Iterator[tuple[LlamaMember,
     try:
         member.evaluate(model.tokenize("Hello world, the", add_special=False))
         yield member, g, np.array(member.logits(), dtype=np.float64)
+    finally:
+        g.close()
+        member.close()
 
 
 def test_penalties_and_the_grammar_count_the_same_tokens(models):
