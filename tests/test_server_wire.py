@@ -256,9 +256,10 @@ def test_model_names_resolve_to_ensembles_and_members():
     assert resolve_model(CONFIG, None).ensemble.name == "main"
     ref = resolve_model(CONFIG, "main/b")
     assert (ref.ensemble.name, ref.member) == ("main", "b")
-    assert resolve_model(CONFIG, "other:latest", ollama=True).ensemble.name == "other"
+    assert resolve_model(CONFIG, "other:latest").ensemble.name == "other"  # Ollama's tag, on every route
+    assert resolve_model(CONFIG, "main/b:latest").member == "b"
     with pytest.raises(ApiError) as e:
-        resolve_model(CONFIG, "other:latest")
+        resolve_model(CONFIG, "other:v2")
     assert e.value.status == 404 and "main, main/a, main/b, other, other/c" in e.value.message
     for bad in ("main/c", "nope", "main/"):
         with pytest.raises(ApiError) as e:

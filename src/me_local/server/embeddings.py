@@ -136,7 +136,7 @@ async def ollama_embed(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
     fields.check(body, fields.OLLAMA_EMBED)
-    ref = resolve_model(state.require_engine().config, body.get("model"), ollama=True)
+    ref = resolve_model(state.require_engine().config, body.get("model"))
     raw = body.get("input")
     if raw is None or isinstance(raw, str):
         texts = [raw] if raw else []
@@ -171,7 +171,7 @@ async def ollama_embeddings(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
     fields.check(body, fields.OLLAMA_EMBEDDINGS)
-    ref = resolve_model(state.require_engine().config, body.get("model"), ollama=True)
+    ref = resolve_model(state.require_engine().config, body.get("model"))
     prompt = opt_str(body, "prompt") or ""
     num_ctx = _ollama_options(body, ref)
     req = EmbedRequest(ensemble=ref.ensemble.name, member=ref.member, texts=[prompt] if prompt else [],

@@ -157,7 +157,7 @@ def _check_load(ref: ModelRef, body: dict[str, Any]) -> None:
 def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
     fields.check(body, fields.OLLAMA_CHAT)
     fields.check_messages(body.get("messages"), fields.OLLAMA_MESSAGE)
-    ref = resolve_model(engine.config, body.get("model"), ollama=True)
+    ref = resolve_model(engine.config, body.get("model"))
     raw = body.get("messages")
     if raw is None or raw == []:
         _check_load(ref, body)
@@ -175,7 +175,7 @@ def parse_chat(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request 
 
 def parse_generate(body: dict[str, Any], engine: Engine) -> tuple[ModelRef, Request | None]:
     fields.check(body, fields.OLLAMA_GENERATE)
-    ref = resolve_model(engine.config, body.get("model"), ollama=True)
+    ref = resolve_model(engine.config, body.get("model"))
     prompt = opt_str(body, "prompt")
     system = opt_str(body, "system")
     raw = opt_bool(body, "raw")
@@ -427,7 +427,7 @@ async def show(request: web.Request) -> web.Response:
     name = body.get("model", body.get("name"))
     if name is None:
         raise bad_request("`model` is required", "model")
-    ref = resolve_model(engine.config, name, ollama=True)
+    ref = resolve_model(engine.config, name)
     ens, s = ref.ensemble, ref.ensemble.sampling
     members = [m for m in ens.members if ref.member is None or m.name == ref.member]
     parameters = "\n".join([f"temperature {s.temperature}", f"top_k {s.top_k}", f"top_p {s.top_p}",
@@ -529,7 +529,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     if not name:
         raise bad_request(f"`model` is required: the name of a model in models.yaml ({shown})", "model")
     try:
-        resolve_model(engine.config, name, ollama=True)
+        resolve_model(engine.config, name)
     except ApiError:
         name = None
     if not name:

@@ -256,10 +256,10 @@ def model_names(config: Config) -> list[str]:
     return names
 
 
-def resolve_model(config: Config, name: Any, *, ollama: bool = False) -> ModelRef:
+def resolve_model(config: Config, name: Any) -> ModelRef:
     """An ensemble name or ``ENSEMBLE/MEMBER``; missing means the default ensemble. Any route
     takes Ollama's ``:latest`` tag (``/api/tags`` lists the models so, and Ollama's own OpenAI
-    routes accept it); ``ollama`` is kept for the callers' clarity."""
+    routes accept it)."""
     if name is None or name == "":
         ens = config.get(None)
         return ModelRef(ens.name, ens)
