@@ -215,6 +215,14 @@ def test_a_tool_result_must_answer_a_call_before_it(messages, param, fragment):
     assert e.value.param == param and fragment in e.value.message and "\n" not in e.value.message
 
 
+def test_two_calls_of_one_message_may_not_share_an_id():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {}}}] * 2
+    asked = {"role": "assistant", "content": "", "tool_calls": calls}
+    with pytest.raises(RequestError) as e:
+        normalize_messages([{"role": "user", "content": "x"}, asked])
+    assert e.value.param == "messages[1].tool_calls" and "two calls have the id 'c1'" in e.value.message
+
+
 def test_the_generic_prompt_writes_tools_and_calls_as_text():
     p = prepare(normalize_messages(HISTORY), ToolSpec((WEATHER,), parallel=False), "generic")
     assert p.tools is None and [m["role"] for m in p.messages] == ["system", "user", "assistant", "user"]

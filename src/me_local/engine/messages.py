@@ -62,6 +62,12 @@ def normalize_messages(messages: object) -> Messages:
                 raise RequestError(f"messages[{i}].tool_calls: only an assistant message makes calls",
                                    param=f"messages[{i}].tool_calls")
             msg["tool_calls"] = [_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
+            ids = [c["id"] for c in msg["tool_calls"] if "id" in c]
+            for j, call_id in enumerate(ids):
+                if call_id in ids[:j]:
+                    raise RequestError(f"messages[{i}].tool_calls: two calls have the id {call_id!r}, so a result "
+                                       "could not say which it answers; give each call its own id",
+                                       param=f"messages[{i}].tool_calls")
         for key in ("tool_call_id", "name"):
             value = m.get(key)
             if value is None or value == "":
