@@ -521,13 +521,9 @@ def _parse_member(raw: Any, base_dir: Path, fname: str, key: str) -> MemberConfi
 def parse_weights(text: str) -> dict[str, float]:
     """Parse ``name=0.7,name=0.3`` (the --weights flag and /set weights)."""
     weights: dict[str, float] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
+    for name, value in S.comma_pairs(text):
         try:
-            if not sep:
+            if value is None:
                 raise ValueError
             w = float(value)
         except ValueError:
@@ -535,12 +531,11 @@ def parse_weights(text: str) -> dict[str, float]:
                 f"cannot read weights {text!r}; write them as name=0.7,name=0.3", param="weights"
             ) from None
         if w < _MIN_WEIGHT or not math.isfinite(w):
-            raise RequestError(f"weight of {name.strip()!r} is {value}; weights must be >= {_MIN_WEIGHT}",
-                               param="weights")
+            raise RequestError(f"weight of {name!r} is {value}; weights must be >= {_MIN_WEIGHT}", param="weights")
         if w > _MAX_WEIGHT:
-            raise RequestError(f"weight of {name.strip()!r} is {value}; weights must be at most {_MAX_WEIGHT_TEXT}",
+            raise RequestError(f"weight of {name!r} is {value}; weights must be at most {_MAX_WEIGHT_TEXT}",
                                param="weights")
-        weights[name.strip()] = w
+        weights[name] = w
     if not weights:
         raise RequestError(f"cannot read weights {text!r}; write them as name=0.7,name=0.3", param="weights")
     return weights

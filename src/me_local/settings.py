@@ -180,21 +180,29 @@ def logit_bias_entry(token: object, bias: object) -> tuple[int, float]:
     return token, float(bias)
 
 
+def comma_pairs(text: str) -> list[tuple[str, str | None]]:
+    """The ``KEY=VALUE`` items of a comma-separated list (a flag, chat's ``/set``): (key, value),
+    stripped of surrounding spaces (value None for an item without ``=``); empty items are skipped."""
+    out: list[tuple[str, str | None]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            key, sep, value = part.partition("=")
+            out.append((key.strip(), value.strip() if sep else None))
+    return out
+
+
 def parse_logit_bias(text: str) -> dict[int, float]:
     """``ID=BIAS[,ID=BIAS...]`` (the flag, chat's ``/set``); ValueError says what is wrong."""
     out: dict[int, float] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        token, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"cannot read {part!r}; write a token id and its bias as ID=BIAS, e.g. 13=-100")
+    for token, value in comma_pairs(text):
+        if value is None:
+            raise ValueError(f"cannot read {token!r}; write a token id and its bias as ID=BIAS, e.g. 13=-100")
         try:
             bias: object = float(value)
         except ValueError:
-            bias = value.strip()
-        tid, b = logit_bias_entry(token.strip(), bias)
+            bias = value
+        tid, b = logit_bias_entry(token, bias)
         out[tid] = b
     if not out:
         raise ValueError(f"cannot read {text!r}; write a token id and its bias as ID=BIAS, e.g. 13=-100")
